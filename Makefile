@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+# Each creates .venv on first use. torch comes from the local CPU wheel first,
+# so transformers/peft never pull a CUDA build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+
+.PHONY: demo test test-fast bench venv clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_infer.py
+	$(BIN)/python scripts/bench_train.py
+	$(BIN)/python scripts/bench_serve.py
+
+clean:
+	rm -rf $(VENV)

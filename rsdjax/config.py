@@ -1,0 +1,208 @@
+"""Typed configs: small dataclasses, loaded from YAML, changed by dotted `key=value` overrides.
+
+Every entry point owns a small config (Levanter style). This module holds the shared
+machinery plus the model config, which every entry point embeds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says which key and why."""
+
+
+@dataclasses.dataclass
+class RopeScaling:
+    """Llama-3.1 frequency scaling (HF `rope_scaling` with rope_type 'llama3')."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = "custom"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    param_dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on accelerators
+    dtype: str = "auto"  # compute dtype, same policy
+    remat: bool = False  # recompute each layer's activations in the backward pass
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def validate(self) -> "ModelConfig":
+        where = f"model '{self.name}'"
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}: {key} must be positive, got {getattr(self, key)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"{where}: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"{where}: hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}; set head_dim")
+        if self.resolved_head_dim % 2:
+            raise ConfigError(f"{where}: head_dim={self.resolved_head_dim} must be even for RoPE")
+        return self
+
+    def num_params(self) -> int:
+        e, m, v, l = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
+        d, h, kv = self.resolved_head_dim, self.num_heads, self.num_kv_heads
+        per_layer = e * d * (2 * h + 2 * kv) + 3 * e * m + 2 * e
+        return l * per_layer + v * e * (1 if self.tie_word_embeddings else 2) + e
+
+
+# ---------------------------------------------------------------- generic machinery
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Turn a YAML/CLI value into the dataclass field type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot use {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, inner, key) for v in value]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys are errors, not silently ignored."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def apply_overrides(obj: Any, overrides: list[str]) -> Any:
+    """Return a copy of dataclass `obj` with `a.b=value` overrides applied (values parsed as YAML)."""
+    data = to_dict(obj)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"unknown config key '{key}'")
+            if node[part] is None:
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ConfigError(f"unknown config key '{key}'")
+        node[parts[-1]] = value
+    return from_dict(type(obj), data)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def preset_path(kind: str, name_or_path: str) -> Path:
+    """A preset name (`llama3-8b`) under configs/<kind>/, or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    candidate = CONFIG_ROOT / kind / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        known = sorted(q.stem for q in (CONFIG_ROOT / kind).glob("*.yaml"))
+        raise ConfigError(f"unknown {kind} preset '{name_or_path}' (known: {', '.join(known)})")
+    return candidate
+
+
+def load_model_config(name_or_path: str, overrides: list[str] = ()) -> ModelConfig:
+    path = preset_path("models", name_or_path)
+    data = load_yaml(path)
+    data.pop("source", None)  # provenance note kept in the YAML only
+    try:
+        cfg = from_dict(ModelConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return apply_overrides(cfg, list(overrides)).validate()

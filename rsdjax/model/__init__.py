@@ -1,0 +1,3 @@
+from rsdjax.model.llama import KVCache, Llama, resolve_dtype
+
+__all__ = ["KVCache", "Llama", "resolve_dtype"]

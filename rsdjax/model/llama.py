@@ -1,0 +1,235 @@
+"""Llama (2, 3, 3.1, 3.2) in Flax NNX, readable top to bottom.
+
+Layout: decoder layers are stacked on a leading `layers` axis and run with `jax.lax.scan`, so one
+layer compiles once and `layers` can be mapped to the `stage` mesh axis. Every parameter carries
+`logical_axes` metadata; `rsdjax.parallel.sharding` turns those into PartitionSpecs.
+
+Weights use HF's math exactly (rotate-half RoPE, RMSNorm in float32, GQA), so HF checkpoints load
+with transposes and reshapes only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rsdjax.config import ModelConfig
+from rsdjax.parallel.rules import constrain
+
+# Logical axes of every parameter (stacked layer weights lead with `layers`).
+PARAM_AXES = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "final_norm": ("embed",),
+    "attn_norm": ("layers", "embed"),
+    "mlp_norm": ("layers", "embed"),
+    "wq": ("layers", "embed", "q_heads", "head_dim"),
+    "wk": ("layers", "embed", "kv_heads", "head_dim"),
+    "wv": ("layers", "embed", "kv_heads", "head_dim"),
+    "wo": ("layers", "q_heads", "head_dim", "embed"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim")
+
+
+def resolve_dtype(name: str):
+    """The dtype policy: 'auto' is float32 on XLA:CPU (bf16 matmuls are slow there), bf16 elsewhere."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values for every layer: [layers, batch, cache_seq, kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = dtype or resolve_dtype(cfg.dtype)
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def rms_norm(x, weight, eps: float):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies, with Llama-3.1 scaling when `rope_scaling` is set (HF 'llama3' rope)."""
+    d = cfg.resolved_head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq.astype(np.float32)
+    if rs.rope_type != "llama3":
+        raise ValueError(f"rope_scaling.rope_type '{rs.rope_type}' is not supported (only 'llama3')")
+    old_len = rs.original_max_position_embeddings
+    low_wavelen = old_len / rs.low_freq_factor
+    high_wavelen = old_len / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions, inv_freq):
+    """cos/sin tables [B, T, head_dim] in float32 for integer positions [B, T]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, T, heads, head_dim]; HF's rotate-half convention."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x.astype(jnp.float32) * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def linear(x, p: dict, name: str, equation: str):
+    """Every projection goes through here, so adapters (LoRA) have exactly one place to hook in."""
+    y = jnp.einsum(equation, x, p[name])
+    adapter = p.get(f"{name}__lora")
+    if adapter is not None:
+        y = y + adapter(x)
+    return y
+
+
+def attention(q, k, v, mask):
+    """Grouped-query attention. q [B,T,H,D]; k, v [B,S,KV,D]; mask [B,T,S] (True = attend)."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def decoder_layer(cfg: ModelConfig, x, p: dict, cos, sin, mask, kv_write=None):
+    """One pre-norm Llama block. `kv_write(k, v) -> (k_all, v_all)` stores new keys/values in a cache."""
+    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    q = apply_rope(linear(h, p, "wq", "bte,ehd->bthd"), cos, sin)
+    k = apply_rope(linear(h, p, "wk", "bte,ehd->bthd"), cos, sin)
+    v = linear(h, p, "wv", "bte,ehd->bthd")
+    q = constrain(q, ("batch", "seq", "act_heads", None))
+    if kv_write is not None:
+        k, v = kv_write(k, v)
+    attn = attention(q, k, v, mask)
+    x = x + linear(attn, p, "wo", "bthd,hde->bte")
+    x = constrain(x, ("batch", "seq", "act_embed"))
+
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    gate = linear(h, p, "w_gate", "bte,em->btm")
+    up = linear(h, p, "w_up", "bte,em->btm")
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
+    x = x + linear(act, p, "w_down", "btm,me->bte")
+    return constrain(x, ("batch", "seq", "act_embed"))
+
+
+# ---------------------------------------------------------------- the model
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=None):
+        self.cfg = cfg
+        pdt = param_dtype or resolve_dtype(cfg.param_dtype)
+        e, m, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+        h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        shapes = {
+            "embed": (cfg.vocab_size, e), "final_norm": (e,),
+            "attn_norm": (l, e), "mlp_norm": (l, e),
+            "wq": (l, e, h, d), "wk": (l, e, kv, d), "wv": (l, e, kv, d), "wo": (l, h, d, e),
+            "w_gate": (l, e, m), "w_up": (l, e, m), "w_down": (l, m, e),
+        }
+        if not cfg.tie_word_embeddings:
+            shapes["lm_head"] = (e, cfg.vocab_size)
+        normal = nnx.initializers.normal(stddev=0.02)
+        for name, shape in shapes.items():
+            value = jnp.ones(shape, pdt) if name.endswith("norm") else normal(rngs.params(), shape, pdt)
+            setattr(self, name, nnx.Param(value, logical_axes=PARAM_AXES[name]))
+
+    @property
+    def layer_param_names(self) -> tuple[str, ...]:
+        return tuple(n for n, axes in PARAM_AXES.items() if axes[0] == "layers")
+
+    def layer_params(self) -> dict:
+        """Stacked per-layer arrays (plus adapters, if any were attached by `rsdjax.model.lora`)."""
+        return {n: getattr(self, n)[...] for n in self.layer_param_names}
+
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+        """tokens [B, T] int32 -> logits [B, T, V] (and the updated cache when one is given).
+
+        Without a cache: causal attention within the T tokens; `segment_ids` [B, T] keeps packed
+        examples from attending to each other. With a cache: keys/values are written at `positions`
+        and each token attends to every cached position <= its own (slots may be at different lengths).
+        """
+        cfg = self.cfg
+        dtype = resolve_dtype(cfg.dtype)
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
+
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                              self.layer_params())
+
+        if cache is None:
+            idx = jnp.arange(t)
+            mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (b, t, t))
+            if segment_ids is not None:
+                mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+
+            def body(x, p):
+                return decoder_layer(cfg, x, p, cos, sin, mask), None
+
+            body = jax.checkpoint(body) if cfg.remat else body
+            x, _ = jax.lax.scan(body, x, params)
+            new_cache = None
+        else:
+            s = cache.k.shape[2]
+            mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]
+            batch_idx = jnp.arange(b)[:, None]
+
+            def body(carry, layer):
+                x, k_all, v_all = carry
+                p, i = layer
+
+                def kv_write(k, v):
+                    nonlocal k_all, v_all
+                    k_all = k_all.at[i, batch_idx, positions].set(k.astype(k_all.dtype), mode="drop")
+                    v_all = v_all.at[i, batch_idx, positions].set(v.astype(v_all.dtype), mode="drop")
+                    return k_all[i], v_all[i]
+
+                x = decoder_layer(cfg, x, p, cos, sin, mask, kv_write)
+                return (x, k_all, v_all), None
+
+            (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params, jnp.arange(cfg.num_layers)))
+            new_cache = KVCache(k_all, v_all)
+
+        x = rms_norm(x, self.final_norm[...].astype(dtype), cfg.rms_norm_eps)
+        head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
+        logits = jnp.einsum("bte,ev->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "seq", "act_vocab"))
+        return logits if cache is None else (logits, new_cache)

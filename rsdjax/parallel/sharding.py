@@ -1,0 +1,89 @@
+"""From a model's logical-axis metadata to NamedShardings, sharded creation, and the shard report."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rsdjax.parallel.mesh import mesh_shape_of
+from rsdjax.parallel.rules import RULES, Rule, bytes_per_device, resolve
+
+
+def as_rules(rules: str | Sequence[Rule]) -> Sequence[Rule]:
+    return RULES[rules] if isinstance(rules, str) else rules
+
+
+def param_name(path) -> str:
+    return ".".join(str(getattr(k, "key", k)) for k in path)
+
+
+def state_specs(state: nnx.State, mesh_shape: dict[str, int], rules: str | Sequence[Rule]):
+    """PartitionSpec for every variable in `state` (abstract or concrete), by its `logical_axes`."""
+    rules = as_rules(rules)
+
+    def spec(path, var):
+        axes = var.get_metadata().get("logical_axes")
+        if axes is None:
+            return PartitionSpec()
+        return resolve(axes, var.shape, mesh_shape, rules, name=param_name(path))
+
+    return jax.tree.map_with_path(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state: nnx.State, mesh, rules: str | Sequence[Rule]):
+    specs = state_specs(state, mesh_shape_of(mesh), rules)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def create_sharded(make_module, mesh, rules: str | Sequence[Rule]):
+    """Build an NNX module with every parameter created directly on its shard (no full copy anywhere)."""
+    abstract = nnx.eval_shape(make_module)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = state_shardings(abs_state, mesh, rules)
+
+    @jax.jit
+    def init():
+        return jax.lax.with_sharding_constraint(nnx.state(make_module()), shardings)
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+@dataclasses.dataclass
+class ParamRow:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    logical: tuple[str | None, ...]
+    spec: PartitionSpec
+    bytes_total: int
+    bytes_per_device: int
+
+
+def shard_report(abstract_state: nnx.State, mesh_shape: dict[str, int], rules: str | Sequence[Rule]) -> list[ParamRow]:
+    """One row per parameter: logical axes, PartitionSpec and bytes per device, from shapes alone."""
+    rules = as_rules(rules)
+    rows = []
+    leaves = jax.tree.leaves_with_path(abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    for path, var in leaves:
+        name = param_name(path)
+        logical = tuple(var.get_metadata().get("logical_axes") or (None,) * len(var.shape))
+        spec = resolve(logical, var.shape, mesh_shape, rules, name=name)
+        itemsize = jnp.dtype(var.dtype).itemsize
+        total = int(itemsize * math.prod(var.shape))
+        rows.append(ParamRow(name, tuple(var.shape), str(jnp.dtype(var.dtype)), logical, spec, total,
+                             bytes_per_device(var.shape, itemsize, spec, mesh_shape)))
+    return rows
+
+
+def spec_str(spec: PartitionSpec) -> str:
+    parts = []
+    for entry in spec:
+        parts.append("None" if entry is None else entry if isinstance(entry, str) else "(" + ",".join(entry) + ")")
+    return "P(" + ", ".join(parts) + ")"
