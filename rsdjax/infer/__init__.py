@@ -1,0 +1,1 @@
+"""Inference: sampling, the slot engine, text-level stopping."""

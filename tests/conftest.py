@@ -1,0 +1,60 @@
+"""Shared fixtures. Tests run on 8 virtual CPU devices; tiny models; one compile per shape."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_HF = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+               num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
+               rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+
+def make_hf_llama(path: Path, seed: int = 0, **overrides):
+    """Save a randomly initialised `transformers` LlamaForCausalLM (float32) to `path`; return it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_HF, **overrides})).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A tiny HF Llama directory (GQA 8/4 heads, vocab 512) written once per test session."""
+    path = tmp_path_factory.mktemp("tiny_hf")
+    make_hf_llama(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer (vocab 512, Llama-3 special tokens) trained on the bundled corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from rsdjax.tokenizer import SPECIAL_TOKENS, Tokenizer as RsTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_tok")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "data").rglob("*.txt"))] or [
+        "The quick brown fox jumps over the lazy dog. 日本語のテキストです。"]
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    RsTokenizer(tok).save(path)
+    return path
+
+
+def max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
