@@ -53,11 +53,11 @@ def load_model(path: str | Path, mesh=None, rules: str | Sequence[Rule] = "infer
     shardings = state_shardings(abs_state, mesh, rules)
     if native.is_native(path):
         target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                              abs_state.to_pure_dict(), shardings.to_pure_dict())
+                              nnx.to_pure_dict(abs_state), nnx.to_pure_dict(shardings))
         restored = native.restore_params(path, target)
         nnx.replace_by_pure_dict(abs_state, restored)
         return nnx.merge(graphdef, abs_state)
-    arrays = hf.load_hf_state(path, cfg, abs_state.to_pure_dict(), shardings.to_pure_dict(),
+    arrays = hf.load_hf_state(path, cfg, nnx.to_pure_dict(abs_state), nnx.to_pure_dict(shardings),
                               param_dtype=resolve_dtype(cfg.param_dtype))
     nnx.replace_by_pure_dict(abs_state, arrays)
     return nnx.merge(graphdef, abs_state)
@@ -65,4 +65,4 @@ def load_model(path: str | Path, mesh=None, rules: str | Sequence[Rule] = "infer
 
 def save_model(model: Llama, path: str | Path) -> Path:
     """Write an rsdjax checkpoint (config + Orbax params)."""
-    return native.save_params(Path(path), model.cfg, nnx.state(model, nnx.Param).to_pure_dict())
+    return native.save_params(Path(path), model.cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)))

@@ -1,0 +1,5 @@
+import sys
+
+from rsdjax.cli import main
+
+sys.exit(main())
