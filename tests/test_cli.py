@@ -32,3 +32,14 @@ def test_shard_report_llama3_8b_atom_server_fits(capsys):
     assert main(["shard-report", "--model", "llama3-8b", "--hardware", "atom-server", "model.param_dtype=bfloat16"]) == 0
     out = capsys.readouterr().out
     assert "P(None, None, tensor)" in out and "-> fits" in out
+
+
+def test_virtual_devices_are_set_up_before_jax_starts():
+    """Without XLA_FLAGS, building a mesh asks XLA:CPU for the devices it needs."""
+    import os
+
+    code = ("from rsdjax.parallel.mesh import mesh_from_args; "
+            "print(mesh_from_args('data=2,tensor=2').devices.size, mesh_from_args('tensor=-1').devices.size)")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["4", "8"]

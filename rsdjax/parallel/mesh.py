@@ -15,8 +15,8 @@ class DeviceCountError(ConfigError):
 def request_cpu_devices(n: int) -> None:
     """Ask XLA:CPU for `n` virtual devices. Must run before JAX creates its backends.
 
-    Only raises the count (a test session that already asked for 8 keeps 8); the check in
-    `make_mesh` reports a clear error if the backend started with fewer.
+    Asks for at least 8 (the default `cpu` hardware), so later meshes in the same process fit too;
+    only ever raises the count. `make_mesh` reports a clear error if the backend started with fewer.
     """
     import jax
 
@@ -25,8 +25,8 @@ def request_cpu_devices(n: int) -> None:
         return  # the user (or the test harness) chose already; respect it
     try:
         current = jax.config.jax_num_cpu_devices
-        if current is None or current < n:
-            jax.config.update("jax_num_cpu_devices", n)
+        if current is None or current < max(n, 8):
+            jax.config.update("jax_num_cpu_devices", max(n, 8))
     except RuntimeError:
         pass  # backend already initialised; make_mesh will say how to get more devices
 
@@ -40,9 +40,10 @@ def resolve_mesh_shape(mesh: str | dict | None = None, hardware: str | None = No
         partial = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
         if num_devices is None:
             num_devices = math.prod(v for v in partial.values() if v > 0) if -1 not in partial.values() else None
-        if num_devices is None:
+        if num_devices is None:  # "-1 = the rest": of 8 virtual devices on a CPU, else of what exists
             import jax
 
+            request_cpu_devices(8)
             num_devices = jax.device_count()
         return complete_mesh_shape(partial, num_devices)
     spec = load_hardware(hardware or "cpu", overrides)
