@@ -43,9 +43,13 @@ def _is_type_tag(part) -> bool:
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    err = exc.errors()[0]
-    # pydantic tags union members in the location ("prompt", "list[int]", 0): keep only the field path
-    loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _is_type_tag(p)]
+    def path(err) -> list[str]:
+        # pydantic tags union members in the location ("prompt", "list[int]", 0): keep only the field path
+        return [str(p) for p in err.get("loc", ()) if p != "body" and not _is_type_tag(p)]
+
+    # a value failing a union fails every member; the deepest location says best what is wrong
+    err = max(exc.errors(), key=lambda e: len(path(e)))
+    loc = path(err)
     if err.get("type") == "json_invalid":
         return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
     param = ".".join(loc) or None
