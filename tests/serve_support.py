@@ -14,6 +14,9 @@ from rsdjax.serve.fake_engine import FakeEngine
 from rsdjax.serve.launch import ServerThread
 from rsdjax.tokenizer import Tokenizer
 
+# one client for the whole session: httpx.get/post build a new client (and TLS context, ~0.15 s) per call
+HTTP = httpx.Client(timeout=30)
+
 
 @contextlib.contextmanager
 def fake_server(tokenizer: Tokenizer | None, name: str = "fake", max_slots: int = 8, max_context: int = 256,
@@ -45,7 +48,7 @@ def reference(engine: FakeEngine, tokenizer: Tokenizer, prompt_ids: list[int], *
 
 def metric(url: str, name: str) -> float:
     """The value of one Prometheus sample (summed over label sets) from `url`/metrics."""
-    text = httpx.get(f"{url}/metrics").text
+    text = HTTP.get(f"{url}/metrics").text
     values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
     if not values:
         raise AssertionError(f"{name} not in {url}/metrics")

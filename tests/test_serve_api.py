@@ -5,11 +5,10 @@ with the real tokenizer, so the tests check that the server carries tokens and t
 """
 import json
 
-import httpx
 import pytest
 
 from rsdjax.tokenizer import Tokenizer
-from serve_support import client, fake_server, metric, reference
+from serve_support import HTTP, client, fake_server, metric, reference
 
 PROMPTS = ["The quick brown fox", "日本語のテキスト", "jumps over the lazy dog", "a"]
 
@@ -98,7 +97,7 @@ def test_streaming_chat_and_raw_sse_framing(api, server, tok):
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
     # the wire format itself: `data: {...}` events separated by blank lines, ending in `data: [DONE]`
     body = {"model": "fake", "messages": messages, "max_tokens": 3, "stream": True}
-    with httpx.stream("POST", f"{server[0]}/v1/chat/completions", json=body) as r:
+    with HTTP.stream("POST", f"{server[0]}/v1/chat/completions", json=body) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [e for e in r.read().decode().split("\n\n") if e]
     assert events[-1] == "data: [DONE]"
@@ -187,7 +186,7 @@ def test_models_health_metrics_tokenize(api, server, tok):
     url = server[0]
     models = api.models.list().data
     assert [m.id for m in models] == ["fake"] and models[0].model_extra["max_model_len"] == 256
-    health = httpx.get(f"{url}/health").json()
+    health = HTTP.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["max_slots"] == 8
     before = metric(url, "rsdjax:generation_tokens_total")
     api.completions.create(model="fake", prompt="metrics", max_tokens=5, temperature=0,
@@ -198,9 +197,9 @@ def test_models_health_metrics_tokenize(api, server, tok):
                  "rsdjax:e2e_request_latency_seconds_count", "rsdjax:prompt_tokens_total"):
         metric(url, name)
     assert metric(url, "rsdjax:e2e_request_latency_seconds_count") >= 1
-    t = httpx.post(f"{url}/tokenize", json={"prompt": "quick fox"}).json()
+    t = HTTP.post(f"{url}/tokenize", json={"prompt": "quick fox"}).json()
     assert t["tokens"] == tok.encode("quick fox", add_bos=True) and t["count"] == len(t["tokens"])
-    chat = httpx.post(f"{url}/tokenize", json={"messages": [{"role": "user", "content": "x"}]}).json()
+    chat = HTTP.post(f"{url}/tokenize", json={"messages": [{"role": "user", "content": "x"}]}).json()
     assert chat["tokens"] == tok.apply_chat_template([{"role": "user", "content": "x"}])
-    d = httpx.post(f"{url}/detokenize", json={"tokens": tok.encode("quick fox")}).json()
+    d = HTTP.post(f"{url}/detokenize", json={"tokens": tok.encode("quick fox")}).json()
     assert d["prompt"] == "quick fox"

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from rsdjax.tokenizer import Tokenizer
-from serve_support import async_client, client, fake_server, metric, reference, wait_until
+from serve_support import HTTP, async_client, client, fake_server, metric, reference, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +75,14 @@ def test_disconnect_mid_stream_frees_the_slot_at_once(tok):
         assert scheduler.load() == {"running": 0, "waiting": 0, "max_slots": 2, "max_waiting": 256}
         # a non-streamed request whose client gives up (timeout) is cancelled the same way
         with pytest.raises(httpx.TimeoutException):
-            httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=0.3)
+            HTTP.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=0.3)
         assert wait_until(lambda: len(engine.free_slots()) == 2, timeout=5)
         # and a waiting request whose client leaves is dropped from the queue
         holders = [http_stream_open(url, body) for _ in range(2)]
         try:
             assert wait_until(lambda: scheduler.load()["running"] == 2)
             with pytest.raises(httpx.TimeoutException):
-                httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=0.3)
+                HTTP.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=0.3)
             assert wait_until(lambda: scheduler.load()["waiting"] == 0, timeout=5)
         finally:
             for client_, response in holders:

@@ -6,7 +6,7 @@ import openai
 import pytest
 
 from rsdjax.tokenizer import Tokenizer
-from serve_support import client, fake_server, metric, wait_until
+from serve_support import HTTP, client, fake_server, metric, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_prompt_plus_max_tokens_over_the_context_names_both_numbers(server, tok)
 ])
 def test_invalid_completion_fields_are_400_naming_the_field(server, fields, param):
     body = {"model": "fake", "prompt": "hello", "max_tokens": 4, **fields}
-    r = httpx.post(f"{server[0]}/v1/completions", json=body)
+    r = HTTP.post(f"{server[0]}/v1/completions", json=body)
     assert r.status_code == 400, r.text
     err = error_of(r)
     assert err["param"] == param and err["type"] == "invalid_request_error" and param in err["message"]
@@ -75,15 +75,15 @@ def test_invalid_completion_fields_are_400_naming_the_field(server, fields, para
     ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "messages.0.content.0.type"),
 ])
 def test_invalid_chat_messages_are_400(server, messages, param):
-    r = httpx.post(f"{server[0]}/v1/chat/completions", json={"model": "fake", "messages": messages})
+    r = HTTP.post(f"{server[0]}/v1/chat/completions", json={"model": "fake", "messages": messages})
     assert r.status_code == 400 and error_of(r)["param"] == param
 
 
 def test_bad_json_and_unknown_routes(server):
-    r = httpx.post(f"{server[0]}/v1/completions", content=b'{"model": "fake", "prompt": ',
+    r = HTTP.post(f"{server[0]}/v1/completions", content=b'{"model": "fake", "prompt": ',
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in error_of(r)["message"]
-    r = httpx.get(f"{server[0]}/v1/nothing-here")
+    r = HTTP.get(f"{server[0]}/v1/nothing-here")
     assert r.status_code == 404 and "/v1/nothing-here" in error_of(r)["message"]
 
 
@@ -100,21 +100,21 @@ def test_api_key(tok):
         with pytest.raises(openai.AuthenticationError) as e:
             client(url, api_key="wrong").completions.create(model="fake", prompt="hi", max_tokens=2)
         assert e.value.body["code"] == "invalid_api_key"
-        r = httpx.post(f"{url}/v1/completions", json={"model": "fake", "prompt": "hi"})  # no header at all
+        r = HTTP.post(f"{url}/v1/completions", json={"model": "fake", "prompt": "hi"})  # no header at all
         assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
-        assert httpx.get(f"{url}/v1/models").status_code == 401
-        assert httpx.post(f"{url}/tokenize", json={"prompt": "x"}).status_code == 401
+        assert HTTP.get(f"{url}/v1/models").status_code == 401
+        assert HTTP.post(f"{url}/tokenize", json={"prompt": "x"}).status_code == 401
         ok = client(url, api_key="sesame").completions.create(model="fake", prompt="hi", max_tokens=2)
         assert ok.usage.prompt_tokens > 0
-        assert httpx.get(f"{url}/health").status_code == 200  # health and metrics stay open to monitors
-        assert httpx.get(f"{url}/metrics").status_code == 200
+        assert HTTP.get(f"{url}/health").status_code == 200  # health and metrics stay open to monitors
+        assert HTTP.get(f"{url}/metrics").status_code == 200
 
 
 def test_full_queue_is_429_with_retry_after(tok):
     """One slot and one waiting place: a third request is refused, and served once there is room."""
     with fake_server(tok, max_slots=1, max_waiting=1, step_delay=0.01) as (url, engine, _):
         api = client(url)
-        long = dict(model="fake", prompt="a", max_tokens=200, extra_body={"ignore_eos": True})
+        long = dict(model="fake", prompt="a", max_tokens=100, extra_body={"ignore_eos": True})
         results = []
         threads = [threading.Thread(target=lambda: results.append(api.completions.create(**long)))
                    for _ in range(2)]
@@ -130,14 +130,14 @@ def test_full_queue_is_429_with_retry_after(tok):
             api.completions.create(model="fake", prompt="b", max_tokens=2, stream=True)
         for t in threads:
             t.join(timeout=60)
-        assert len(results) == 2 and all(r.usage.completion_tokens == 200 for r in results)
+        assert len(results) == 2 and all(r.usage.completion_tokens == 100 for r in results)
         assert api.completions.create(model="fake", prompt="b", max_tokens=2).usage.completion_tokens >= 1
 
 
 def test_request_body_over_the_limit_is_413(server):
     url = server[0]
     big = {"model": "fake", "prompt": "x" * 5000, "max_tokens": 2}
-    r = httpx.post(f"{url}/v1/completions", json=big)
+    r = HTTP.post(f"{url}/v1/completions", json=big)
     assert r.status_code == 413 and "4096" in error_of(r)["message"]
 
     def chunked():  # no Content-Length: the limit still applies while reading
@@ -146,7 +146,7 @@ def test_request_body_over_the_limit_is_413(server):
             yield b"x" * 1000
         yield b'"}'
 
-    r = httpx.post(f"{url}/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+    r = HTTP.post(f"{url}/v1/completions", content=chunked(), headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert metric(url, "rsdjax:request_errors_total") >= 2
     # the server is unharmed

@@ -16,7 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rsdjax.infer.interface import Engine
 from rsdjax.serve import openai_api
-from rsdjax.serve.errors import APIError, BodySizeLimit, bad_request, install_error_handlers
+from rsdjax.serve.asgi import BodySizeLimit
+from rsdjax.serve.errors import APIError, bad_request, install_error_handlers
 from rsdjax.serve.generation import GenContext
 from rsdjax.serve.metrics import ServerMetrics
 from rsdjax.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
@@ -69,7 +70,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[st
     async def health():
         if scheduler.dead is not None:
             return JSONResponse({"status": "error", "error": repr(scheduler.dead)}, status_code=503)
-        return {"status": "ok", **scheduler.load()}
+        return {"status": "ok", "models": model_names, **scheduler.load()}  # the router reads both
 
     @app.get("/metrics")
     async def prometheus_metrics():

@@ -1,8 +1,4 @@
-"""Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, shared by server and router.
-
-Also the request-body size limit, as a plain ASGI middleware (it must see the raw body, before any
-JSON parsing, and must not break disconnect detection the way BaseHTTPMiddleware would).
-"""
+"""Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, shared by server and router."""
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
@@ -75,43 +71,3 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind).response()
-
-
-class BodySizeLimit:
-    """Refuse request bodies over `max_bytes` with 413, whether or not Content-Length is sent."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(scope, receive, send)
-        # read the body here (bounded), then replay it to the app
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # client went away before sending the body
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await self._refuse(scope, receive, send)
-            more = message.get("more_body", False)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # after the body: wait for the disconnect, as the app expects
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope, receive, send):
-        error = APIError(413, f"request body is over the limit of {self.max_bytes} bytes",
-                         code="request_too_large")
-        await error.response()(scope, receive, send)

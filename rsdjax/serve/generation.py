@@ -107,6 +107,8 @@ class Choice:
             ctx.metrics.finished(finish)
             timings(ctx, job)
         finally:
+            if finish is None:
+                ctx.metrics.finished("abort")
             self.cancel()  # no-op if the engine finished it; else (stop string, client gone, error) free the slot
 
 
@@ -206,24 +208,3 @@ def chat_logprobs(ctx: GenContext, pieces: list[Piece]) -> dict:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
-
-
-async def wait_or_disconnect(request, coro):
-    """Run `coro` unless the client disconnects first; then cancel it (which frees its slots)."""
-    task = asyncio.ensure_future(coro)
-
-    async def disconnected():
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():  # nobody is listening any more; the status is only for the access log
-        raise APIError(499, "client closed the request", code="client_closed")
-    return task.result()

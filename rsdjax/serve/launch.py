@@ -66,15 +66,16 @@ class ServerThread:
 def wait_healthy(url: str, timeout: float = 120.0, process: subprocess.Popen | None = None) -> None:
     """Poll `url`/health until it answers 200 (bounded by `timeout`)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server process for {url} exited with code {process.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
+    with httpx.Client(timeout=2.0) as http:
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"server process for {url} exited with code {process.returncode}")
+            try:
+                if http.get(f"{url}/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
     raise RuntimeError(f"{url} not healthy after {timeout:.0f} s")
 
 

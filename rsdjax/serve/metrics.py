@@ -34,11 +34,13 @@ class ServerMetrics:
                                      registry=r).labels(**label)
         self.generation_tokens = Counter("rsdjax:generation_tokens", "generated tokens", list(label),
                                          registry=r).labels(**label)
-        self._requests = Counter("rsdjax:request_success", "finished requests by finish reason",
+        self._requests = Counter("rsdjax:request_success", "finished requests by finish reason (abort: client gone or error)",
                                  [*label, "finished_reason"], registry=r)
         self._errors = Counter("rsdjax:request_errors", "requests refused or failed, by HTTP status",
                                [*label, "status"], registry=r)
         self._label = label
+        for reason in ("stop", "length", "abort"):  # so that every series exists (at 0) from the start
+            self._requests.labels(**label, finished_reason=reason)
 
     def finished(self, reason: str) -> None:
         self._requests.labels(**self._label, finished_reason=reason).inc()

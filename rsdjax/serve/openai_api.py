@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from rsdjax.serve import generation as g
+from rsdjax.serve.asgi import wait_or_disconnect
 from rsdjax.serve.errors import APIError, bad_request
 from rsdjax.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -46,13 +47,13 @@ async def _respond(request: Request, choices: list[g.Choice], stream: bool,
     """The part common to both endpoints: collect or stream the choices, cancelling them on any exit."""
     if not stream:
         try:
-            return JSONResponse(body_fn(await g.wait_or_disconnect(request, g.collect_all(choices))))
+            return JSONResponse(body_fn(await wait_or_disconnect(request, g.collect_all(choices))))
         finally:
             for c in choices:
                 c.cancel()
     pieces = g.merged([c.pieces() for c in choices])
     try:
-        first = await g.wait_or_disconnect(request, anext(pieces))
+        first = await wait_or_disconnect(request, anext(pieces))
     except BaseException:
         for c in choices:
             c.cancel()
