@@ -151,3 +151,27 @@ def test_request_body_over_the_limit_is_413(server):
     assert metric(url, "rsdjax:request_errors_total") >= 2
     # the server is unharmed
     assert client(url).completions.create(model="fake", prompt="ok", max_tokens=2).choices
+
+
+def test_an_engine_failure_fails_requests_instead_of_hanging_them(tok):
+    """If a decode step raises, running requests get 503, /health turns 503 (so routers drop the server)."""
+    from rsdjax.serve.app import create_app
+    from rsdjax.serve.fake_engine import FakeEngine
+    from rsdjax.serve.launch import ServerThread
+
+    class BrokenEngine(FakeEngine):
+        def generate(self):
+            if self.steps >= 3:
+                raise RuntimeError("device lost")
+            return super().generate()
+
+    engine = BrokenEngine(vocab_size=tok.vocab_size, eos_token_ids=tok.eos_ids)
+    with ServerThread(create_app(engine, tok, ["fake"])) as server:
+        api = client(server.url)
+        with pytest.raises(openai.InternalServerError) as e:  # 503
+            api.completions.create(model="fake", prompt="x", max_tokens=10, extra_body={"ignore_eos": True})
+        assert e.value.status_code == 503 and "device lost" in e.value.body["message"]
+        health = HTTP.get(f"{server.url}/health")
+        assert health.status_code == 503 and "device lost" in health.json()["error"]
+        with pytest.raises(openai.InternalServerError):  # and new requests are refused at once
+            api.completions.create(model="fake", prompt="x", max_tokens=2)
