@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rsdjax.tokenizer import Tokenizer
-from serve_support import HTTP, client, fake_server, metric, reference
+from serve_support import HTTP, client, fake_server, metric, reference, wait_until
 
 PROMPTS = ["The quick brown fox", "日本語のテキスト", "jumps over the lazy dog", "a"]
 
@@ -118,7 +118,9 @@ def test_stop_strings_cut_the_text(api, server, tok):
         chunks = list(r) if stream else [r]
         assert "".join(c.choices[0].text for c in chunks) == expected
         assert chunks[-1].choices[0].finish_reason == "stop"
-    assert metric(server[0], "rsdjax:num_requests_running") == 0  # the stopped request's slot was freed
+    # the stopped request's slot is freed (by the engine thread, before its next decode step)
+    assert wait_until(lambda: metric(server[0], "rsdjax:num_requests_running") == 0)
+    assert wait_until(lambda: len(server[1].free_slots()) == server[1].max_slots)
 
 
 def test_eos_and_ignore_eos(api, server, tok):

@@ -173,11 +173,11 @@ class Scheduler:
             self.metrics.ttft.observe(now - job.arrival)
         job.generated += len(events)
         self.metrics.generation_tokens.inc(len(events))
-        job.deliver(events)
-        if events[-1].finish_reason is not None:
+        if events[-1].finish_reason is not None:  # free the slot before the client hears it is done
             with self._cv:
                 job.finished = True
             self._release(job)
+        job.deliver(events)
 
     def _release(self, job: Job) -> None:
         if job.slot is not None and self._running.get(job.slot) is job:
