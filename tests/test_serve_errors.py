@@ -175,3 +175,15 @@ def test_an_engine_failure_fails_requests_instead_of_hanging_them(tok):
         assert health.status_code == 503 and "device lost" in health.json()["error"]
         with pytest.raises(openai.InternalServerError):  # and new requests are refused at once
             api.completions.create(model="fake", prompt="x", max_tokens=2)
+
+
+def test_cli_refuses_bad_arguments_in_one_line(capsys):
+    from rsdjax.cli import main
+
+    assert main(["serve"]) == 2
+    assert "give --model PATH" in capsys.readouterr().err
+    assert main(["serve", "--fake-engine", "--max-slots", "0"]) == 2
+    assert "--max-slots" in capsys.readouterr().err
+    assert main(["route", "--backend", "localhost:8000"]) == 2
+    err = capsys.readouterr().err
+    assert "localhost:8000" in err and len(err.strip().splitlines()) == 1

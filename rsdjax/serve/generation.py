@@ -146,7 +146,7 @@ async def merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int
         try:
             async for piece in stream:
                 await queue.put((index, piece))
-        except BaseException as e:  # noqa: BLE001 -- re-raised in the consumer
+        except Exception as e:  # noqa: BLE001 -- re-raised in the consumer (cancellation is not caught)
             await queue.put((index, e))
         finally:
             await queue.put((index, done))
