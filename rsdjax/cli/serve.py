@@ -1,0 +1,70 @@
+"""`rsdjax serve --model PATH`: the OpenAI-compatible server (continuous batching over the slot engine)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rsdjax.cli.common import add_mesh_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    p.add_argument("--model", type=Path, help="HF Llama directory or rsdjax checkpoint")
+    p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (default: the model's)")
+    p.add_argument("--served-model-name", action="append", dest="names",
+                   help="name(s) clients use in 'model' (default: the model directory's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("RSDJAX_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $RSDJAX_API_KEY, else no key)")
+    p.add_argument("--max-slots", type=int, default=8, help="requests decoded together (the batch)")
+    p.add_argument("--max-context", type=int, help="tokens per slot (default: the model's)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    fake = p.add_argument_group("testing without a model")
+    fake.add_argument("--fake-engine", action="store_true",
+                      help="serve the deterministic fake engine (rsdjax.serve.fake_engine) instead of a model")
+    fake.add_argument("--fake-step-ms", type=float, default=0.0, help="fake engine: time of one decode step")
+    add_mesh_args(p)
+    p.set_defaults(func=run)
+
+
+def build_engine(args):
+    """(engine, tokenizer, default served name) from the arguments."""
+    from rsdjax.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+    if args.fake_engine:
+        from rsdjax.serve.fake_engine import FakeEngine
+
+        engine = FakeEngine(vocab_size=tokenizer.vocab_size if tokenizer else 512, max_slots=args.max_slots,
+                            max_context=args.max_context or 2048,
+                            eos_token_ids=tokenizer.eos_ids if tokenizer else None,
+                            step_delay=args.fake_step_ms / 1000)
+        return engine, tokenizer, "fake"
+    if args.model is None:
+        raise ValueError("serve: give --model PATH (or --fake-engine)")
+    from rsdjax.cli.common import mesh_from_args
+    from rsdjax.infer.engine import load_engine
+
+    mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
+    engine, model_tokenizer = load_engine(args.model, mesh=mesh, max_slots=args.max_slots,
+                                          max_context=args.max_context)
+    return engine, tokenizer or model_tokenizer, args.model.resolve().name
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from rsdjax.serve.app import create_app
+
+    if args.max_slots < 1 or args.max_waiting < 0 or args.max_body_bytes < 1:
+        raise ValueError("serve: --max-slots and --max-body-bytes must be >= 1, --max-waiting >= 0")
+    engine, tokenizer, default_name = build_engine(args)
+    app = create_app(engine, tokenizer, args.names or [default_name], api_key=args.api_key,
+                     max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
+    if tokenizer is None:
+        print("serve: no tokenizer.json found: only token-id prompts on /v1/completions will work")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,134 @@
+"""The OpenAI-compatible server: `create_app(engine, tokenizer, ...)` -> a FastAPI app.
+
+Routes: POST /v1/completions, /v1/chat/completions, /tokenize, /detokenize; GET /v1/models,
+/health, /metrics. With an API key, every route but /health and /metrics needs
+`Authorization: Bearer KEY` (health checks and Prometheus scrapes stay keyless, as in vLLM).
+The engine runs in the scheduler's thread, started and stopped with the app (lifespan).
+"""
+from __future__ import annotations
+
+import contextlib
+import secrets
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from rsdjax.infer.interface import Engine
+from rsdjax.serve import openai_api
+from rsdjax.serve.asgi import BodySizeLimit
+from rsdjax.serve.errors import APIError, bad_request, install_error_handlers
+from rsdjax.serve.generation import GenContext
+from rsdjax.serve.metrics import ServerMetrics
+from rsdjax.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
+                                   ModelList, TokenizeRequest)
+from rsdjax.serve.scheduler import Scheduler
+from rsdjax.tokenizer import Tokenizer
+
+DEFAULT_MAX_BODY_BYTES = 4 << 20  # 4 MiB: a 128K-token prompt as JSON ids fits, a runaway upload does not
+
+
+def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[str], api_key: str | None = None,
+               max_waiting: int = 256, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    if not model_names:
+        raise ValueError("create_app: need at least one served model name")
+    metrics = ServerMetrics(model_names[0])
+    scheduler = Scheduler(engine, metrics, max_waiting=max_waiting)
+    # token ids are checked against the model's vocabulary if the engine tells it, else the tokenizer's
+    vocab = getattr(engine, "vocab_size", None) or (tokenizer.vocab_size if tokenizer is not None else None)
+    ctx = GenContext(scheduler, tokenizer, metrics, engine.max_context, vocab)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        yield
+        scheduler.stop()
+
+    app = FastAPI(title="rsdjax", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(_CountErrors, metrics=metrics)  # outermost, so refusals by the size limit count too
+
+    async def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    def check_model(name: str | None) -> str:
+        if name is not None and name not in model_names:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {', '.join(model_names)}",
+                           param="model", code="model_not_found")
+        return name or model_names[0]
+
+    auth = [Depends(check_key)]
+
+    @app.get("/health")
+    async def health():
+        if scheduler.dead is not None:
+            return JSONResponse({"status": "error", "error": repr(scheduler.dead)}, status_code=503)
+        return {"status": "ok", "models": model_names, **scheduler.load()}  # the router reads both
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        return ModelList(data=[ModelCard(id=n, max_model_len=engine.max_context) for n in model_names])
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, request: Request):
+        return await openai_api.create_completion(ctx, check_model(body.model), body, request)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await openai_api.create_chat_completion(ctx, check_model(body.model), body, request)
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: TokenizeRequest):
+        check_model(body.model)
+        if tokenizer is None:
+            raise bad_request("this server has no tokenizer")
+        if body.messages is not None:
+            try:
+                ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
+            except ValueError as e:
+                raise bad_request(f"messages: {e}", "messages") from None
+        else:
+            ids = tokenizer.encode(body.prompt, add_bos=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": engine.max_context, "tokens": ids}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(body: DetokenizeRequest):
+        check_model(body.model)
+        if tokenizer is None:
+            raise bad_request("this server has no tokenizer")
+        bad = next((t for t in body.tokens if not 0 <= t < tokenizer.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"tokens: token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})",
+                              "tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    return app
+
+
+class _CountErrors:
+    """Pure ASGI (not BaseHTTPMiddleware, which would get in the way of streaming and disconnects)."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.metrics.error(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

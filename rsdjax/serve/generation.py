@@ -1,0 +1,210 @@
+"""From a scheduled engine request to OpenAI choices: text, stop strings, logprobs, usage.
+
+A `Choice` is one engine request, submitted when it is made (so a full queue is refused before any
+response starts); `Choice.pieces()` yields a `Piece` per generated token, which the completions and
+chat endpoints turn into response bodies or SSE chunks. Whatever way a choice ends early (stop
+string, client gone, error), its `finally` cancels the engine request, which frees the slot before
+the next decode step.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from typing import AsyncIterator
+
+from rsdjax.infer.interface import PromptTooLongError, Request, SamplingParams, TokenEvent
+from rsdjax.serve.errors import APIError, bad_request, server_busy, unavailable
+from rsdjax.serve.metrics import ServerMetrics
+from rsdjax.serve.scheduler import EngineDeadError, QueueFullError, Scheduler
+from rsdjax.serve.text import IncrementalDetokenizer, StopStringFilter
+from rsdjax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Piece:
+    """What one generated token adds to a choice."""
+
+    text: str
+    event: TokenEvent
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class GenContext:
+    """Everything a request handler needs; one per server."""
+
+    scheduler: Scheduler
+    tokenizer: Tokenizer | None
+    metrics: ServerMetrics
+    max_context: int
+    vocab_size: int | None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_prompt(ctx: GenContext, ids: list[int], max_tokens: int, param: str) -> None:
+    if not ids:
+        raise bad_request(f"{param}: the prompt is empty", param)
+    if len(ids) + max_tokens > ctx.max_context:
+        raise bad_request(str(PromptTooLongError(len(ids), max_tokens, ctx.max_context)), "max_tokens")
+    if ctx.vocab_size is not None:
+        bad = next((t for t in ids if not 0 <= t < ctx.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"{param}: token id {bad} is outside the vocabulary [0, {ctx.vocab_size})", param)
+
+
+def token_text(ctx: GenContext, token_id: int) -> str:
+    if ctx.tokenizer is None:
+        return f"token_id:{token_id}"
+    return ctx.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+class Choice:
+    """One engine request (one OpenAI choice), submitted at construction so refusals come before any response."""
+
+    def __init__(self, ctx: GenContext, prompt_ids: list[int], params: SamplingParams):
+        self.ctx, self.prompt_ids, self.params = ctx, prompt_ids, params
+        try:
+            self.job = ctx.scheduler.submit(Request(new_id("req"), prompt_ids, params))
+        except QueueFullError as e:
+            raise server_busy(f"server busy: {e}; retry later") from None
+        except EngineDeadError as e:
+            raise unavailable(str(e)) from None
+
+    def cancel(self) -> None:
+        self.ctx.scheduler.cancel(self.job)  # idempotent; frees the slot before the next decode step
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        """A Piece per generated token; raises APIError if the engine refuses or fails."""
+        ctx, job = self.ctx, self.job
+        detok = IncrementalDetokenizer(ctx.tokenizer, self.prompt_ids) if ctx.tokenizer else None
+        stopper = StopStringFilter(self.params.stop)
+        finish = None
+        try:
+            while finish is None:
+                item = await job.queue.get()
+                if isinstance(item, PromptTooLongError):
+                    raise bad_request(str(item), "max_tokens")
+                if isinstance(item, ValueError):
+                    raise bad_request(str(item), "prompt")
+                if isinstance(item, BaseException):
+                    raise unavailable(str(item))
+                for event in item:
+                    text = detok.push(event.token_id) if detok else ""
+                    if event.finish_reason is not None and detok:
+                        text += detok.flush()
+                    text, stopped = stopper.push(text)
+                    finish = "stop" if stopped else event.finish_reason
+                    if finish is not None and not stopped:
+                        text += stopper.flush()
+                    yield Piece(text, event, finish)
+                    if finish is not None:
+                        break
+            ctx.metrics.finished(finish)
+            timings(ctx, job)
+        finally:
+            if finish is None:
+                ctx.metrics.finished("abort")
+            self.cancel()  # no-op if the engine finished it; else (stop string, client gone, error) free the slot
+
+
+def start_choices(ctx: GenContext, prompts: list[list[int]], params: list[SamplingParams]) -> list[Choice]:
+    """Submit every choice of a request (n per prompt), or none (a refusal cancels those already queued)."""
+    choices: list[Choice] = []
+    try:
+        for ids in prompts:
+            for p in params:
+                choices.append(Choice(ctx, ids, p))
+    except APIError:
+        for c in choices:
+            c.cancel()
+        raise
+    return choices
+
+
+def timings(ctx: GenContext, job) -> None:
+    now = time.perf_counter()
+    ctx.metrics.e2e.observe(now - job.arrival)
+    if job.first_token is not None and job.generated > 1:
+        ctx.metrics.tpot.observe((now - job.first_token) / (job.generated - 1))
+
+
+async def merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
+    """Interleave the pieces of several choices as they come, tagged with the choice index."""
+    if len(streams) == 1:
+        async for piece in streams[0]:
+            yield 0, piece
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index, stream):
+        try:
+            async for piece in stream:
+                await queue.put((index, piece))
+        except Exception as e:  # noqa: BLE001 -- re-raised in the consumer (cancellation is not caught)
+            await queue.put((index, e))
+        finally:
+            await queue.put((index, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect_all(choices: list[Choice]) -> list[list[Piece]]:
+    """Every piece of every choice; if one fails, the others are cancelled (not left waiting forever)."""
+    async def collect(choice):
+        return [piece async for piece in choice.pieces()]
+
+    tasks = [asyncio.ensure_future(collect(c)) for c in choices]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def completion_logprobs(ctx: GenContext, pieces: list[Piece], offset: int) -> dict:
+    """OpenAI legacy-completions logprobs for `pieces`; `offset` = text length before them."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for piece in pieces:
+        e = piece.event
+        out["tokens"].append(token_text(ctx, e.token_id))
+        out["token_logprobs"].append(e.logprob)
+        out["top_logprobs"].append({token_text(ctx, t): lp for t, lp in e.top_logprobs.items()}
+                                   if e.top_logprobs else None)
+        out["text_offset"].append(offset)
+        offset += len(piece.text)
+    return out
+
+
+def chat_logprobs(ctx: GenContext, pieces: list[Piece]) -> dict:
+    def entry(token_id, logprob):
+        s = token_text(ctx, token_id)
+        return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8"))}
+
+    return {"content": [{**entry(p.event.token_id, p.event.logprob),
+                         "top_logprobs": [entry(t, lp) for t, lp in (p.event.top_logprobs or {}).items()]}
+                        for p in pieces]}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,154 @@
+"""`/v1/completions` and `/v1/chat/completions`: request -> choices -> JSON body or SSE stream.
+
+Streaming waits for the first token before sending headers, so that a refusal or an engine failure
+before any output is still a proper HTTP status (and a router can retry it elsewhere); after that,
+one SSE chunk per generated token, an optional usage chunk, then `data: [DONE]`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from rsdjax.serve import generation as g
+from rsdjax.serve.asgi import wait_or_disconnect
+from rsdjax.serve.errors import APIError, bad_request
+from rsdjax.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for legacy completions
+
+
+def _encode_prompts(ctx: g.GenContext, body: CompletionRequest) -> list[list[int]]:
+    prompts = []
+    for p in body.prompts():
+        if isinstance(p, str):
+            if ctx.tokenizer is None:
+                raise bad_request("prompt: this server has no tokenizer; send the prompt as token ids", "prompt")
+            p = ctx.tokenizer.encode(p, add_bos=True)
+        prompts.append(p)
+    return prompts
+
+
+def _chat_prompt(ctx: g.GenContext, body: ChatCompletionRequest) -> list[int]:
+    if ctx.tokenizer is None:
+        raise bad_request("messages: this server has no tokenizer, so it cannot serve chat", "messages")
+    try:
+        return ctx.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
+    except ValueError as e:
+        raise bad_request(f"messages: {e}", "messages") from None
+
+
+async def _respond(request: Request, choices: list[g.Choice], stream: bool,
+                   body_fn: Callable[[list[list[g.Piece]]], dict],
+                   chunks_fn: Callable[[int, g.Piece], list[dict]], tail_fn: Callable[[], list[dict]]):
+    """The part common to both endpoints: collect or stream the choices, cancelling them on any exit."""
+    if not stream:
+        try:
+            return JSONResponse(body_fn(await wait_or_disconnect(request, g.collect_all(choices))))
+        finally:
+            for c in choices:
+                c.cancel()
+    pieces = g.merged([c.pieces() for c in choices])
+    try:
+        first = await wait_or_disconnect(request, anext(pieces))
+    except BaseException:
+        for c in choices:
+            c.cancel()
+        raise
+
+    async def sse() -> AsyncIterator[str]:
+        try:
+            for chunk in chunks_fn(*first):
+                yield f"data: {json.dumps(chunk)}\n\n"
+            async for index, piece in pieces:
+                for chunk in chunks_fn(index, piece):
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            for chunk in tail_fn():
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except APIError as e:  # the engine failed mid-stream: tell the client in-band
+            yield f"data: {json.dumps(e.body())}\n\n"
+        finally:
+            for c in choices:
+                c.cancel()  # client gone (Starlette cancels us) or finished: free any slot still held
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def create_completion(ctx: g.GenContext, model: str, body: CompletionRequest, request: Request):
+    prompts = _encode_prompts(ctx, body)
+    max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
+    for ids in prompts:
+        g.check_prompt(ctx, ids, max_tokens, "prompt")
+    params = [body.sampling_params(max_tokens, body.logprobs, j) for j in range(body.n)]
+    choices = g.start_choices(ctx, prompts, params)
+    rid, created = g.new_id("cmpl"), int(time.time())
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    completion_tokens = [0] * len(choices)
+    text_offset = [0] * len(choices)
+    head = {"id": rid, "object": "text_completion", "created": created, "model": model}
+
+    def body_fn(results):
+        out = []
+        for i, pieces in enumerate(results):
+            out.append({"index": i, "text": "".join(p.text for p in pieces),
+                        "logprobs": g.completion_logprobs(ctx, pieces, 0) if body.logprobs is not None else None,
+                        "finish_reason": pieces[-1].finish_reason})
+        return {**head, "choices": out, "usage": g.usage(prompt_tokens, sum(len(p) for p in results))}
+
+    def chunks_fn(i, piece):
+        completion_tokens[i] += 1
+        lp = g.completion_logprobs(ctx, [piece], text_offset[i]) if body.logprobs is not None else None
+        text_offset[i] += len(piece.text)
+        chunk = {**head, "choices": [{"index": i, "text": piece.text, "logprobs": lp,
+                                      "finish_reason": piece.finish_reason}]}
+        return [{**chunk, "usage": None} if body.include_usage else chunk]
+
+    def tail_fn():
+        return [{**head, "choices": [], "usage": g.usage(prompt_tokens, sum(completion_tokens))}
+                ] if body.include_usage else []
+
+    return await _respond(request, choices, body.stream, body_fn, chunks_fn, tail_fn)
+
+
+async def create_chat_completion(ctx: g.GenContext, model: str, body: ChatCompletionRequest, request: Request):
+    ids = _chat_prompt(ctx, body)
+    # no max_tokens: whatever room the context leaves (at least 1, so an over-long prompt is still a 400)
+    max_tokens = body.requested_max_tokens or max(1, ctx.max_context - len(ids))
+    g.check_prompt(ctx, ids, max_tokens, "messages")
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    choices = g.start_choices(ctx, [ids], [body.sampling_params(max_tokens, top, j) for j in range(body.n)])
+    rid, created = g.new_id("chatcmpl"), int(time.time())
+    completion_tokens = [0] * len(choices)
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    started = [False] * len(choices)
+
+    def body_fn(results):
+        out = [{"index": i, "message": {"role": "assistant", "content": "".join(p.text for p in pieces)},
+                "logprobs": g.chat_logprobs(ctx, pieces) if body.logprobs else None,
+                "finish_reason": pieces[-1].finish_reason} for i, pieces in enumerate(results)]
+        return {**head, "object": "chat.completion", "choices": out,
+                "usage": g.usage(len(ids), sum(len(p) for p in results))}
+
+    def chunk(i, delta, logprobs=None, finish=None):
+        c = {**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        return {**c, "usage": None} if body.include_usage else c
+
+    def chunks_fn(i, piece):
+        out = []
+        if not started[i]:  # the role comes first, in its own chunk, as OpenAI sends it
+            started[i] = True
+            out.append(chunk(i, {"role": "assistant", "content": ""}))
+        completion_tokens[i] += 1
+        lp = g.chat_logprobs(ctx, [piece]) if body.logprobs else None
+        out.append(chunk(i, {"content": piece.text}, lp, piece.finish_reason))
+        return out
+
+    def tail_fn():
+        return [{**head, "choices": [], "usage": g.usage(len(ids), sum(completion_tokens))}
+                ] if body.include_usage else []
+
+    return await _respond(request, choices, body.stream, body_fn, chunks_fn, tail_fn)

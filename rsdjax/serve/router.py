@@ -1,0 +1,222 @@
+"""The router: one OpenAI endpoint in front of several `rsdjax serve` instances (RSD's router server).
+
+A request goes to a healthy backend picked by the policy (`balance.py`). If that backend fails
+before its response has started -- connection refused or dropped, or it answers 429/503 -- the
+request is sent to another backend; a backend that fails is marked unhealthy at once and a
+periodic health check (GET /health) brings it back. Non-streamed responses are read whole before
+anything is sent on, so they can always be retried; a stream is relayed as it comes, so once its
+first byte has reached the client a backend failure ends the stream with an in-band error.
+The server sends stream headers only with its first token, so a backend that dies before
+producing anything is still retried.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from rsdjax.serve.asgi import BodySizeLimit, wait_or_disconnect
+from rsdjax.serve.balance import Backend, make_policy
+from rsdjax.serve.errors import APIError, install_error_handlers, unavailable
+
+PROXIED = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")
+FORWARDED_HEADERS = ("authorization", "content-type", "x-session-id", "x-request-id")
+RETURNED_HEADERS = ("content-type", "retry-after")
+# failures that mean "this backend did not handle the request": safe to send it elsewhere
+BACKEND_GONE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
+                httpx.WriteError, httpx.PoolTimeout)
+
+
+class RouterMetrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("rsdjax_router:requests", "requests answered, by backend and status",
+                                ["backend", "status"], registry=r)
+        self.retries = Counter("rsdjax_router:retries", "attempts that failed before the response started",
+                               ["backend"], registry=r)
+        self.no_backend = Counter("rsdjax_router:no_backend", "requests refused with 503: no healthy backend",
+                                  registry=r)
+        self.healthy = Gauge("rsdjax_router:backend_healthy", "1 if the backend passed its last check",
+                             ["backend"], registry=r)
+        self.in_flight = Gauge("rsdjax_router:backend_in_flight", "requests in flight per backend",
+                               ["backend"], registry=r)
+        self.latency = Histogram("rsdjax_router:response_start_seconds", "request arrival to response start",
+                                 buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=r)
+
+
+def create_router_app(backend_urls: list[str], policy: str = "least-loaded", timeout: float = 600.0,
+                      health_interval: float = 2.0, max_body_bytes: int = 4 << 20) -> FastAPI:
+    if not backend_urls:
+        raise ValueError("route: give at least one --backend URL")
+    backends = [Backend(u.rstrip("/")) for u in backend_urls]
+    chooser = make_policy(policy)
+    metrics = RouterMetrics()
+    state: dict = {}
+
+    def set_health(b: Backend, ok: bool, error: str | None = None) -> None:
+        b.healthy, b.last_error = ok, error if not ok else None
+        metrics.healthy.labels(b.url).set(1 if ok else 0)
+
+    async def check(b: Backend) -> None:
+        try:
+            r = await state["client"].get(f"{b.url}/health", timeout=min(5.0, health_interval * 2))
+            set_health(b, r.status_code == 200, None if r.status_code == 200 else f"health {r.status_code}")
+            with contextlib.suppress(ValueError, AttributeError):  # other servers' /health may say nothing
+                models = r.json().get("models")
+                b.models = list(models) if isinstance(models, list) else b.models
+        except httpx.HTTPError as e:
+            set_health(b, False, repr(e))
+
+    async def health_loop():
+        while True:
+            await asyncio.sleep(health_interval)
+            await asyncio.gather(*(check(b) for b in backends))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # the read timeout bounds the wait for a non-streamed answer, and the silence between stream chunks
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0), limits=limits) as client:
+            state["client"] = client
+            await asyncio.gather(*(check(b) for b in backends))
+            task = asyncio.create_task(health_loop())
+            yield
+            task.cancel()
+
+    app = FastAPI(title="rsdjax router", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.state.backends = backends
+
+    def pick(model, session: str | None, tried: set) -> Backend | None:
+        candidates = [b for b in backends if b.healthy and b.serves(model) and b not in tried]
+        return chooser.choose(candidates, session) if candidates else None
+
+    def begin(b: Backend) -> None:
+        b.in_flight += 1
+        metrics.in_flight.labels(b.url).set(b.in_flight)
+
+    def end(b: Backend, status: int | None) -> None:
+        b.in_flight -= 1
+        metrics.in_flight.labels(b.url).set(b.in_flight)
+        if status is not None:
+            b.served += 1
+            metrics.requests.labels(b.url, str(status)).inc()
+
+    def returned_headers(r: httpx.Response, b: Backend) -> dict:
+        headers = {k: v for k, v in r.headers.items() if k.lower() in RETURNED_HEADERS}
+        return {**headers, "x-rsdjax-backend": b.url}
+
+    async def forward(request: Request, path: str, body: bytes):
+        try:
+            payload = json.loads(body) if body else {}
+        except ValueError:
+            payload = {}  # not JSON: the backend will say so
+        payload = payload if isinstance(payload, dict) else {}
+        session = request.headers.get("x-session-id") or payload.get("user")
+        stream = payload.get("stream") is True
+        headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
+        arrival, tried, refused = time.perf_counter(), set(), None
+        model = payload.get("model") if isinstance(payload.get("model"), str) else None  # else: backend's 400
+        if not any(b.serves(model) for b in backends if b.healthy) and any(b.healthy for b in backends):
+            served = sorted({m for b in backends if b.healthy for m in b.models or ()})
+            raise APIError(404, f"model {model!r} does not exist; the backends serve {', '.join(served)}",
+                           param="model", code="model_not_found")
+        while (b := pick(model, session if isinstance(session, str) else None, tried)) is not None:
+            tried.add(b)
+            begin(b)
+            try:
+                req = state["client"].build_request("POST", f"{b.url}{path}", content=body, headers=headers)
+                r = await state["client"].send(req, stream=True)
+                content = None if stream and r.status_code == 200 else await r.aread()
+            except BACKEND_GONE as e:  # nothing reached the client yet: try another backend
+                end(b, None)
+                set_health(b, False, repr(e))
+                metrics.retries.labels(b.url).inc()
+                continue
+            except httpx.TimeoutException:
+                end(b, 504)
+                raise APIError(504, f"backend {b.url} did not answer within {timeout:g} s",
+                               type="timeout_error", code="backend_timeout") from None
+            except BaseException:  # the client went away (cancelled) or anything unexpected
+                end(b, None)
+                raise
+            if r.status_code in (429, 503) and len(tried) < len(backends):  # busy or unwell: another may not be
+                end(b, r.status_code)
+                metrics.retries.labels(b.url).inc()
+                refused = (content, r.status_code, returned_headers(r, b))
+                continue
+            metrics.latency.observe(time.perf_counter() - arrival)
+            if content is not None:
+                end(b, r.status_code)
+                return Response(content, r.status_code, returned_headers(r, b))
+            return StreamingResponse(relay(r, b), r.status_code, returned_headers(r, b))
+        if refused is not None:
+            return Response(refused[0], refused[1], refused[2])
+        metrics.no_backend.inc()
+        raise unavailable(f"no healthy backend among {len(backends)} "
+                          f"({', '.join(f'{x.url}: {x.last_error}' for x in backends)})")
+
+    async def relay(r: httpx.Response, b: Backend):
+        try:
+            async for chunk in r.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as e:  # the backend died mid-stream: too late to retry, say so in-band
+            set_health(b, False, repr(e))
+            error = APIError(502, f"backend {b.url} failed mid-stream: {e!r}", type="server_error").body()
+            yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
+        finally:
+            await r.aclose()  # also what tells the backend that our client has gone
+            end(b, r.status_code)
+
+    def proxy(path: str):
+        async def handler(request: Request):
+            body = await request.body()  # read before watching for a disconnect: both consume `receive`
+            return await wait_or_disconnect(request, forward(request, path, body))
+        return handler
+
+    for path in PROXIED:
+        app.add_api_route(path, proxy(path), methods=["POST"])
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+        live = [b for b in backends if b.healthy]
+
+        async def ask(b):
+            try:
+                return await state["client"].get(f"{b.url}/v1/models", headers=headers, timeout=10.0)
+            except httpx.HTTPError:
+                return None
+
+        answers = [r for r in await asyncio.gather(*(ask(b) for b in live)) if r is not None]
+        good = [r for r in answers if r.status_code == 200]
+        if not good and answers:  # e.g. every backend says 401: pass that on
+            return Response(answers[0].content, answers[0].status_code, {"content-type": "application/json"})
+        if not good:
+            raise unavailable(f"no healthy backend among {len(backends)}")
+        merged: dict[str, dict] = {}
+        for r in good:
+            for card in r.json().get("data", []):
+                merged.setdefault(card["id"], card)
+        return {"object": "list", "data": list(merged.values())}
+
+    @app.get("/health")
+    async def health():
+        status = [{"url": b.url, "healthy": b.healthy, "in_flight": b.in_flight, "served": b.served,
+                   "last_error": b.last_error} for b in backends]
+        ok = any(b.healthy for b in backends)
+        return JSONResponse({"status": "ok" if ok else "unavailable", "policy": chooser.name, "backends": status},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
