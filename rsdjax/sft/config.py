@@ -21,7 +21,7 @@ class SFTDataConfig:
 @dataclasses.dataclass
 class OptimConfig:
     learning_rate: float = 1e-3
-    warmup_steps: int = 10
+    warmup_steps: int = 10  # capped at `steps`
     steps: int = 200
     batch_size: int = 8
     weight_decay: float = 0.0
@@ -56,8 +56,8 @@ class FinetuneConfig:
                            ("log_every", self.log_every)):
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
-        if not 0 <= o.warmup_steps <= o.steps:
-            raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be within [0, optim.steps={o.steps}]")
+        if o.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
         if d.template not in TEMPLATES:
             raise ConfigError(f"data.template {d.template!r} is not one of {', '.join(TEMPLATES)}")
         return self

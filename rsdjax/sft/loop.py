@@ -29,7 +29,7 @@ from rsdjax.sft.config import OptimConfig
 
 def make_optimizer(o: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Global-norm clipping + AdamW on a linear-warmup / cosine-decay schedule."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps, o.steps,
+    schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, min(o.warmup_steps, o.steps), o.steps,
                                                   o.learning_rate * o.end_lr_ratio)
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
                      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
