@@ -129,3 +129,16 @@ def test_rank_larger_than_layer(tiny_hf_dir):
     attach_lora(model, LoraConfig(r=64, target_modules=["k_proj"]))
     with pytest.raises(LoraError, match="already has a LoRA adapter"):
         attach_lora(model, LoraConfig(r=4))
+
+
+def test_lora_applies_on_the_kv_cache_path(tiny_hf_dir):
+    """Decoding with a cache (what `generate --lora` runs) sees the adapter too."""
+    from rsdjax.model.llama import KVCache
+
+    model = attach_lora(load_model(tiny_hf_dir), LoraConfig(r=4, target_modules=["k_proj", "o_proj", "gate_proj"]))
+    randomize_b(model)
+    full = np.asarray(model(TOKENS))
+    positions = jnp.broadcast_to(jnp.arange(TOKENS.shape[1], dtype=jnp.int32), TOKENS.shape)
+    prefill, cache = model(TOKENS[:, :16], positions[:, :16], cache=KVCache.zeros(model.cfg, 2, 32))
+    step, _ = model(TOKENS[:, 16:], positions[:, 16:], cache=cache)
+    assert max_abs(np.concatenate([prefill, step], axis=1), full) <= 1e-5

@@ -189,13 +189,18 @@ def test_finetune_config_errors():
 
 @pytest.mark.slow
 def test_finetune_cli_end_to_end(tmp_path, tiny_hf_dir, tiny_tokenizer_dir, capsys):
-    base = tmp_path / "base"
-    shutil.copytree(tiny_hf_dir, base)
-    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", base / "tokenizer.json")
+    """`rsdjax finetune` on an rsdjax checkpoint (sharded fsdp=2,tensor=4), then `rsdjax lora merge`."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from rsdjax.loading import save_model
+
+    base = save_model(load_model(tiny_hf_dir), tmp_path / "base")
     out = tmp_path / "adapter"
-    args = ["finetune", "lora-qa-demo", f"base={base}", f"output={out}", "optim.steps=4", "optim.warmup_steps=1",
-            "optim.batch_size=8", "log_every=2", "eval_every=2", "save_every=2", "data.seq_len=128",
-            "max_new_tokens=4", "demo_questions=['What is LoRA?']", "--mesh", "fsdp=2,tensor=4"]
+    args = ["finetune", "lora-qa-demo", f"base={base}", f"tokenizer={tiny_tokenizer_dir}", f"output={out}",
+            "optim.steps=4", "optim.warmup_steps=1", "optim.batch_size=8", "log_every=2", "eval_every=2",
+            "save_every=2", "data.seq_len=128", "max_new_tokens=4", "demo_questions=['What is LoRA?']",
+            "--mesh", "fsdp=2,tensor=4"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "Q: What is LoRA?" in printed and "after:" in printed
@@ -204,6 +209,13 @@ def test_finetune_cli_end_to_end(tmp_path, tiny_hf_dir, tiny_tokenizer_dir, caps
     assert (out / "checkpoint-2" / "adapter_model.safetensors").exists()
     model = apply_adapter(load_model(base), out)
     assert sorted(model.lora.layers) == ["w_down", "w_gate", "w_up", "wk", "wo", "wq", "wv"]
+    tokens = np.random.default_rng(0).integers(0, 512, (1, 16)).astype(np.int32)
+    assert main(["lora", "merge", str(base), str(out), str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)(torch.from_numpy(
+            tokens.astype(np.int64))).logits.numpy()
+    assert max_abs(merged, model(jnp.asarray(tokens))) <= 1e-4
+
     saved = (out / "adapter_model.safetensors").read_bytes()
     assert main(args) == 2  # a second run refuses to overwrite the adapter
     assert "already holds an adapter" in capsys.readouterr().err
