@@ -10,8 +10,9 @@ import importlib
 import sys
 
 # Command modules, in the order `rsdjax --help` lists them. Add a module here to add a command.
-COMMANDS = ("convert", "finetune", "lora", "shard_report")
+COMMANDS = ("convert", "shard_report")
 
+COMMANDS += ("finetune", "lora")  # LoRA fine-tuning (rsdjax.sft) and adapter tools (rsdjax.model.lora)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsdjax", description="Llama models sharded over device meshes (JAX + Flax NNX)")

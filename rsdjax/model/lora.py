@@ -121,7 +121,7 @@ def resolve_targets(config: LoraConfig, num_layers: int) -> dict[str, tuple[int,
             for k, i in hits:
                 found[k].add(i)
         layers = config.layers_to_transform
-        if layers is not None:
+        if layers is not None and layers != []:  # PEFT treats an empty list as "all layers"
             layers = {layers} if isinstance(layers, int) else set(layers)
             bad = sorted(i for i in layers if not 0 <= i < num_layers)
             if bad:
