@@ -14,6 +14,7 @@ COMMANDS = ("convert", "shard_report")
 
 COMMANDS += ("finetune", "lora")  # LoRA fine-tuning (rsdjax.sft) and adapter tools (rsdjax.model.lora)
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsdjax", description="Llama models sharded over device meshes (JAX + Flax NNX)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
