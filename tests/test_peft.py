@@ -48,7 +48,8 @@ def randomize(model, seed):
 @pytest.mark.parametrize("config", [
     LoraConfig(r=8, alpha=16, target_modules="all-linear", use_rslora=True),
     LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1]),
-    LoraConfig(r=4, alpha=6, target_modules=r"model\.layers\.0\.(self_attn\.o_proj|mlp\.up_proj)|.*\.1\.self_attn\.k_proj"),
+    LoraConfig(r=4, alpha=6,
+               target_modules=r"model\.layers\.0\.(self_attn\.o_proj|mlp\.up_proj)|.*\.1\.self_attn\.k_proj"),
 ], ids=["all-linear-rslora", "names-layer1", "regex-mixed-layers"])
 def test_rsdjax_adapter_loads_in_peft(tiny_hf_dir, tmp_path, config):
     from peft import PeftModel
@@ -107,7 +108,8 @@ def other_base_adapters(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("other_bases")
     out = {}
-    for name, overrides in (("narrow", dict(hidden_size=64, intermediate_size=128)), ("deep", dict(num_hidden_layers=3))):
+    for name, overrides in (("narrow", dict(hidden_size=64, intermediate_size=128)),
+                            ("deep", dict(num_hidden_layers=3))):
         base = make_hf_llama(root / f"{name}_base", seed=4, **overrides)
         get_peft_model(base, peft_config(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])) \
             .save_pretrained(root / name)

@@ -1,6 +1,5 @@
 """SFT data (loss masks, packing, errors), the LoRA training step, greedy answers, `rsdjax finetune`."""
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +19,11 @@ from rsdjax.sft.loop import LoraTrainer
 from rsdjax.tokenizer import Tokenizer
 
 QA = [{"question": "What is the capital of Japan?", "answer": "Tokyo."},
-      {"question": "日本で一番高い山は？", "answer": "富士山です。", "system": "簡潔に答えてください。"},
+      {"question": "日本で一番高い山は？", "answer": "富士山です。",
+       "system": "簡潔に答えてください。"},
       {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                    {"role": "user", "content": "What is LoRA?"}, {"role": "assistant", "content": "Low-rank adapters."}]}]
+                    {"role": "user", "content": "What is LoRA?"},
+                    {"role": "assistant", "content": "Low-rank adapters."}]}]
 
 
 def write_jsonl(path, records):
@@ -116,7 +117,8 @@ def test_packing_keeps_examples_apart(tmp_path, tiny_hf_dir, tok):
         for s in range(1, seg.max() + 1):
             idx = np.flatnonzero(seg == s)
             assert np.array_equal(pos[idx], np.arange(len(idx))) and np.all(np.diff(idx) == 1)
-            ex = next(e for e in examples if len(e.tokens) == len(idx) and np.array_equal(e.tokens, rows["tokens"][r][idx]))
+            ex = next(e for e in examples
+                      if len(e.tokens) == len(idx) and np.array_equal(e.tokens, rows["tokens"][r][idx]))
             assert np.array_equal(rows["targets"][r][idx], ex.targets)
             assert max_abs(packed[r, idx], alone[len(idx)]) <= 1e-5
             found += 1

@@ -14,12 +14,11 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from rsdjax.cli.common import mesh_from_args
-    from rsdjax.sft import finetune, load_finetune_config
+    from rsdjax.sft import finetune, load_finetune_config, show_answers
 
     cfg = load_finetune_config(args.config, args.overrides)
     mesh = mesh_from_args(args)
     result = finetune(cfg, mesh=mesh)
-    for q, before, after in zip(cfg.demo_questions, result.answers_before, result.answers_after):
-        print(f"\nQ: {q}\n  before: {before}\n  after:  {after}")
+    show_answers(cfg.demo_questions, result.answers_before, result.answers_after)
     print(f"\nwrote adapter {result.adapter_dir} in {result.seconds:.1f} s")
     return 0

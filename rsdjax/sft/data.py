@@ -68,7 +68,8 @@ def to_messages(record, where: str) -> list[dict]:
         for i, m in enumerate(messages):
             if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
                     and isinstance(m.get("content"), str)):
-                raise SFTDataError(f"{where}: message {i} needs role system|user|assistant and string content, got {m!r}")
+                raise SFTDataError(
+                    f"{where}: message {i} needs role system|user|assistant and string content, got {m!r}")
         if not any(m["role"] == "assistant" for m in messages):
             raise SFTDataError(f"{where}: no assistant message, so nothing to learn")
         return messages
@@ -110,7 +111,8 @@ def encode(tokenizer: Tokenizer, messages: list[dict], template: str = "llama3")
     return Example(ids[:-1], ids[1:], answer[1:])
 
 
-def load_examples(path: str | Path, tokenizer: Tokenizer, seq_len: int, template: str = "llama3") -> tuple[list[Example], dict]:
+def load_examples(path: str | Path, tokenizer: Tokenizer, seq_len: int,
+                  template: str = "llama3") -> tuple[list[Example], dict]:
     """Encode a jsonl file; examples longer than `seq_len` are cut (stats say how many, and how many
     lost all their answer tokens and were dropped)."""
     examples, stats = [], {"examples": 0, "truncated": 0, "dropped": 0, "answer_tokens": 0}

@@ -59,8 +59,9 @@ def answer(model, tokenizer: Tokenizer, questions: Sequence[str], template: str 
     return [tokenizer.decode(buf[r, start[r]:lengths[r]]).strip() for r in range(len(prompts))]
 
 
-def compare_answers(base: str | Path, adapter: str | Path, questions: Sequence[str], tokenizer: str | Path | None = None,
-                    template: str = "llama3", max_new_tokens: int = 48, mesh=None) -> list[dict]:
+def compare_answers(base: str | Path, adapter: str | Path, questions: Sequence[str],
+                    tokenizer: str | Path | None = None, template: str = "llama3", max_new_tokens: int = 48,
+                    mesh=None) -> list[dict]:
     """[{question, before, after}]: the base model's answers, then with the PEFT adapter applied."""
     from rsdjax.loading import load_model
     from rsdjax.model.lora import apply_adapter
@@ -70,3 +71,9 @@ def compare_answers(base: str | Path, adapter: str | Path, questions: Sequence[s
     before = answer(model, tok, questions, template, max_new_tokens)
     after = answer(apply_adapter(model, adapter), tok, questions, template, max_new_tokens)
     return [{"question": q, "before": b, "after": a} for q, b, a in zip(questions, before, after)]
+
+
+def show_answers(questions: Sequence[str], before: Sequence[str], after: Sequence[str], out=print) -> None:
+    """Print each question with the answers before and after fine-tuning (the demo's output)."""
+    for q, b, a in zip(questions, before, after):
+        out(f"\nQ: {q}\n  before: {b}\n  after:  {a}")
