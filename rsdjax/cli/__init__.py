@@ -12,6 +12,8 @@ import sys
 # Command modules, in the order `rsdjax --help` lists them. Add a module here to add a command.
 COMMANDS = ("convert", "shard_report", "serve", "route")
 
+COMMANDS += ("finetune", "lora")  # LoRA fine-tuning (rsdjax.sft) and adapter tools (rsdjax.model.lora)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsdjax", description="Llama models sharded over device meshes (JAX + Flax NNX)")

@@ -107,9 +107,10 @@ def apply_rope(x, cos, sin):
 def linear(x, p: dict, name: str, equation: str):
     """Every projection goes through here, so adapters (LoRA) have exactly one place to hook in."""
     y = jnp.einsum(equation, x, p[name])
-    adapter = p.get(f"{name}__lora")
-    if adapter is not None:
-        y = y + adapter(x)
+    if name in p.get("lora", {}):  # LoRA arrays from `rsdjax.model.lora` (see `Llama.layer_params`)
+        from rsdjax.model.lora import lora_delta  # lazy: lora.py imports this module
+
+        y = y + lora_delta(x, p["lora"], name, equation)
     return y
 
 
@@ -173,8 +174,15 @@ class Llama(nnx.Module):
         return tuple(n for n, axes in PARAM_AXES.items() if axes[0] == "layers")
 
     def layer_params(self) -> dict:
-        """Stacked per-layer arrays (plus adapters, if any were attached by `rsdjax.model.lora`)."""
-        return {n: getattr(self, n)[...] for n in self.layer_param_names}
+        """Stacked per-layer arrays (plus adapters, if any were attached by `rsdjax.model.lora`).
+
+        Every leaf leads with `layers`, so `jax.lax.scan` hands one layer's slice to `decoder_layer`.
+        """
+        params = {n: getattr(self, n)[...] for n in self.layer_param_names}
+        lora = getattr(self, "lora", None)  # set by `rsdjax.model.lora.attach_lora`
+        if lora is not None and not lora.merged:
+            params["lora"] = lora.layer_arrays()  # arrays only (A, B, scale, dropout keys): no callables
+        return params
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
         """tokens [B, T] int32 -> logits [B, T, V] (and the updated cache when one is given).

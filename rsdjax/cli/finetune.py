@@ -1,0 +1,24 @@
+"""`rsdjax finetune CONFIG [key=value ...]`: LoRA fine-tuning on Q&A data -> a PEFT adapter."""
+from __future__ import annotations
+
+from rsdjax.cli.common import add_mesh_args, add_overrides
+
+
+def register(sub) -> None:
+    p = sub.add_parser("finetune", help="LoRA fine-tuning on Q&A / chat jsonl; writes a PEFT adapter")
+    p.add_argument("config", help="config preset (configs/train, e.g. lora-qa-demo) or YAML file")
+    add_mesh_args(p)
+    add_overrides(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from rsdjax.cli.common import mesh_from_args
+    from rsdjax.sft import finetune, load_finetune_config, show_answers
+
+    cfg = load_finetune_config(args.config, args.overrides)
+    mesh = mesh_from_args(args)
+    result = finetune(cfg, mesh=mesh)
+    show_answers(cfg.demo_questions, result.answers_before, result.answers_after)
+    print(f"\nwrote adapter {result.adapter_dir} in {result.seconds:.1f} s")
+    return 0
