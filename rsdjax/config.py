@@ -157,7 +157,10 @@ def apply_overrides(obj: Any, overrides: list[str]) -> Any:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': value is not valid YAML (quote it: {key}='\"...\"')") from None
         node = data
         parts = key.split(".")
         for part in parts[:-1]:

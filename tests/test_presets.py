@@ -40,3 +40,10 @@ def test_topologies_from_the_seeds():
 def test_hardware_figures_can_be_overridden():
     hw = load_hardware("atom-card", ["device.mem_bandwidth_gbs.value=512"])
     assert hw.device.mem_bandwidth_gbs.value == 512.0
+
+
+def test_override_with_invalid_yaml_is_a_config_error():
+    from rsdjax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="override 'name=\\[What is: LoRA\\]'"):
+        load_model_config("tiny", ["name=[What is: LoRA]"])
