@@ -45,5 +45,5 @@ def test_hardware_figures_can_be_overridden():
 def test_override_with_invalid_yaml_is_a_config_error():
     from rsdjax.config import ConfigError
 
-    with pytest.raises(ConfigError, match="override 'name=\\[unclosed' "):
+    with pytest.raises(ConfigError, match="override 'name=\\[unclosed': value is not valid YAML"):
         load_model_config("tiny", ["name=[unclosed"])
