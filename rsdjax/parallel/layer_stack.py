@@ -92,9 +92,10 @@ class StackRunner:
         kv_sharded = TENSOR in tuple(param_specs["wk"])
         return TensorParallelHooks(self.sizes[TENSOR], self.cfg.num_heads, self.cfg.num_kv_heads, kv_sharded)
 
-    def _microbatches(self, batch: int) -> int:
+    def _microbatches(self, batch: int, cached: bool) -> int:
         shards = math.prod(self.sizes.get(a, 1) for a in _batch_axes(self.rules))
-        return pipeline.choose_microbatches(self.cfg.pipeline_microbatches, batch, shards, self.sizes[pipeline.STAGE])
+        return pipeline.choose_microbatches(self.cfg.pipeline_microbatches, batch, shards,
+                                            self.sizes[pipeline.STAGE], cached)
 
     def _check_layers(self, params: dict):
         layers = next(iter(jax.tree.leaves(params))).shape[0]
@@ -152,7 +153,7 @@ class StackRunner:
     def _schedule(self, stage_fn, x, aux, state):
         """Inside the shard_map: the GPipe schedule over stages, or all local layers at once."""
         if self.pipelined:
-            m = self._microbatches(x.shape[0])
+            m = self._microbatches(x.shape[0], cached=bool(jax.tree.leaves(state)))
             return pipeline.gpipe(stage_fn, x, aux, state, num_stages=self.sizes[pipeline.STAGE], num_microbatches=m)
         return stage_fn(x, aux, state)
 

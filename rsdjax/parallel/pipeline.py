@@ -26,15 +26,18 @@ from rsdjax.config import ConfigError
 STAGE = "stage"
 
 
-def choose_microbatches(requested: int, batch: int, batch_shards: int, stages: int) -> int:
+def choose_microbatches(requested: int, batch: int, batch_shards: int, stages: int, cached: bool) -> int:
     """`requested` if given (it must divide the batch), else the largest divisor of the per-shard batch
-    that is <= 4 x stages (GPipe wants M >> S; M beyond the rows each data shard holds buys nothing)."""
+    up to a cap. Without a cache (training) the cap is 4 x stages: GPipe's bubble (S-1)/(M+S-1) wants
+    M >> S. With a cache (prefill, decode) it is S: S microbatches keep every stage busy, and each
+    extra one re-reads the stage's weights once more per token."""
     if requested:
         if batch % requested:
             raise ConfigError(f"pipeline_microbatches={requested} does not divide the batch of {batch}")
         return requested
     rows = batch // batch_shards if batch % batch_shards == 0 else batch
-    return max(m for m in range(1, min(rows, 4 * stages) + 1) if rows % m == 0)
+    cap = stages if cached else 4 * stages
+    return max(m for m in range(1, min(rows, cap) + 1) if rows % m == 0)
 
 
 def split(a, m: int, axis: int = 0):
