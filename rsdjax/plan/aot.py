@@ -88,7 +88,8 @@ def abstract_params(cfg: ModelConfig, mesh, rules):
     return graphdef, _abstract(state.to_pure_dict(), shardings)
 
 
-def compile_infer(cfg: ModelConfig, mesh, batch: int, seq: int, prompt_len: int) -> list[CompiledStep]:
+def compile_infer(cfg: ModelConfig, mesh, batch: int, seq: int, prompt_len: int,
+                  only_decode: bool = False) -> list[CompiledStep]:
     """Prefill of `prompt_len` tokens (one prefill chunk) and one decode step, for `batch` sequences per
     data replica, into a KV cache of `seq` positions (donated, so XLA updates it in place)."""
     rules = RULES["infer"]
@@ -108,7 +109,8 @@ def compile_infer(cfg: ModelConfig, mesh, batch: int, seq: int, prompt_len: int)
     with jax.set_mesh(mesh):
         prefill = jax.jit(steps.make_prefill_step(graphdef, mesh, rules), donate_argnums=(2,),
                           out_shardings=(logits_sharding, cache_out))
-        out.append(_figures("prefill", prefill.lower(params, tokens(prompt_len), cache).compile()))
+        if not only_decode:
+            out.append(_figures("prefill", prefill.lower(params, tokens(prompt_len), cache).compile()))
         decode = jax.jit(steps.make_decode_step(graphdef, mesh, rules), donate_argnums=(3,),
                          out_shardings=(logits_sharding, cache_out))
         out.append(_figures("decode", decode.lower(params, tokens(1), tokens(1), cache).compile()))
@@ -133,3 +135,49 @@ def compile_train(cfg: ModelConfig, mesh, batch: int, seq: int, optimizer=None) 
         step = jax.jit(steps.make_train_step(graphdef, mesh, rules, optimizer), donate_argnums=(0, 1),
                        out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, PartitionSpec())))
         return [_figures("train_step", step.lower(params, opt_state, tokens).compile())]
+
+
+# ------------------------------------------------------------------ the planner's view
+
+
+def config_for(cfg: ModelConfig, nbytes: int) -> ModelConfig:
+    """The model config compiled for a plan: parameters and compute in the planner's dtype."""
+    name = "float32" if nbytes == 4 else "bfloat16"
+    return dataclasses.replace(cfg, param_dtype=name, dtype=name)
+
+
+def compile_plan(cfg: ModelConfig, mesh_shape: dict[str, int], wl, only_decode: bool = False) -> list[CompiledStep]:
+    """Compile the steps of workload `wl` (cost_model.Workload) on a virtual mesh of `mesh_shape`."""
+    from rsdjax.parallel.mesh import make_mesh
+
+    mesh = make_mesh(mesh_shape)
+    if wl.mode == "infer":
+        return compile_infer(cfg, mesh, wl.batch, wl.seq, wl.chunk_len, only_decode=only_decode)
+    return compile_train(cfg, mesh, wl.batch, wl.seq)
+
+
+def format_aot(plan, steps: list[CompiledStep], dtype: str) -> str:
+    """XLA's per-device figures beside the cost model's estimate."""
+    est = plan.estimate
+    cols = f"{'step':<12}{'arguments':>13}{'outputs':>13}{'temp':>13}{'aliased':>13}{'peak':>13}" \
+           f"{'estimate':>13}{'est/XLA':>9}{'XLA GFLOP*':>12}"
+    out = [f"AOT compile on a virtual mesh {plan.mesh_str} (shape-only parameters; per device):", cols,
+           "-" * len(cols)]
+    for s in steps:
+        mine = est.step_bytes[s.name]
+        out.append(f"{s.name:<12}{_mb(s.argument_bytes):>13}{_mb(s.output_bytes):>13}{_mb(s.temp_bytes):>13}"
+                   f"{_mb(s.alias_bytes):>13}{_mb(s.peak_bytes):>13}{_mb(mine):>13}{mine / s.peak_bytes:>9.2f}"
+                   f"{s.flops / 1e9:>12.3f}")
+    peak = max(s.peak_bytes for s in steps)
+    total = est.memory.total
+    out.append(f"largest XLA peak {_mb(peak)} vs estimate {_mb(total)}: {total / peak - 1:+.1%}   "
+               "(*XLA's cost analysis counts a loop body once, not once per layer)")
+    if jax.default_backend() == "cpu" and dtype != "float32":
+        out.append("note: XLA:CPU runs bfloat16 matmuls in float32 and keeps float32 copies of the weights it "
+                   "multiplies, so its temp bytes overstate an accelerator's; cost.dtype=float32 compares like for like")
+    return "\n".join(out)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+

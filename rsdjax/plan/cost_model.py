@@ -23,7 +23,7 @@ import math
 
 from rsdjax.config import ModelConfig
 from rsdjax.hardware import MESH_AXES, HardwareSpec
-from rsdjax.parallel.rules import RULES, bytes_per_device, resolve
+from rsdjax.parallel.rules import RULES, ShardingError, bytes_per_device, resolve
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -104,7 +104,18 @@ class Local:
     kv_sharded: bool
 
 
+def check_divisible(cfg: ModelConfig, mesh: dict[str, int]) -> None:
+    """The splits a mesh needs, in words (the resolver would also refuse, naming the parameter)."""
+    n, stages = mesh["tensor"], mesh["stage"]
+    for what, size, axis, parts in (("layers", cfg.num_layers, "stage", stages), ("query heads", cfg.num_heads, "tensor", n),
+                                    ("MLP width", cfg.intermediate_size, "tensor", n),
+                                    ("vocabulary", cfg.vocab_size, "tensor", n)):
+        if size % parts:
+            raise ShardingError(f"{size} {what} do not split evenly over {axis}={parts}")
+
+
 def local_dims(cfg: ModelConfig, mesh: dict[str, int]) -> Local:
+    check_divisible(cfg, mesh)
     n = mesh["tensor"]
     kv_sharded = cfg.num_kv_heads % n == 0
     return Local(layers=cfg.num_layers // mesh["stage"], heads=cfg.num_heads // n,

@@ -35,6 +35,7 @@ class Estimate:
     capacity: float  # usable bytes per device
     microbatches: int
     times: dict[str, float]  # seconds: compute / memory / communication parts of the step
+    step_bytes: dict[str, float]  # total bytes per device while each compiled step runs (prefill, decode, train_step)
     ttft_s: float | None = None
     decode_round_s: float | None = None  # every sequence of a replica advances one token
     train_step_s: float | None = None
@@ -85,11 +86,17 @@ def _infer(cfg, hw, mesh, wl, assume, c) -> Estimate:
     bm = b // m
     layer_w, head_w = _split_weights(cfg, mesh, "infer", c)
     kv = 2.0 * d.layers * b * s_len * d.kv_heads * d.head_dim * c
-    # the larger of a prefill chunk for every sequence and a decode step
-    working = max(max(forward_working_bytes(d, bm, t, s_len, c), head_working_bytes(d, b, t, c)) for t in (chunk, 1))
-    if stages > 1:  # pipeline buffers: input, outputs, result, the permuted microbatch; its cache rows
-        working += c * chunk * d.embed * (3 * b + bm) + 2.0 * d.layers * bm * s_len * d.kv_heads * d.head_dim * c
-    memory = Memory(weights=layer_w + head_w, kv_cache=kv, activations=working + logits_bytes(d, b, 1))
+
+    def working(t: int) -> float:
+        """Transient bytes of a step over t new tokens per sequence (a prefill chunk, or 1 to decode)."""
+        w = max(forward_working_bytes(d, bm, t, s_len, c), head_working_bytes(d, b, t, c)) + logits_bytes(d, b, 1)
+        if stages > 1:  # pipeline buffers: input, outputs, result, the permuted microbatch; its cache rows
+            w += c * t * d.embed * (3 * b + bm) + 2.0 * d.layers * bm * s_len * d.kv_heads * d.head_dim * c
+        return w
+
+    steps = {"prefill": working(chunk), "decode": working(1)}
+    memory = Memory(weights=layer_w + head_w, kv_cache=kv, activations=max(steps.values()))
+    step_bytes = {k: layer_w + head_w + kv + v for k, v in steps.items()}
 
     t_link, s_link, f_link = (link_for(mesh, a, hw, assume) for a in ("tensor", "stage", "fsdp"))
     n_t, n_f = mesh["tensor"], mesh["fsdp"]
@@ -121,7 +128,8 @@ def _infer(cfg, hw, mesh, wl, assume, c) -> Estimate:
     system = per_replica * mesh["data"]
     times = {"decode_compute_s": max(m, stages) * comp, "decode_memory_s": max(m, stages) * mem,
              "decode_comm_s": max(m, stages) * comm}
-    return Estimate(mesh, wl, memory, hw.device.usable_bytes, m, times, ttft_s=ttft, decode_round_s=decode_round,
+    return Estimate(mesh, wl, memory, hw.device.usable_bytes, m, times, step_bytes, ttft_s=ttft,
+                    decode_round_s=decode_round,
                     tokens_per_s_replica=per_replica, tokens_per_s_system=system,
                     tokens_per_s_per_w=system / hw.total_power_w)
 
@@ -163,5 +171,5 @@ def _train(cfg, hw, mesh, wl, assume, c) -> Estimate:
     times = {"compute_s": ticks * comp + h_comp, "memory_s": ticks * mem + h_mem + optimizer,
              "comm_s": ticks * comm + sync, "bubble_fraction": (stages - 1) / ticks}
     tps = wl.batch * t / step
-    return Estimate(mesh, wl, memory, hw.device.usable_bytes, m, times, train_step_s=step,
+    return Estimate(mesh, wl, memory, hw.device.usable_bytes, m, times, {"train_step": memory.total}, train_step_s=step,
                     tokens_per_s_replica=tps, tokens_per_s_system=tps, tokens_per_s_per_w=tps / hw.total_power_w)
