@@ -4,10 +4,12 @@ llama.py asks `custom_runner(cfg)` once per call. None means its own `jax.lax.sc
 everything from the shardings). Otherwise a `StackRunner` runs the same per-layer function
 (`decoder_layer`) inside ONE `jax.shard_map` that is manual over
 
-  `stage`   when the mesh has stage > 1 and cfg.pipeline (default): a GPipe schedule (pipeline.py);
+  `stage`   when the mesh has stage > 1 and cfg.pipeline (default): a GPipe schedule (pipeline.py),
+            and then also `data` (each replica pipelines its own rows; this also keeps XLA's SPMD
+            partitioner away from the cache scatter under two automatic axes, which it cannot split);
   `tensor`  when cfg.tensor_parallel == "shard_map": explicit psums (tensor_parallel.py);
 
-and leaves every other axis (data, fsdp) to the compiler. Only the layer function crosses this
+and leaves every other axis (fsdp; data and tensor when not manual) to the compiler. Only the layer function crosses this
 boundary, so this module knows nothing about Llama beyond the argument order of that function:
 layer(x, p, cos, sin, mask, kv_write=None, row_reduce=None).
 
@@ -29,6 +31,8 @@ from rsdjax.config import ConfigError, ModelConfig
 from rsdjax.parallel import pipeline
 from rsdjax.parallel.rules import INFER_RULES, Rule, activation_sharding, active_sharding
 from rsdjax.parallel.tensor_parallel import TENSOR, TensorParallelHooks, manual_spec, without_axes
+
+DATA = "data"
 
 
 def _context_mesh():
@@ -70,7 +74,10 @@ class StackRunner:
 
     @property
     def manual(self) -> set[str]:
-        return ({pipeline.STAGE} if self.pipelined else set()) | ({TENSOR} if self.explicit_tp else set())
+        axes = {pipeline.STAGE} if self.pipelined else set()
+        if self.pipelined and self.sizes.get(DATA, 1) > 1:
+            axes.add(DATA)
+        return axes | ({TENSOR} if self.explicit_tp else set())
 
     # ------------------------------------------------------------ specs
 
@@ -86,6 +93,16 @@ class StackRunner:
                 specs[name] = jax.tree.map(lambda _: PartitionSpec(pipeline.STAGE), value)
         return specs
 
+    def _batch_spec(self, batch: int) -> PartitionSpec:
+        """Rows split over a manual `data` axis when they divide (batch 1 on data=2 stays whole)."""
+        n = self.sizes.get(DATA, 1)
+        return PartitionSpec(DATA) if DATA in self.manual and batch % n == 0 else PartitionSpec()
+
+    def _cache_spec(self, cache_axes: Sequence[str], shape) -> PartitionSpec:
+        batch_ok = DATA not in self.manual or shape[1] % self.sizes[DATA] == 0
+        logical = [a if a != "batch" or batch_ok else None for a in cache_axes]
+        return manual_spec(logical, shape, self.sizes, self.rules, self.manual, "kv cache")
+
     def _hooks(self, params: dict, param_specs: dict) -> TensorParallelHooks | None:
         if not self.explicit_tp:
             return None
@@ -93,7 +110,8 @@ class StackRunner:
         return TensorParallelHooks(self.sizes[TENSOR], self.cfg.num_heads, self.cfg.num_kv_heads, kv_sharded)
 
     def _microbatches(self, batch: int, cached: bool) -> int:
-        shards = math.prod(self.sizes.get(a, 1) for a in _batch_axes(self.rules))
+        """`batch` is this data replica's rows; automatic batch axes (fsdp) split them further."""
+        shards = math.prod(self.sizes.get(a, 1) for a in _batch_axes(self.rules) if a not in self.manual)
         return pipeline.choose_microbatches(self.cfg.pipeline_microbatches, batch, shards,
                                             self.sizes[pipeline.STAGE], cached)
 
@@ -112,10 +130,12 @@ class StackRunner:
         hooks = self._hooks(params, specs)
         remat = self.cfg.remat
 
+        kv_write = hooks.select_kv_heads if hooks else None
+        row_reduce = hooks.row_reduce if hooks else None
+
         def stage_fn(p, x, aux, state):
             def body(x, p_layer):
-                kv_write = hooks.select_kv_heads if hooks else None
-                return layer(x, p_layer, *aux, kv_write=kv_write, row_reduce=hooks and hooks.row_reduce), None
+                return layer(x, p_layer, *aux, kv_write=kv_write, row_reduce=row_reduce), None
 
             body = jax.checkpoint(body) if remat else body
             return jax.lax.scan(body, x, p)[0], state
@@ -123,8 +143,8 @@ class StackRunner:
         def run(x, p, aux):
             return self._schedule(functools.partial(stage_fn, p), x, aux, ())[0]
 
-        out = self._shard_map(run, (PartitionSpec(), specs, PartitionSpec()), PartitionSpec())
-        return out(x, params, aux)
+        rows = self._batch_spec(x.shape[0])
+        return self._shard_map(run, (rows, specs, rows), rows)(x, params, aux)
 
     def cached(self, layer: Callable, x, params: dict, aux: tuple, param_axes: dict,
                k, v, positions, cache_axes: Sequence[str]):
@@ -133,7 +153,7 @@ class StackRunner:
         self._check_layers(params)
         specs = self._param_specs(params, param_axes)
         hooks = self._hooks(params, specs)
-        cache_spec = manual_spec(cache_axes, k.shape, self.sizes, self.rules, self.manual, "kv cache")
+        cache_spec = self._cache_spec(cache_axes, k.shape)
         if hooks and hooks.kv_sharded != (TENSOR in tuple(cache_spec)):
             raise ConfigError("tensor_parallel=shard_map: KV cache and wk/wv must be split over tensor alike")
 
@@ -143,8 +163,8 @@ class StackRunner:
         def run(x, p, aux, kv):
             return self._schedule(functools.partial(stage_fn, p), x, aux, kv)
 
-        out = self._shard_map(run, (PartitionSpec(), specs, PartitionSpec(), (cache_spec, cache_spec)),
-                              (PartitionSpec(), (cache_spec, cache_spec)))
+        rows = self._batch_spec(x.shape[0])
+        out = self._shard_map(run, (rows, specs, rows, (cache_spec, cache_spec)), (rows, (cache_spec, cache_spec)))
         y, (k, v) = out(x, params, (*aux, positions), (k, v))
         return y, k, v
 
@@ -194,7 +214,7 @@ def _cached_layers(layer, x, params, aux, kv, hooks):
             v_all = v_all.at[i, batch_idx, positions].set(v.astype(v_all.dtype), mode="drop")
             return hooks.select_kv_heads(k_all[i], v_all[i]) if hooks else (k_all[i], v_all[i])
 
-        x = layer(x, p, cos, sin, mask, kv_write=kv_write, row_reduce=hooks and hooks.row_reduce)
+        x = layer(x, p, cos, sin, mask, kv_write=kv_write, row_reduce=hooks.row_reduce if hooks else None)
         return (x, k_all, v_all), None
 
     (x, k_all, v_all), _ = jax.lax.scan(body, (x, k_all, v_all), (params, jnp.arange(k_all.shape[0])))
