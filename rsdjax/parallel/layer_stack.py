@@ -9,9 +9,9 @@ everything from the shardings). Otherwise a `StackRunner` runs the same per-laye
             partitioner away from the cache scatter under two automatic axes, which it cannot split);
   `tensor`  when cfg.tensor_parallel == "shard_map": explicit psums (tensor_parallel.py);
 
-and leaves every other axis (fsdp; data and tensor when not manual) to the compiler. Only the layer function crosses this
-boundary, so this module knows nothing about Llama beyond the argument order of that function:
-layer(x, p, cos, sin, mask, kv_write=None, row_reduce=None).
+and leaves every other axis (fsdp; data and tensor when not manual) to the compiler. Only the layer
+function crosses this boundary, so this module knows nothing about Llama beyond the argument order of
+that function: layer(x, p, cos, sin, mask, kv_write=None, row_reduce=None).
 
 The mesh comes from the `activation_sharding` block around the call, or else from `jax.set_mesh`;
 without either the model runs its plain scan.

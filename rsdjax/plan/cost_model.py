@@ -106,10 +106,12 @@ class Local:
 
 def check_divisible(cfg: ModelConfig, mesh: dict[str, int]) -> None:
     """The splits a mesh needs, in words (the resolver would also refuse, naming the parameter)."""
-    n, stages = mesh["tensor"], mesh["stage"]
-    for what, size, axis, parts in (("layers", cfg.num_layers, "stage", stages), ("query heads", cfg.num_heads, "tensor", n),
+    n, stages, fsdp = mesh["tensor"], mesh["stage"], mesh["fsdp"]
+    for what, size, axis, parts in (("layers", cfg.num_layers, "stage", stages),
+                                    ("query heads", cfg.num_heads, "tensor", n),
                                     ("MLP width", cfg.intermediate_size, "tensor", n),
-                                    ("vocabulary", cfg.vocab_size, "tensor", n)):
+                                    ("vocabulary", cfg.vocab_size, "tensor", n),
+                                    ("hidden size", cfg.hidden_size, "fsdp", fsdp)):
         if size % parts:
             raise ShardingError(f"{size} {what} do not split evenly over {axis}={parts}")
 

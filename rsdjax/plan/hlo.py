@@ -116,7 +116,8 @@ def format_table(found: list[Collective]) -> str:
     for c, n in summarize(found):
         per_step = None if c.runs is None else c.bytes * c.runs * n
         total += per_step or 0
-        rows.append(f"{c.op:<20} {c.shape.split('{')[0][:30]:<30} {c.bytes:>11,} {c.group or '-':>5} {c.loop_depth:>4} "
+        shape = re.sub(r"\{[^}]*\}", "", c.shape)  # drop layout annotations
+        rows.append(f"{c.op:<20} {shape[:30]:<30} {c.bytes:>11,} {c.group or '-':>5} {c.loop_depth:>4} "
                     f"{c.runs if c.runs is not None else '?':>9} {n:>5} {per_step if per_step is not None else '?':>13,}")
     if len(rows) == 1:
         rows.append("(no collectives)")

@@ -103,7 +103,10 @@ def plan_all(cfg: ModelConfig, hw: HardwareSpec, wl: Workload, assume: Assumptio
     assume = assume or Assumptions()
     plans = [evaluate(cfg, hw, mesh, wl, assume) for mesh in factorizations(hw.num_devices)]
     fitting = sorted((p for p in plans if p.fits), key=lambda p: rank_key(p, objective))
-    return fitting + [p for p in plans if not p.fits]
+    # rejected: the nearest misses (least memory) first, then the splits the model does not divide
+    rejected = sorted((p for p in plans if not p.fits),
+                      key=lambda p: (p.estimate is None, p.estimate.memory.total if p.estimate else 0.0))
+    return fitting + rejected
 
 
 # ------------------------------------------------------------------ scaling: 1 card, 1 node, n nodes
