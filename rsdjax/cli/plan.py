@@ -69,7 +69,8 @@ def run(args) -> int:
     assume.dtype_bytes(hardware)  # validates cost.dtype
     seq = args.seq or (4096 if args.mode == "infer" else 2048)
     batch = args.batch if args.batch is not None else (0 if args.mode == "infer" else hardware.num_devices)
-    for name, value in (("--seq", seq), ("--batch", batch), ("--prompt", args.prompt), ("--prefill-chunk", args.prefill_chunk)):
+    for name, value in (("--seq", seq), ("--batch", batch), ("--prompt", args.prompt),
+                        ("--prefill-chunk", args.prefill_chunk)):
         if value < 0 or (name == "--seq" and value == 0) or (name == "--batch" and args.mode == "train" and value == 0):
             raise ValueError(f"{name} must be positive, got {value}")
     wl = Workload(args.mode, batch, seq, prompt=args.prompt, prefill_chunk=args.prefill_chunk)

@@ -66,12 +66,13 @@ class TensorParallelHooks:
 
     def __post_init__(self):
         if self.num_heads % self.size:
-            raise ConfigError(f"tensor_parallel=shard_map: {self.num_heads} query heads do not split over tensor={self.size}")
+            raise ConfigError(
+                f"tensor_parallel=shard_map: {self.num_heads} query heads do not split over tensor={self.size}")
         if not self.kv_sharded:
             local, group = self.num_heads // self.size, self.num_heads // self.num_kv_heads
             if local % group and group % local:
-                raise ConfigError(
-                    f"tensor_parallel=shard_map: {local} query heads per device cannot share whole KV groups of {group}")
+                raise ConfigError(f"tensor_parallel=shard_map: {local} query heads per device cannot share "
+                                  f"whole KV groups of {group}")
 
     @staticmethod
     def row_reduce(y):

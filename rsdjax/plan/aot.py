@@ -103,7 +103,8 @@ def compile_infer(cfg: ModelConfig, mesh, batch: int, seq: int, prompt_len: int,
     logits_sharding = lenient_sharding(mesh, rules, ("batch", "act_vocab"), (total, cfg.vocab_size))
 
     def tokens(t):
-        return jax.ShapeDtypeStruct((total, t), jnp.int32, sharding=lenient_sharding(mesh, rules, ("batch", None), (total, t)))
+        sharding = lenient_sharding(mesh, rules, ("batch", None), (total, t))
+        return jax.ShapeDtypeStruct((total, t), jnp.int32, sharding=sharding)
 
     out = []
     with jax.set_mesh(mesh):
@@ -174,7 +175,8 @@ def format_aot(plan, steps: list[CompiledStep], dtype: str) -> str:
                "(*XLA's cost analysis counts a loop body once, not once per layer)")
     if jax.default_backend() == "cpu" and dtype != "float32":
         out.append("note: XLA:CPU runs bfloat16 matmuls in float32 and keeps float32 copies of the weights it "
-                   "multiplies, so its temp bytes overstate an accelerator's; cost.dtype=float32 compares like for like")
+                   "multiplies, so its temp bytes overstate an accelerator's; "
+                   "cost.dtype=float32 compares like for like")
     return "\n".join(out)
 
 

@@ -8,8 +8,8 @@ from rsdjax.config import ModelConfig
 from rsdjax.hardware import HardwareSpec
 from rsdjax.parallel.pipeline import choose_microbatches
 from rsdjax.plan.cost_model import (
-    Assumptions, Workload, attention_flops, forward_working_bytes, head_working_bytes, layer_matmul_flops, link_for, local_dims,
-    logits_bytes, train_residual_bytes, weight_bytes)
+    Assumptions, Workload, attention_flops, forward_working_bytes, head_working_bytes, layer_matmul_flops, link_for,
+    local_dims, logits_bytes, train_residual_bytes, weight_bytes)
 
 
 @dataclasses.dataclass
@@ -82,14 +82,16 @@ def _infer(cfg, hw, mesh, wl, assume, c) -> Estimate:
     stages, b, s_len, p_len, chunk = mesh["stage"], wl.batch, wl.seq, wl.prompt_len, wl.chunk_len
     if p_len > s_len:
         raise ValueError(f"prompt length {p_len} exceeds the KV cache length {s_len}")
-    m = choose_microbatches(cfg.pipeline_microbatches, b * mesh["data"], mesh["data"], stages, cached=True) if stages > 1 else 1
+    m = 1 if stages == 1 else choose_microbatches(cfg.pipeline_microbatches, b * mesh["data"], mesh["data"], stages,
+                                                  cached=True)
     bm = b // m
     layer_w, head_w = _split_weights(cfg, mesh, "infer", c)
     kv = 2.0 * d.layers * b * s_len * d.kv_heads * d.head_dim * c
 
     def working(t: int) -> float:
         """Transient bytes of a step over t new tokens per sequence (a prefill chunk, or 1 to decode)."""
-        w = max(forward_working_bytes(d, bm, t, s_len, c), head_working_bytes(d, b, t, c)) + logits_bytes(d, b, 1)
+        w = max(forward_working_bytes(d, bm, t, s_len, c), head_working_bytes(d, b, t, c))
+        w += logits_bytes(d, b, 1)  # the step's output: last-token logits
         if stages > 1:  # pipeline buffers: input, outputs, result, the permuted microbatch; its cache rows
             w += c * t * d.embed * (3 * b + bm) + 2.0 * d.layers * bm * s_len * d.kv_heads * d.head_dim * c
         return w
@@ -129,8 +131,7 @@ def _infer(cfg, hw, mesh, wl, assume, c) -> Estimate:
     times = {"decode_compute_s": max(m, stages) * comp, "decode_memory_s": max(m, stages) * mem,
              "decode_comm_s": max(m, stages) * comm}
     return Estimate(mesh, wl, memory, hw.device.usable_bytes, m, times, step_bytes, ttft_s=ttft,
-                    decode_round_s=decode_round,
-                    tokens_per_s_replica=per_replica, tokens_per_s_system=system,
+                    decode_round_s=decode_round, tokens_per_s_replica=per_replica, tokens_per_s_system=system,
                     tokens_per_s_per_w=system / hw.total_power_w)
 
 
@@ -158,18 +159,22 @@ def _train(cfg, hw, mesh, wl, assume, c) -> Estimate:
     n_t, n_f = mesh["tensor"], mesh["fsdp"]
     act = bm * t * d.embed * c  # one microbatch's residual stream
 
+    # one tick = one microbatch forward and backward through this stage's layers
     fwd_flops = d.layers * (layer_matmul_flops(d, bm * t) + attention_flops(d, bm, t, t))
-    bwd_flops = (3.0 if cfg.remat else 2.0) * fwd_flops
-    comp, mem = _roofline(fwd_flops + bwd_flops, 3 * layer_w + 2 * d.layers * train_residual_bytes(d, bm, t, c) / d.layers, hw)
+    bwd_flops = (3.0 if cfg.remat else 2.0) * fwd_flops  # dgrad + wgrad (+ the recomputed forward)
+    tick_bytes = 3 * layer_w + 2 * d.layers * train_residual_bytes(d, bm, t, c)  # weights x3, residuals out and in
+    comp, mem = _roofline(fwd_flops + bwd_flops, tick_bytes, hw)
     comm = 4 * d.layers * t_link.all_reduce(act, n_t)  # one psum per block, forward and backward
-    comm += 3 * d.layers * f_link.all_gather(layer_w / d.layers * n_f, n_f)  # gather fwd + bwd, scatter grads
-    comm += 2 * s_link.permute(act) if stages > 1 else 0.0
+    comm += 2 * d.layers * f_link.all_gather(layer_w / d.layers * n_f, n_f)  # fsdp: gather for fwd and bwd
+    comm += 2 * s_link.permute(act) if stages > 1 else 0.0  # activations forward, their gradients back
+    # once per step: the head and loss, gradient reduction, the AdamW update
     h_comp, h_mem = _roofline(6.0 * b * t * d.embed * d.vocab, 3 * head_w + 3 * logits_bytes(d, b, t), hw)
+    sync = f_link.all_gather(w * n_f, n_f) + d_link.all_reduce(w, mesh["data"])  # reduce-scatter, all-reduce
     optimizer = (3 + 2 * assume.optimizer_moments) * w / (hw.device.mem_bandwidth_gbs.value * 1e9)
-    sync = d_link.all_reduce(w, mesh["data"])  # gradients across data replicas
-    step = ticks * (max(comp, mem) + comm) + max(h_comp, h_mem) + optimizer + sync
+    step = ticks * (max(comp, mem) + comm) + max(h_comp, h_mem) + sync + optimizer
     times = {"compute_s": ticks * comp + h_comp, "memory_s": ticks * mem + h_mem + optimizer,
              "comm_s": ticks * comm + sync, "bubble_fraction": (stages - 1) / ticks}
     tps = wl.batch * t / step
-    return Estimate(mesh, wl, memory, hw.device.usable_bytes, m, times, {"train_step": memory.total}, train_step_s=step,
-                    tokens_per_s_replica=tps, tokens_per_s_system=tps, tokens_per_s_per_w=tps / hw.total_power_w)
+    return Estimate(mesh, wl, memory, hw.device.usable_bytes, m, times, {"train_step": memory.total},
+                    train_step_s=step, tokens_per_s_replica=tps, tokens_per_s_system=tps,
+                    tokens_per_s_per_w=tps / hw.total_power_w)

@@ -117,8 +117,10 @@ def format_table(found: list[Collective]) -> str:
         per_step = None if c.runs is None else c.bytes * c.runs * n
         total += per_step or 0
         shape = re.sub(r"\{[^}]*\}", "", c.shape)  # drop layout annotations
+        runs = "?" if c.runs is None else str(c.runs)
+        moved = "?" if per_step is None else f"{per_step:,}"
         rows.append(f"{c.op:<20} {shape[:30]:<30} {c.bytes:>11,} {c.group or '-':>5} {c.loop_depth:>4} "
-                    f"{c.runs if c.runs is not None else '?':>9} {n:>5} {per_step if per_step is not None else '?':>13,}")
+                    f"{runs:>9} {n:>5} {moved:>13}")
     if len(rows) == 1:
         rows.append("(no collectives)")
     else:

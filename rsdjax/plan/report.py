@@ -47,7 +47,8 @@ def plan_table(cfg: ModelConfig, plans: list[Plan], mode: str, top: int, show_re
         first = f"{i:<5}{p.mesh_str:<34}{p.layers_per_stage(cfg):>13}{gb(e.memory.total):>12}"
         if mode == "infer":
             out.append(first + f"{e.workload.batch:>7}{e.ttft_s * 1e3:>10.2f}{e.decode_round_s * 1e3:>9.2f}"
-                       f"{_num(e.tokens_per_s_replica):>15}{_num(e.tokens_per_s_system):>14}{e.tokens_per_s_per_w:>9.3f}")
+                       f"{_num(e.tokens_per_s_replica):>15}{_num(e.tokens_per_s_system):>14}"
+                       f"{e.tokens_per_s_per_w:>9.3f}")
         else:
             out.append(first + f"{e.microbatches:>8}{e.train_step_s:>9.3f}{e.times['bubble_fraction']:>8.0%}"
                        f"{_num(e.tokens_per_s_system):>12}{e.tokens_per_s_per_w:>9.3f}")
