@@ -107,13 +107,13 @@ class Local:
 def check_divisible(cfg: ModelConfig, mesh: dict[str, int]) -> None:
     """The splits a mesh needs, in words (the resolver would also refuse, naming the parameter)."""
     n, stages, fsdp = mesh["tensor"], mesh["stage"], mesh["fsdp"]
-    for what, size, axis, parts in (("layers", cfg.num_layers, "stage", stages),
-                                    ("query heads", cfg.num_heads, "tensor", n),
-                                    ("MLP width", cfg.intermediate_size, "tensor", n),
-                                    ("vocabulary", cfg.vocab_size, "tensor", n),
-                                    ("hidden size", cfg.hidden_size, "fsdp", fsdp)):
+    for size, parts, words in ((cfg.num_layers, stages, "{} layers do not split evenly over stage={}"),
+                               (cfg.num_heads, n, "{} query heads do not split evenly over tensor={}"),
+                               (cfg.intermediate_size, n, "MLP width {} does not split evenly over tensor={}"),
+                               (cfg.vocab_size, n, "vocabulary of {} does not split evenly over tensor={}"),
+                               (cfg.hidden_size, fsdp, "hidden size {} does not split evenly over fsdp={}")):
         if size % parts:
-            raise ShardingError(f"{size} {what} do not split evenly over {axis}={parts}")
+            raise ShardingError(words.format(size, parts))
 
 
 def local_dims(cfg: ModelConfig, mesh: dict[str, int]) -> Local:
