@@ -12,6 +12,7 @@ from flax import nnx
 
 from rsdjax.config import ConfigError, apply_overrides, load_model_config
 from rsdjax.model.llama import KVCache, Llama
+from rsdjax.parallel import layer_stack
 from rsdjax.parallel.mesh import make_mesh
 from rsdjax.parallel.rules import INFER_RULES, TRAIN_RULES, activation_sharding
 from rsdjax.parallel.sharding import create_sharded
@@ -109,10 +110,14 @@ def test_shard_map_inside_the_pipeline(cfg, tokens):
     assert {"all-reduce", "collective-permute"} <= ops
 
 
-def test_shard_map_needs_a_mesh(cfg, tokens):
-    model = Llama(apply_overrides(cfg, ["tensor_parallel=shard_map"]), rngs=nnx.Rngs(0))
-    with pytest.raises(ConfigError, match="needs a mesh"):
-        model(tokens)
+def test_without_a_mesh_the_plain_scan_runs(cfg, tokens):
+    """A config saved with tensor_parallel=shard_map still runs on one device (no tensor axis to split)."""
+    c = apply_overrides(cfg, ["tensor_parallel=shard_map"])
+    assert layer_stack.custom_runner(c) is None
+    mesh = make_mesh({"tensor": 2})
+    with activation_sharding(mesh, INFER_RULES):
+        assert layer_stack.custom_runner(c).manual == {"tensor"}
+        assert layer_stack.custom_runner(cfg) is None  # compiler path: XLA partitions the plain scan
 
 
 def test_hooks_pick_the_kv_head_of_each_query_group():
@@ -130,3 +135,13 @@ def test_without_axes_strikes_manual_axes_from_rules():
     rules = (("batch", ("data", "fsdp")), ("act_heads", "tensor"), ("kv_heads", None))
     assert without_axes(rules, {"tensor"}) == (("batch", ("data", "fsdp")), ("act_heads", None), ("kv_heads", None))
     assert without_axes(rules, {"data"})[0] == ("batch", "fsdp")
+
+
+def test_bfloat16_pipeline_with_shard_map(cfg, tokens):
+    """bf16 compute through both psums (row-parallel and the pipeline's last-stage broadcast). XLA:CPU
+    cannot compile a bf16 all-reduce inside a partially manual shard_map; tensor_parallel.psum sums in f32."""
+    c = apply_overrides(cfg, ["num_layers=4", "dtype=bfloat16"])
+    single = jax.jit(lambda t: Llama(c, rngs=nnx.Rngs(0))(t))(tokens)
+    _, out = compiled_and_output(apply_overrides(c, ["tensor_parallel=shard_map"]), {"stage": 2, "tensor": 2},
+                                 forward_fn, "infer", (tokens,))
+    assert max_abs(out, single) < 0.02 * float(jnp.abs(single).max())

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from rsdjax.config import ConfigError
+from rsdjax.parallel.tensor_parallel import psum
 
 STAGE = "stage"
 
@@ -92,5 +93,5 @@ def gpipe(stage_fn: Callable, x, aux, state, *, num_stages: int, num_microbatche
 
     (_, outputs, states), _ = jax.lax.scan(tick, carry0, jnp.arange(m_count + s_count - 1))
     # one all-reduce hands the last stage's result to all stages (the others contribute zeros)
-    y = jax.lax.psum(jnp.where(stage == s_count - 1, merge(outputs), 0), STAGE)
+    y = psum(jnp.where(stage == s_count - 1, merge(outputs), 0), STAGE)
     return y, jax.tree.map(lambda a: merge(a, axis=1), states)

@@ -18,6 +18,7 @@ import dataclasses
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from rsdjax.config import ConfigError
@@ -52,6 +53,14 @@ def manual_spec(logical: Sequence[str | None], shape: Sequence[int], mesh_shape:
     return PartitionSpec(*entries)
 
 
+def psum(x, axis: str):
+    """`jax.lax.psum`, except that XLA:CPU sums bfloat16 in float32: its all-reduce promotion pass
+    aborts on a bfloat16 all-reduce inside a partially manual shard_map (jax 0.10.2)."""
+    if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        return jax.lax.psum(x.astype(jnp.float32), axis).astype(x.dtype)
+    return jax.lax.psum(x, axis)
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorParallelHooks:
     """What the decoder layer needs inside the tensor-manual shard_map.
@@ -77,7 +86,7 @@ class TensorParallelHooks:
     @staticmethod
     def row_reduce(y):
         """The one collective per block: sum the row-parallel partial results over `tensor`."""
-        return jax.lax.psum(y, TENSOR)
+        return psum(y, TENSOR)
 
     def select_kv_heads(self, k, v):
         """k, v [B, S, KV, D] with all KV heads -> the heads this device's query heads attend with."""
