@@ -101,7 +101,7 @@ class StackRunner:
         logical = [a if a != "batch" or batch_ok else None for a in cache_axes]
         return manual_spec(logical, shape, self.sizes, self.rules, self.manual, "kv cache")
 
-    def _hooks(self, params: dict, param_specs: dict) -> TensorParallelHooks | None:
+    def _hooks(self, param_specs: dict) -> TensorParallelHooks | None:
         if not self.explicit_tp:
             return None
         kv_sharded = TENSOR in tuple(param_specs["wk"])
@@ -115,7 +115,7 @@ class StackRunner:
 
     def _check_layers(self, params: dict):
         layers = next(iter(jax.tree.leaves(params))).shape[0]
-        stages = self.sizes[pipeline.STAGE]
+        stages = self.sizes.get(pipeline.STAGE, 1)
         if self.pipelined and layers % stages:
             raise ConfigError(f"pipeline: {layers} layers do not split into {stages} equal stages")
 
@@ -125,7 +125,7 @@ class StackRunner:
         """x [B, T, E] through every layer (no cache). aux = (cos, sin, mask), each batch-leading."""
         self._check_layers(params)
         specs = self._param_specs(params, param_axes)
-        hooks = self._hooks(params, specs)
+        hooks = self._hooks(specs)
         remat = self.cfg.remat
 
         kv_write = hooks.select_kv_heads if hooks else None
@@ -150,7 +150,7 @@ class StackRunner:
         [L, B, S, KV, D] (the semantics of llama.py's cache path). Returns (x, k, v)."""
         self._check_layers(params)
         specs = self._param_specs(params, param_axes)
-        hooks = self._hooks(params, specs)
+        hooks = self._hooks(specs)
         cache_spec = self._cache_spec(cache_axes, k.shape)
         if hooks and hooks.kv_sharded != (TENSOR in tuple(cache_spec)):
             raise ConfigError("tensor_parallel=shard_map: KV cache and wk/wv must be split over tensor alike")
