@@ -16,7 +16,7 @@ from rsdjax.parallel.pipeline import choose_microbatches
 from rsdjax.parallel.rules import INFER_RULES, TRAIN_RULES, activation_sharding
 from rsdjax.parallel.sharding import create_sharded
 from rsdjax.plan import hlo, steps
-from tests.conftest import max_abs
+from conftest import max_abs
 
 MESHES = {"stage2": {"data": 2, "stage": 2, "tensor": 2}, "stage4": {"stage": 4, "tensor": 2}}
 BATCH, PROMPT, CACHE = 8, 12, 16

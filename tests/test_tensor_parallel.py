@@ -18,7 +18,7 @@ from rsdjax.parallel.rules import INFER_RULES, TRAIN_RULES, activation_sharding
 from rsdjax.parallel.sharding import create_sharded
 from rsdjax.parallel.tensor_parallel import TensorParallelHooks, without_axes
 from rsdjax.plan import hlo, steps
-from tests.conftest import max_abs
+from conftest import max_abs
 
 BATCH, PROMPT, CACHE = 4, 10, 16
 
