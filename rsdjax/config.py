@@ -51,6 +51,10 @@ class ModelConfig:
     param_dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on accelerators
     dtype: str = "auto"  # compute dtype, same policy
     remat: bool = False  # recompute each layer's activations in the backward pass
+    # How the layer stack runs on a mesh (rsdjax/parallel/layer_stack.py); execution only, not weights.
+    pipeline: bool = True  # stage > 1: run layer groups as a microbatched pipeline; false: one scan
+    pipeline_microbatches: int = 0  # 0: chosen from the batch (<= 4 x stages); n: exactly n
+    tensor_parallel: str = "compiler"  # compiler: XLA partitions by sharding; shard_map: explicit psums
 
     @property
     def resolved_head_dim(self) -> int:
@@ -67,6 +71,10 @@ class ModelConfig:
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"{where}: hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}; set head_dim")
+        if self.pipeline_microbatches < 0:
+            raise ConfigError(f"{where}: pipeline_microbatches must be >= 0, got {self.pipeline_microbatches}")
+        if self.tensor_parallel not in ("compiler", "shard_map"):
+            raise ConfigError(f"{where}: tensor_parallel must be 'compiler' or 'shard_map', got '{self.tensor_parallel}'")
         if self.resolved_head_dim % 2:
             raise ConfigError(f"{where}: head_dim={self.resolved_head_dim} must be even for RoPE")
         return self

@@ -10,9 +10,7 @@ import importlib
 import sys
 
 # Command modules, in the order `rsdjax --help` lists them. Add a module here to add a command.
-COMMANDS = ("convert", "shard_report", "serve", "route")
-
-COMMANDS += ("finetune", "lora")  # LoRA fine-tuning (rsdjax.sft) and adapter tools (rsdjax.model.lora)
+COMMANDS = ("convert", "shard_report", "plan", "finetune", "lora", "serve", "route")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ with transposes and reshapes only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from rsdjax.config import ModelConfig
+from rsdjax.parallel import layer_stack
 from rsdjax.parallel.rules import constrain
 
 # Logical axes of every parameter (stacked layer weights lead with `layers`).
@@ -126,8 +128,13 @@ def attention(q, k, v, mask):
     return out.reshape(b, t, h, d)
 
 
-def decoder_layer(cfg: ModelConfig, x, p: dict, cos, sin, mask, kv_write=None):
-    """One pre-norm Llama block. `kv_write(k, v) -> (k_all, v_all)` stores new keys/values in a cache."""
+def decoder_layer(cfg: ModelConfig, x, p: dict, cos, sin, mask, kv_write=None, row_reduce=None):
+    """One pre-norm Llama block. `kv_write(k, v) -> (k_all, v_all)` stores new keys/values in a cache.
+
+    `row_reduce` completes the row-parallel projections (wo, w_down): None when XLA partitions the
+    layer from shardings; a psum over `tensor` in the shard_map path (rsdjax/parallel/tensor_parallel.py).
+    """
+    row_reduce = row_reduce or (lambda y: y)
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     q = apply_rope(linear(h, p, "wq", "bte,ehd->bthd"), cos, sin)
     k = apply_rope(linear(h, p, "wk", "bte,ehd->bthd"), cos, sin)
@@ -136,14 +143,14 @@ def decoder_layer(cfg: ModelConfig, x, p: dict, cos, sin, mask, kv_write=None):
     if kv_write is not None:
         k, v = kv_write(k, v)
     attn = attention(q, k, v, mask)
-    x = x + linear(attn, p, "wo", "bthd,hde->bte")
+    x = x + row_reduce(linear(attn, p, "wo", "bthd,hde->bte"))
     x = constrain(x, ("batch", "seq", "act_embed"))
 
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     gate = linear(h, p, "w_gate", "bte,em->btm")
     up = linear(h, p, "w_up", "bte,em->btm")
     act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
-    x = x + linear(act, p, "w_down", "btm,me->bte")
+    x = x + row_reduce(linear(act, p, "w_down", "btm,me->bte"))
     return constrain(x, ("batch", "seq", "act_embed"))
 
 
@@ -202,6 +209,10 @@ class Llama(nnx.Module):
         x = constrain(x, ("batch", "seq", "act_embed"))
         params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
                               self.layer_params())
+        # None: the plain scans below. On a mesh with stage > 1 (pipeline) or with
+        # tensor_parallel=shard_map, rsdjax/parallel/layer_stack.py runs the same layer function instead.
+        stack = layer_stack.custom_runner(cfg)
+        layer = functools.partial(decoder_layer, cfg)
 
         if cache is None:
             idx = jnp.arange(t)
@@ -213,7 +224,10 @@ class Llama(nnx.Module):
                 return decoder_layer(cfg, x, p, cos, sin, mask), None
 
             body = jax.checkpoint(body) if cfg.remat else body
-            x, _ = jax.lax.scan(body, x, params)
+            if stack is None:
+                x, _ = jax.lax.scan(body, x, params)
+            else:
+                x = stack.forward(layer, x, params, (cos, sin, mask), PARAM_AXES)
             new_cache = None
         else:
             s = cache.k.shape[2]
@@ -233,7 +247,11 @@ class Llama(nnx.Module):
                 x = decoder_layer(cfg, x, p, cos, sin, mask, kv_write)
                 return (x, k_all, v_all), None
 
-            (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params, jnp.arange(cfg.num_layers)))
+            if stack is None:
+                (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params, jnp.arange(cfg.num_layers)))
+            else:
+                x, k_all, v_all = stack.cached(layer, x, params, (cos, sin, mask), PARAM_AXES,
+                                               cache.k, cache.v, positions, CACHE_AXES)
             new_cache = KVCache(k_all, v_all)
 
         x = rms_norm(x, self.final_norm[...].astype(dtype), cfg.rms_norm_eps)

@@ -119,6 +119,11 @@ def activation_sharding(mesh, rules: Sequence[Rule]):
         _ACTIVE.reset(token)
 
 
+def active_sharding():
+    """(mesh, rules) of the innermost `activation_sharding` block, or None outside one."""
+    return _ACTIVE.get()
+
+
 def constrain(x, logical: Sequence[str | None]):
     """with_sharding_constraint by logical names; a no-op outside `activation_sharding`.
 
