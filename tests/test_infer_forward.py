@@ -23,7 +23,7 @@ def test_serving_weights_are_the_model_layers(model):
     stacked = model.layer_params()
     assert len(w.layers) == model.cfg.num_layers
     for i, layer in enumerate(w.layers):
-        for name, value in layer.items():
+        for name, value in forward.layer_view(layer).items():
             np.testing.assert_array_equal(np.asarray(value), np.asarray(stacked[name][i]))
     np.testing.assert_array_equal(np.asarray(w.lm_head), np.asarray(model.lm_head[...]))
 
@@ -49,8 +49,8 @@ def test_cached_decode_logits_equal_full_forward_at_every_step(model):
         assert max_abs(logits[i], full[i][n - 1]) < tol, f"prefill logits of prompt {i}"
 
     empty = forward.empty_cache(cfg, mesh, 4, cache_len)  # slot 3 stays idle
-    cache = forward.LayerCache([c.at[:3, :bucket].set(p) for c, p in zip(empty.k, pre.k)],
-                               [c.at[:3, :bucket].set(p) for c, p in zip(empty.v, pre.v)])
+    cache = forward.LayerCache([c.at[:3, :, :bucket].set(p) for c, p in zip(empty.k, pre.k)],
+                               [c.at[:3, :, :bucket].set(p) for c, p in zip(empty.v, pre.v)])
     decode = jax.jit(functools.partial(forward.decode, cfg), static_argnums=(4,), donate_argnums=(1,))
     positions = np.array(lengths + [cache_len], np.int32)  # the idle slot writes past the end: dropped
     windows = set()

@@ -29,7 +29,7 @@ def reference(model_dir):
 
 @pytest.mark.parametrize("mesh, cache_spec", [
     ("tensor=8", P()),  # 4 kv heads do not divide 8: the cache is replicated (as vLLM does)
-    ("data=2,tensor=4", P("data", None, "tensor")),  # slots over data, kv heads over tensor
+    ("data=2,tensor=4", P("data", "tensor")),  # slots over data, kv heads over tensor
 ])
 def test_sharded_engine_equals_one_device(model_dir, reference, mesh, cache_spec):
     prompts, expected = reference

@@ -5,7 +5,7 @@
     generate()        one decode step for all slots (idle ones ride along), events for the busy ones
     free(s)           the slot may be reused
 
-Device state is a `LayerCache` ([slots, max_context, kv_heads, head_dim] per layer) and a
+Device state is a `LayerCache` ([slots, kv_heads, max_context, head_dim] per layer) and a
 `SlotState` (per-slot next token, position, sampling settings, PRNG key, token counts); the decode
 step donates both and updates them in place. The host keeps the bookkeeping (lengths, EOS,
 max_tokens) and reads back only the sampled ids (and logprobs when asked), once per step.
@@ -59,7 +59,7 @@ class SlotState:
 class _Prefilled:
     """`Prefix.state`: row `row` of a (possibly batched) prefill's outputs."""
 
-    cache: forward.LayerCache  # [rows, bucket, kv_heads, head_dim] per layer
+    cache: forward.LayerCache  # [rows, kv_heads, bucket, head_dim] per layer
     keys: jax.Array
     prompt_mask: jax.Array
     row: int

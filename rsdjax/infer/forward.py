@@ -10,9 +10,12 @@ donated buffer that decode updates in place. The layer itself is the model's `de
 shared with training; `tests/test_infer_forward.py` checks the logits against the model's own
 full forward pass.
 
-Shapes: a cache layer is `[slots, max_context, kv_heads, head_dim]` with logical axes
-`(batch, cache_seq, act_kv_heads, head_dim)`: slots over `data`, kv heads over `tensor` when they
-divide it (replicated otherwise, as vLLM does).
+Cache layout: a layer is `[slots, kv_heads, max_context, head_dim]` (logical axes `(batch,
+act_kv_heads, cache_seq, head_dim)`: slots over `data`, kv heads over `tensor` when they divide it,
+replicated otherwise, as vLLM does). Heads before positions, unlike the model's `KVCache`, so that
+the attention matmuls see (batch, kv head) as leading batch dimensions and contract the minor
+dimension: with `[slots, positions, heads, dim]` XLA:CPU transposes the whole cache of every layer
+on every step before the matmul (measured: about as many bytes as the weights at 16 slots).
 """
 from __future__ import annotations
 
@@ -23,11 +26,11 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rsdjax.config import ConfigError, ModelConfig
-from rsdjax.model.llama import CACHE_AXES, Llama, decoder_layer, resolve_dtype, rms_norm, rope_cos_sin, rope_inv_freq
+from rsdjax.model.llama import Llama, decoder_layer, resolve_dtype, rms_norm, rope_cos_sin, rope_inv_freq
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, constrain, resolve
 
-CACHE_LAYER_AXES = CACHE_AXES[1:]  # (batch, cache_seq, act_kv_heads, head_dim): one layer of the model's cache
+CACHE_LAYER_AXES = ("batch", "act_kv_heads", "cache_seq", "head_dim")
 
 
 @jax.tree_util.register_dataclass
@@ -44,7 +47,7 @@ class ServingWeights:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerCache:
-    """K and V for every layer: lists of `[batch, length, kv_heads, head_dim]` arrays."""
+    """K and V for every layer: lists of `[batch, kv_heads, length, head_dim]` arrays."""
 
     k: list[jax.Array]
     v: list[jax.Array]
@@ -58,6 +61,21 @@ def model_mesh(model: Llama):
     """The mesh the model's weights live on (None if they are plain single-device arrays)."""
     sharding = getattr(model.embed[...], "sharding", None)
     return sharding.mesh if isinstance(sharding, NamedSharding) else None
+
+
+# `wo` is kept as [head_dim, heads, embed] and handed to the layer as a transposed view. The layer's
+# einsum "bthd,hde->bte" contracts (d, h) in that order (jnp.einsum sorts contracted names) and the
+# CPU matmul flattens them, so a [heads, head_dim, embed] array would be transposed and copied on
+# every step (measured: 14% of a batch-1 decode step's memory traffic); stored this way the view
+# is free.
+WO_STORED_ORDER = (1, 0, 2)
+
+
+def layer_view(p: dict) -> dict:
+    """One layer's weights as `decoder_layer` expects them."""
+    p = dict(p)
+    p["wo"] = jnp.transpose(p.pop("wo_dhe"), WO_STORED_ORDER)
+    return p
 
 
 def serving_weights(model: Llama, mesh) -> ServingWeights:
@@ -75,21 +93,34 @@ def serving_weights(model: Llama, mesh) -> ServingWeights:
         if spec and spec[0] is not None:
             name = ".".join(str(getattr(k, "key", k)) for k in path)
             raise StageNotSupportedError(
-                f"{name}: layers are sharded over '{spec[0]}' (pipeline stages); the inference engine runs "
-                "every layer on every stage group: use a mesh with stage=1 (put those devices on data or tensor)")
-        return NamedSharding(mesh, PartitionSpec(*spec[1:]))
+                f"{name}: layers are sharded over '{spec[0]}' (pipeline stages), which the inference engine "
+                "does not do: use a mesh with stage=1 (put those devices on data or tensor)")
+        rest = tuple(spec[1:])
+        return rest + (None,) * (a.ndim - 1 - len(rest))  # full length, so `wo` can be permuted
 
     def same_sharding(a):
         s = getattr(a, "sharding", None)
         return s if isinstance(s, NamedSharding) else NamedSharding(mesh, PartitionSpec())
 
     per_layer = jax.tree.map_with_path(layer_sharding, stacked)
+    wo_spec = per_layer.pop("wo")
+    per_layer["wo_dhe"] = tuple(wo_spec[i] for i in WO_STORED_ORDER)
+    def named(spec: tuple) -> NamedSharding:
+        while spec and spec[-1] is None:
+            spec = spec[:-1]
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    per_layer = jax.tree.map(named, per_layer, is_leaf=lambda x: isinstance(x, tuple))
     cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
     head = None if cfg.tie_word_embeddings else model.lm_head[...]
     globals_ = (model.embed[...], model.final_norm[...], head)
 
     def split(stacked, globals_):
-        layers = [jax.tree.map(lambda a: cast(a[i]), stacked) for i in range(cfg.num_layers)]
+        layers = []
+        for i in range(cfg.num_layers):
+            layer = jax.tree.map(lambda a: cast(a[i]), stacked)
+            layer["wo_dhe"] = jnp.transpose(layer.pop("wo"), WO_STORED_ORDER)
+            layers.append(layer)
         return layers, jax.tree.map(cast, globals_)
 
     out_shardings = ([per_layer] * cfg.num_layers, jax.tree.map(same_sharding, globals_))
@@ -98,14 +129,14 @@ def serving_weights(model: Llama, mesh) -> ServingWeights:
 
 
 def cache_sharding(cfg: ModelConfig, mesh, batch: int, length: int) -> NamedSharding:
-    shape = (batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+    shape = (batch, cfg.num_kv_heads, length, cfg.resolved_head_dim)
     return NamedSharding(mesh, resolve(CACHE_LAYER_AXES, shape, mesh_shape_of(mesh), INFER_RULES, name="kv cache"))
 
 
 def empty_cache(cfg: ModelConfig, mesh, batch: int, length: int) -> LayerCache:
     """Zeros, created directly on their shards."""
     sharding = cache_sharding(cfg, mesh, batch, length)
-    shape = (batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+    shape = (batch, cfg.num_kv_heads, length, cfg.resolved_head_dim)
     dtype = resolve_dtype(cfg.dtype)
     make = jax.jit(lambda: [jnp.zeros(shape, dtype) for _ in range(2 * cfg.num_layers)],
                    out_shardings=[sharding] * (2 * cfg.num_layers))
@@ -144,14 +175,12 @@ def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths):
     x = _embed(cfg, w, tokens)
     ks, vs = [], []
     for p in w.layers:
-        def keep(k, v):
-            k = constrain(k, ("batch", "cache_seq", "act_kv_heads", "head_dim"))
-            v = constrain(v, ("batch", "cache_seq", "act_kv_heads", "head_dim"))
-            ks.append(k)
-            vs.append(v)
+        def keep(k, v):  # [B, T, KV, D] -> the cache layout [B, KV, T, D]
+            ks.append(constrain(jnp.swapaxes(k, 1, 2), CACHE_LAYER_AXES))
+            vs.append(constrain(jnp.swapaxes(v, 1, 2), CACHE_LAYER_AXES))
             return k, v
 
-        x = decoder_layer(cfg, x, p, cos, sin, mask, keep)
+        x = decoder_layer(cfg, x, layer_view(p), cos, sin, mask, keep)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return _logits(cfg, w, last), LayerCache(ks, vs)
 
@@ -171,15 +200,14 @@ def decode(cfg: ModelConfig, w: ServingWeights, cache: LayerCache, tokens, posit
     x = _embed(cfg, w, tokens[:, None])
     new_k, new_v = [], []
     for i, p in enumerate(w.layers):
-        def write(k, v, i=i):
-            k_all = cache.k[i].at[rows, positions].set(k[:, 0].astype(cache.k[i].dtype), mode="drop")
-            v_all = cache.v[i].at[rows, positions].set(v[:, 0].astype(cache.v[i].dtype), mode="drop")
-            k_all = constrain(k_all, ("batch", "cache_seq", "act_kv_heads", "head_dim"))
-            v_all = constrain(v_all, ("batch", "cache_seq", "act_kv_heads", "head_dim"))
-            new_k.append(k_all)
-            new_v.append(v_all)
-            return k_all[:, :attend], v_all[:, :attend]
+        def write(k, v, i=i):  # k, v [B, 1, KV, D]; in place when the cache is donated
+            k_all = cache.k[i].at[rows, :, positions].set(k[:, 0].astype(cache.k[i].dtype), mode="drop")
+            v_all = cache.v[i].at[rows, :, positions].set(v[:, 0].astype(cache.v[i].dtype), mode="drop")
+            new_k.append(constrain(k_all, CACHE_LAYER_AXES))
+            new_v.append(constrain(v_all, CACHE_LAYER_AXES))
+            # the layer wants [B, S, KV, D]: XLA folds this transpose into the attention matmuls
+            return jnp.swapaxes(new_k[-1][:, :, :attend], 1, 2), jnp.swapaxes(new_v[-1][:, :, :attend], 1, 2)
 
-        x = decoder_layer(cfg, x, p, cos, sin, mask, write)
+        x = decoder_layer(cfg, x, layer_view(p), cos, sin, mask, write)
     return _logits(cfg, w, x[:, 0]), LayerCache(new_k, new_v)
 
