@@ -61,6 +61,8 @@ def test_generate_with_tokenizer_and_stop_strings(tmp_path_factory, tiny_tokeniz
     model_dir = confident_dir_with_tokenizer(tmp_path_factory, tiny_tokenizer_dir)
     engine, tokenizer = shared_engine(model_dir, max_slots=2, max_context=64)
     assert tokenizer is not None
+    # EOS: the config's (2), then the tokenizer's end-of-text and end-of-turn tokens
+    assert engine.eos_token_ids == [2, tokenizer.token_id("<|end_of_text|>"), tokenizer.token_id("<|eot_id|>")]
     prompt = tokenizer.encode("The quick brown", add_bos=True)
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     (free,) = generate(engine, [prompt], params, tokenizer=tokenizer)

@@ -6,9 +6,10 @@
     free(s)           the slot may be reused
 
 Device state is a `LayerCache` ([slots, kv_heads, max_context, head_dim] per layer) and a
-`SlotState` (per-slot next token, position, sampling settings, PRNG key, token counts); the decode
-step donates both and updates them in place. The host keeps the bookkeeping (lengths, EOS,
-max_tokens) and reads back only the sampled ids (and logprobs when asked), once per step.
+`SlotState` (per-slot next token, position, sampling settings, PRNG key, token counts); the jitted
+steps live in `rsdjax.infer.steps`. This module is the host side: it keeps the bookkeeping
+(lengths, EOS, max_tokens) and reads back only the sampled ids (and logprobs when asked), once per
+step.
 
 Compiled shapes: prefill once per (batch, length bucket), decode once per attention bucket (the
 smallest bucket covering the longest active context), insert once per prefill shape. A new prompt
@@ -22,37 +23,20 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from rsdjax.config import ConfigError
 from rsdjax.infer import forward
 from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, TokenEvent
-from rsdjax.infer.sampling import (MAX_TOP_LOGPROBS, SamplingArrays, keys_from_seeds, sample, seed_pair,
-                                   token_logprobs, validate)
+from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, seed_pair, validate
+from rsdjax.infer.steps import compiled_steps, empty_state
 from rsdjax.parallel.mesh import make_mesh
-from rsdjax.parallel.rules import INFER_RULES, activation_sharding
 
 MIN_PREFILL_BUCKET = 16
 MIN_ATTEND_BUCKET = 64
 # max_context=None means the model's max_position_embeddings, but at most this: a 128K-token cache per
 # slot rarely fits next to the weights; pass max_context explicitly for longer contexts.
 DEFAULT_MAX_CONTEXT = 4096
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class SlotState:
-    """Per-slot decode state on the device (replicated: it is small next to the cache)."""
-
-    tokens: jax.Array  # i32 [S]: the token each slot feeds next
-    positions: jax.Array  # i32 [S]: where that token's K/V goes
-    steps: jax.Array  # i32 [S]: tokens sampled so far by the slot's request (the PRNG counter)
-    keys: jax.Array  # u32 [S, 2]: the request's PRNG key
-    params: SamplingArrays
-    prompt_mask: jax.Array  # bool [S, V]: tokens of the prompt (repetition penalty)
-    counts: jax.Array  # i32 [S, V]: output token counts (penalties)
 
 
 @dataclasses.dataclass
@@ -109,66 +93,11 @@ class SlotEngine:
         self.attend_buckets = buckets(MIN_ATTEND_BUCKET, self.max_context)
 
         self.weights = forward.serving_weights(model, self.mesh)
+        self._steps = compiled_steps(cfg, self.mesh, self.max_slots, self.max_context)
         self._cache = forward.empty_cache(cfg, self.mesh, self.max_slots, self.max_context)
-        self._cache_shardings = jax.tree.map(lambda a: a.sharding, self._cache)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self._state = jax.device_put(self._empty_state(), replicated)
-        self._state_shardings = jax.tree.map(lambda _: replicated, self._state)
+        self._state = jax.device_put(empty_state(cfg, self.max_slots, self.max_context), self._steps.state_sharding)
         self._slots: list[_Slot | None] = [None] * self.max_slots
         self._rng = np.random.default_rng()  # seeds for requests that bring none
-
-        self._prefill_fn = jax.jit(self._prefill_step, static_argnums=(5,))
-        self._insert_fn = jax.jit(self._insert_step, donate_argnums=(0, 1),
-                                  out_shardings=(self._cache_shardings, self._state_shardings))
-        self._decode_fn = jax.jit(self._decode_step, static_argnums=(3, 4), donate_argnums=(1, 2),
-                                  out_shardings=(self._cache_shardings, self._state_shardings, replicated))
-
-    # ------------------------------------------------------------ traced steps
-
-    def _empty_state(self) -> SlotState:
-        s, v = self.max_slots, self.cfg.vocab_size
-        zeros_i = np.zeros(s, np.int32)
-        params = SamplingArrays(np.zeros(s, np.float32), np.ones(s, np.float32), zeros_i, np.zeros(s, np.float32),
-                                np.ones(s, np.float32), np.zeros(s, np.float32), np.zeros(s, np.float32))
-        # idle slots sit at position max_context: their cache writes are dropped
-        return SlotState(zeros_i, np.full(s, self.max_context, np.int32), zeros_i, np.zeros((s, 2), np.uint32),
-                         params, np.zeros((s, v), bool), np.zeros((s, v), np.int32))
-
-    def _prefill_step(self, weights, tokens, lengths, params, seeds, top_k: int):
-        with activation_sharding(self.mesh, INFER_RULES):
-            logits, cache = forward.prefill(self.cfg, weights, tokens, lengths)
-            rows, vocab = tokens.shape[0], self.cfg.vocab_size
-            real = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-            prompt_mask = jnp.zeros((rows, vocab), bool).at[
-                jnp.arange(rows)[:, None], jnp.where(real, tokens, vocab)].set(True, mode="drop")
-            keys = keys_from_seeds(seeds)
-            first = sample(logits, params, keys, jnp.zeros(rows, jnp.int32), prompt_mask,
-                           jnp.zeros((rows, vocab), jnp.int32))
-            logprobs = token_logprobs(logits, first, top_k) if top_k else None
-        return cache, keys, prompt_mask, first, logprobs
-
-    def _insert_step(self, cache, state, prefilled_cache, keys, prompt_mask, row, slot, token, length, params):
-        def put(dst, src):
-            return jax.lax.dynamic_update_slice(dst, jax.lax.dynamic_slice_in_dim(src, row, 1, 0), (slot, 0, 0, 0))
-
-        cache = jax.tree.map(put, cache, prefilled_cache)
-        counts = jnp.zeros((self.cfg.vocab_size,), jnp.int32).at[token].set(1)
-        state = SlotState(
-            tokens=state.tokens.at[slot].set(token), positions=state.positions.at[slot].set(length),
-            steps=state.steps.at[slot].set(1), keys=state.keys.at[slot].set(keys[row]),
-            params=jax.tree.map(lambda a, v: a.at[slot].set(v), state.params, params),
-            prompt_mask=state.prompt_mask.at[slot].set(prompt_mask[row]), counts=state.counts.at[slot].set(counts))
-        return cache, state
-
-    def _decode_step(self, weights, cache, state: SlotState, attend: int, top_k: int):
-        with activation_sharding(self.mesh, INFER_RULES):
-            logits, cache = forward.decode(self.cfg, weights, cache, state.tokens, state.positions, attend)
-            tokens = sample(logits, state.params, state.keys, state.steps, state.prompt_mask, state.counts)
-            logprobs = token_logprobs(logits, tokens, top_k) if top_k else None
-        rows = jnp.arange(tokens.shape[0])
-        state = dataclasses.replace(state, tokens=tokens, positions=state.positions + 1, steps=state.steps + 1,
-                                    counts=state.counts.at[rows, tokens].add(1))
-        return cache, state, (tokens, logprobs)
 
     # ------------------------------------------------------------ the Engine protocol
 
@@ -210,7 +139,7 @@ class SlotEngine:
             seed = r.params.seed if r.params.seed is not None else int(self._rng.integers(0, 2**63))
             seeds[i] = seed_pair(seed)
         top_k = MAX_TOP_LOGPROBS if any(r.params.logprobs is not None for r in requests) else 0
-        cache, keys, prompt_mask, first, logprobs = self._prefill_fn(
+        cache, keys, prompt_mask, first, logprobs = self._steps.prefill(
             self.weights, tokens, lengths, SamplingArrays.from_params(params), seeds, top_k)
         first = np.asarray(first)
         logprobs = None if logprobs is None else tuple(np.asarray(a) for a in logprobs)
@@ -229,7 +158,7 @@ class SlotEngine:
         pre: _Prefilled = prefix.state
         r = prefix.request
         params = jax.tree.map(lambda a: a[0], SamplingArrays.from_params([r.params]))
-        self._cache, self._state = self._insert_fn(
+        self._cache, self._state = self._steps.insert(
             self._cache, self._state, pre.cache, pre.keys, pre.prompt_mask, pre.row, slot,
             prefix.first_token.token_id, len(r.prompt_ids), params)
         self._slots[slot] = _Slot(r, length=len(r.prompt_ids), generated=1,
@@ -241,7 +170,7 @@ class SlotEngine:
             return []
         attend = _bucket(max(s.length for _, s in active) + 1, self.attend_buckets)
         top_k = MAX_TOP_LOGPROBS if any(s.request.params.logprobs is not None for _, s in active) else 0
-        self._cache, self._state, (tokens, logprobs) = self._decode_fn(
+        self._cache, self._state, (tokens, logprobs) = self._steps.decode(
             self.weights, self._cache, self._state, attend, top_k)
         tokens = np.asarray(tokens)
         logprobs = None if logprobs is None else tuple(np.asarray(a) for a in logprobs)
@@ -313,4 +242,4 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
     return engine, tokenizer
 
 
-__all__ = ["SlotEngine", "SlotState", "load_engine", "buckets"]
+__all__ = ["SlotEngine", "load_engine", "buckets"]
