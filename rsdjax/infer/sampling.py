@@ -112,6 +112,14 @@ def filter_logits(logits, sp: SamplingArrays):
     return jnp.where((sp.min_p[:, None] <= 0) | (logits >= floor), logits, -jnp.inf)
 
 
+def argmax(logits):
+    """First index of the maximum along the last axis, as two plain reductions: XLA:CPU runs the
+    (value, index) reduction of `jnp.argmax` 2-3x slower over a 32K vocabulary."""
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(logits == best, index, logits.shape[-1]), axis=-1)
+
+
 def sample(logits, sp: SamplingArrays, keys, steps, prompt_mask, counts):
     """logits float32 [B, V] -> token ids int32 [B].
 
@@ -120,13 +128,13 @@ def sample(logits, sp: SamplingArrays, keys, steps, prompt_mask, counts):
     """
     any_penalty = jnp.any((sp.repetition_penalty != 1.0) | (sp.presence_penalty != 0.0) | (sp.frequency_penalty != 0.0))
     logits = jax.lax.cond(any_penalty, apply_penalties, lambda l, *_: l, logits, sp, prompt_mask, counts)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits)
 
     def draw():
         filtered = filter_logits(logits, sp)
         step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
         noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(step_keys)
-        drawn = jnp.argmax(filtered + noise, axis=-1).astype(jnp.int32)  # Gumbel-max = a categorical draw
+        drawn = argmax(filtered + noise)  # Gumbel-max = a categorical draw
         return jnp.where(sp.temperature > 0, drawn, greedy)
 
     return jax.lax.cond(jnp.all(sp.temperature == 0), lambda: greedy, draw)
