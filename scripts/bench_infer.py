@@ -150,9 +150,9 @@ def run_hf(path: Path, prompts, new_tokens: int, repeats: int) -> dict:
             pass
 
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # run every request to the full length, like ignore_eos
     ids = torch.tensor(prompts)
-    kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
-              attention_mask=torch.ones_like(ids))
+    kw = dict(do_sample=False, max_new_tokens=new_tokens, pad_token_id=0, attention_mask=torch.ones_like(ids))
 
     def once():
         streamer = FirstToken()
@@ -163,7 +163,7 @@ def run_hf(path: Path, prompts, new_tokens: int, repeats: int) -> dict:
         return total, streamer.first - t0, out[:, ids.shape[1]:].tolist()
 
     with torch.inference_mode():
-        model.generate(ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm up
+        model.generate(ids, **{**kw, "max_new_tokens": 2})  # warm up
     return best_of([once() for _ in range(repeats)], len(prompts), new_tokens)
 
 
