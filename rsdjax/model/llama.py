@@ -124,8 +124,10 @@ def attention(q, k, v, mask):
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    # batch dims first in the output, as dot_general produces them, then move t: asked for
+    # "btkgd" directly, XLA:CPU picks a slow batched-matmul path for decoding (t = 1), 5-15x slower
+    out = jnp.einsum("bkgts,bskd->bkgtd", probs, v)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
 
 
 def decoder_layer(cfg: ModelConfig, x, p: dict, cos, sin, mask, kv_write=None, row_reduce=None):

@@ -1,0 +1,132 @@
+"""`rsdjax generate --model PATH --prompt "..." [--prompt-ids 1,2,3] ... [--json]`."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from rsdjax.cli.common import add_mesh_args, add_overrides, split_overrides
+
+DEFAULT_SLOTS = 8
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate from a model (HF dir or rsdjax checkpoint) sharded over a mesh")
+    p.add_argument("--model", type=Path, required=True, help="HF Llama directory or rsdjax checkpoint")
+    p.add_argument("--prompt", action="append", default=[], help="text prompt (needs tokenizer.json); repeat for a batch")
+    p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
+                   help="comma-separated token ids, e.g. 1,2,3; repeat for a batch")
+    p.add_argument("--chat", action="store_true", help="send each --prompt as a user message in the Llama-3 chat format")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend <|begin_of_text|> to text prompts")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0, help="0 = off")
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--presence-penalty", type=float, default=0.0)
+    s.add_argument("--frequency-penalty", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--stop-ids", default="", help="comma-separated stop token ids")
+    s.add_argument("--ignore-eos", action="store_true")
+    s.add_argument("--logprobs", type=int, default=None, help="return the top-N logprobs of each token (--json)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-slots", type=int, default=None, help=f"decode slots (default: prompts, at most {DEFAULT_SLOTS})")
+    e.add_argument("--max-context", type=int, default=None,
+                   help="KV cache length per slot (default: the longest prompt + max-new-tokens, rounded up)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, timings) instead of streaming")
+    add_mesh_args(p)
+    add_overrides(p)
+    p.set_defaults(func=run)
+
+
+def parse_ids(text: str, what: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"{what}: '{text}' is not a comma-separated list of token ids") from None
+
+
+def default_context(longest: int, new_tokens: int, model_max: int) -> int:
+    """A cache just long enough: the next power of two >= prompt + new tokens (>= 64), capped at the model's."""
+    need = longest + new_tokens
+    size = 64
+    while size < need:
+        size *= 2
+    return min(size, model_max)
+
+
+def run(args) -> int:
+    from rsdjax.cli.common import mesh_from_args
+    from rsdjax.infer.engine import load_engine
+    from rsdjax.infer.generate import generate
+    from rsdjax.infer.interface import SamplingParams
+    from rsdjax.loading import read_model_config
+    from rsdjax.tokenizer import Tokenizer
+
+    others = [o for o in args.overrides if not o.startswith("model.")]
+    if others:
+        raise ValueError(f"generate: override '{others[0]}' is not a model.* key")
+    if not args.prompt and not args.prompt_ids:
+        raise ValueError("generate: give at least one --prompt or --prompt-ids")
+    tokenizer = Tokenizer.load(args.model) if (args.model / "tokenizer.json").exists() else None
+    if args.prompt and tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer.json, so --prompt cannot be used; give --prompt-ids")
+    prompts = [parse_ids(t, "--prompt-ids") for t in args.prompt_ids]
+    for text in args.prompt:
+        if args.chat:
+            prompts.append(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+        else:
+            prompts.append(tokenizer.encode(text, add_bos=not args.no_bos))
+    params = SamplingParams(
+        max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, stop_token_ids=parse_ids(args.stop_ids, "--stop-ids"),
+        stop=list(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+
+    mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
+    cfg = read_model_config(args.model)
+    max_context = args.max_context or default_context(max(map(len, prompts)), args.max_new_tokens,
+                                                      cfg.max_position_embeddings)
+    slots = args.max_slots or min(len(prompts), DEFAULT_SLOTS)
+    if mesh is not None:  # slots shard over `data`: round up so they divide it
+        data = int(mesh.shape["data"])
+        slots = -(-slots // data) * data
+    t0 = time.perf_counter()
+    engine, _ = load_engine(args.model, mesh=mesh, max_slots=slots, max_context=max_context,
+                            overrides=split_overrides(args.overrides, "model"))
+    load_s = time.perf_counter() - t0
+
+    stream = not args.json and len(prompts) == 1
+    if stream:
+        on_text = (lambda i, piece: print(piece, end="", flush=True)) if tokenizer else None
+        on_token = None if tokenizer else (lambda i, ev: print(ev.token_id, end=" ", flush=True))
+    else:
+        on_text = on_token = None
+    start = time.perf_counter()
+    completions = generate(engine, prompts, params, tokenizer=tokenizer, on_text=on_text, on_token=on_token)
+    total_s = time.perf_counter() - start
+    generated = sum(len(c.token_ids) for c in completions)
+    summary = {"load_s": load_s, "total_s": total_s, "ttft_s": min(c.ttft_s for c in completions),
+               "generated_tokens": generated, "tokens_per_s": generated / total_s if total_s > 0 else None}
+    if args.json:
+        out = {"model": str(args.model), "mesh": {k: int(v) for k, v in engine.mesh.shape.items()},
+               "max_slots": engine.max_slots, "max_context": engine.max_context, **summary,
+               "completions": [c.to_json() for c in completions]}
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    if stream:
+        print()
+    else:
+        for c in completions:
+            shown = c.text if c.text is not None else " ".join(map(str, c.token_ids))
+            print(f"[{c.index}] {shown}")
+    c = completions[0]
+    rate = c.decode_tokens_per_s
+    print(f"generate: {generated} tokens in {total_s:.2f}s ({summary['tokens_per_s']:.1f} tokens/s), "
+          f"first token after {summary['ttft_s']:.3f}s" + (f", decode {rate:.1f} tokens/s per prompt" if rate else "")
+          + f", finish: {', '.join(sorted({str(c.finish_reason) for c in completions}))}", file=sys.stderr)
+    return 0

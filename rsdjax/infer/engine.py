@@ -1,0 +1,245 @@
+"""`SlotEngine`: a fixed number of decode slots over one sharded KV cache (the `Engine` protocol).
+
+    prefill(request)  run one prompt (padded to a length bucket) and sample its first token
+    insert(prefix, s) copy the prompt's K/V into slot s and arm the slot's sampling state
+    generate()        one decode step for all slots (idle ones ride along), events for the busy ones
+    free(s)           the slot may be reused
+
+Device state is a `LayerCache` ([slots, kv_heads, max_context, head_dim] per layer) and a
+`SlotState` (per-slot next token, position, sampling settings, PRNG key, token counts); the jitted
+steps live in `rsdjax.infer.steps`. This module is the host side: it keeps the bookkeeping
+(lengths, EOS, max_tokens) and reads back only the sampled ids (and logprobs when asked), once per
+step.
+
+Compiled shapes: prefill once per (batch, length bucket), decode once per attention bucket (the
+smallest bucket covering the longest active context), insert once per prefill shape. A new prompt
+length therefore does not recompile. Use from one thread.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from rsdjax.config import ConfigError
+from rsdjax.infer import forward
+from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, TokenEvent
+from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, seed_pair, validate
+from rsdjax.infer.steps import compiled_steps, empty_state
+from rsdjax.parallel.mesh import make_mesh
+
+MIN_PREFILL_BUCKET = 16
+MIN_ATTEND_BUCKET = 64
+# max_context=None means the model's max_position_embeddings, but at most this: a 128K-token cache per
+# slot rarely fits next to the weights; pass max_context explicitly for longer contexts.
+DEFAULT_MAX_CONTEXT = 4096
+
+
+@dataclasses.dataclass
+class _Prefilled:
+    """`Prefix.state`: row `row` of a (possibly batched) prefill's outputs."""
+
+    cache: forward.LayerCache  # [rows, kv_heads, bucket, head_dim] per layer
+    keys: jax.Array
+    prompt_mask: jax.Array
+    row: int
+
+
+@dataclasses.dataclass
+class _Slot:
+    request: Request
+    length: int  # tokens in the cache once the pending token is written = that token's position
+    generated: int  # tokens sampled (the first one came from prefill)
+    done: bool = False
+
+
+def buckets(smallest: int, limit: int) -> tuple[int, ...]:
+    """Powers of two from `smallest` below `limit`, then `limit` itself."""
+    out, b = [], smallest
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (limit,)
+
+
+def _bucket(n: int, sizes: Sequence[int]) -> int:
+    return next(b for b in sizes if b >= n)
+
+
+class SlotEngine:
+    def __init__(self, model, max_slots: int = 8, max_context: int | None = None,
+                 eos_token_ids: list[int] | None = None, mesh=None,
+                 prefill_buckets: tuple[int, ...] | None = None):
+        cfg = self.cfg = model.cfg
+        self.max_slots = int(max_slots)
+        self.max_context = int(max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT))
+        if self.max_slots < 1:
+            raise ConfigError(f"max_slots must be >= 1, got {max_slots}")
+        if not 2 <= self.max_context <= cfg.max_position_embeddings:
+            raise ConfigError(f"max_context must be in [2, {cfg.max_position_embeddings}] (the model's "
+                              f"max_position_embeddings), got {self.max_context}")
+        default_eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+        self.eos_token_ids = [int(t) for t in (eos_token_ids if eos_token_ids is not None else default_eos)
+                              if t is not None]
+        self.mesh = mesh if mesh is not None else forward.model_mesh(model) or make_mesh({})
+        chosen = sorted({min(int(b), self.max_context) for b in prefill_buckets or ()})
+        self.prefill_buckets = tuple(b for b in chosen if b >= 1) or buckets(MIN_PREFILL_BUCKET, self.max_context)
+        if self.prefill_buckets[-1] < self.max_context:
+            self.prefill_buckets += (self.max_context,)
+        self.attend_buckets = buckets(MIN_ATTEND_BUCKET, self.max_context)
+
+        self.weights = forward.serving_weights(model, self.mesh)
+        self._steps = compiled_steps(cfg, self.mesh, self.max_slots, self.max_context)
+        self._cache = forward.empty_cache(cfg, self.mesh, self.max_slots, self.max_context)
+        self._state = jax.device_put(empty_state(cfg, self.max_slots, self.max_context), self._steps.state_sharding)
+        self._slots: list[_Slot | None] = [None] * self.max_slots
+        self._rng = np.random.default_rng()  # seeds for requests that bring none
+
+    # ------------------------------------------------------------ the Engine protocol
+
+    def check(self, request: Request) -> None:
+        """Raise (ValueError subclasses) if the request cannot run; called by prefill."""
+        ids, p = request.prompt_ids, request.params
+        where = f"request {request.id}"
+        if not ids:
+            raise ValueError(f"{where}: empty prompt")
+        bad = [t for t in ids if not 0 <= int(t) < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"{where}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
+        validate(p, self.cfg.vocab_size, where)
+        if len(ids) + p.max_tokens > self.max_context:
+            raise PromptTooLongError(len(ids), p.max_tokens, self.max_context)
+
+    def prefill(self, request: Request) -> Prefix:
+        return self.prefill_many([request])[0]
+
+    def prefill_many(self, requests: Sequence[Request]) -> list[Prefix]:
+        """Prefill several prompts in one pass per `max_slots` of them (rows padded to a power of two)."""
+        for r in requests:
+            self.check(r)
+        out: list[Prefix] = []
+        for start in range(0, len(requests), self.max_slots):
+            out += self._prefill_batch(list(requests[start:start + self.max_slots]))
+        return out
+
+    def _prefill_batch(self, requests: list[Request]) -> list[Prefix]:
+        rows = 1 << (len(requests) - 1).bit_length()
+        length = _bucket(max(len(r.prompt_ids) for r in requests), self.prefill_buckets)
+        tokens = np.zeros((rows, length), np.int32)
+        lengths = np.ones(rows, np.int32)
+        seeds = np.zeros((rows, 2), np.uint32)
+        params = [r.params for r in requests] + [requests[0].params] * (rows - len(requests))
+        for i, r in enumerate(requests):
+            tokens[i, :len(r.prompt_ids)] = r.prompt_ids
+            lengths[i] = len(r.prompt_ids)
+            seed = r.params.seed if r.params.seed is not None else int(self._rng.integers(0, 2**63))
+            seeds[i] = seed_pair(seed)
+        top_k = MAX_TOP_LOGPROBS if any(r.params.logprobs is not None for r in requests) else 0
+        cache, keys, prompt_mask, first, logprobs = self._steps.prefill(
+            self.weights, tokens, lengths, SamplingArrays.from_params(params), seeds, top_k)
+        first = np.asarray(first)
+        logprobs = None if logprobs is None else tuple(np.asarray(a) for a in logprobs)
+        prefixes = []
+        for i, r in enumerate(requests):
+            slot = _Slot(r, length=len(r.prompt_ids), generated=1)
+            event = self._event(slot, -1, int(first[i]), logprobs, i)
+            prefixes.append(Prefix(r, event, _Prefilled(cache, keys, prompt_mask, i)))
+        return prefixes
+
+    def insert(self, prefix: Prefix, slot: int) -> None:
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot {slot} does not exist (max_slots={self.max_slots})")
+        if self._slots[slot] is not None:
+            raise ValueError(f"slot {slot} is busy")
+        pre: _Prefilled = prefix.state
+        r = prefix.request
+        params = jax.tree.map(lambda a: a[0], SamplingArrays.from_params([r.params]))
+        self._cache, self._state = self._steps.insert(
+            self._cache, self._state, pre.cache, pre.keys, pre.prompt_mask, pre.row, slot,
+            prefix.first_token.token_id, len(r.prompt_ids), params)
+        self._slots[slot] = _Slot(r, length=len(r.prompt_ids), generated=1,
+                                  done=prefix.first_token.finish_reason is not None)
+
+    def generate(self) -> list[TokenEvent]:
+        active = [(i, s) for i, s in enumerate(self._slots) if s is not None and not s.done]
+        if not active:
+            return []
+        attend = _bucket(max(s.length for _, s in active) + 1, self.attend_buckets)
+        top_k = MAX_TOP_LOGPROBS if any(s.request.params.logprobs is not None for _, s in active) else 0
+        self._cache, self._state, (tokens, logprobs) = self._steps.decode(
+            self.weights, self._cache, self._state, attend, top_k)
+        tokens = np.asarray(tokens)
+        logprobs = None if logprobs is None else tuple(np.asarray(a) for a in logprobs)
+        events = []
+        for i, s in active:
+            s.length += 1
+            s.generated += 1
+            events.append(self._event(s, i, int(tokens[i]), logprobs, i))
+        return events
+
+    def free(self, slot: int) -> None:
+        self._slots[slot] = None
+
+    def free_slots(self) -> list[int]:
+        return [i for i, s in enumerate(self._slots) if s is None]
+
+    # ------------------------------------------------------------ helpers
+
+    def _event(self, s: _Slot, slot: int, token: int, logprobs, row: int) -> TokenEvent:
+        p = s.request.params
+        finish = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            finish = "stop"
+        elif s.generated >= p.max_tokens:
+            finish = "length"
+        s.done = finish is not None
+        lp = top = None
+        if p.logprobs is not None and logprobs is not None:
+            chosen, top_ids, top_values = logprobs
+            lp = float(chosen[row])
+            top = {int(t): float(v) for t, v in zip(top_ids[row, :p.logprobs], top_values[row, :p.logprobs])} or None
+        return TokenEvent(s.request.id, slot, token, logprob=lp, top_logprobs=top, finish_reason=finish)
+
+
+def eos_ids_for(path: Path, cfg, tokenizer) -> list[int]:
+    """EOS ids from the model config, generation_config.json and the tokenizer (chat models end turns
+    with <|eot_id|>, which only the tokenizer or generation config knows)."""
+    ids: list[int] = []
+    sources = [cfg.eos_token_id]
+    gen = Path(path) / "generation_config.json"
+    if gen.exists():
+        try:
+            sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+        except json.JSONDecodeError:
+            pass  # an unreadable generation config only loses extra EOS ids
+    if tokenizer is not None:
+        sources.append(tokenizer.eos_ids)
+    for src in sources:
+        for t in src if isinstance(src, list) else [src]:
+            if t is not None and int(t) not in ids and 0 <= int(t) < cfg.vocab_size:
+                ids.append(int(t))
+    return ids
+
+
+def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | None = None,
+                overrides: Sequence[str] = ()):
+    """An HF Llama directory or rsdjax checkpoint -> (SlotEngine, Tokenizer | None).
+
+    The tokenizer is `tokenizer.json` in the model directory when there is one.
+    """
+    from rsdjax.loading import load_model
+    from rsdjax.tokenizer import Tokenizer
+
+    path = Path(model_path)
+    model = load_model(path, mesh=mesh, overrides=overrides)
+    tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
+    engine = SlotEngine(model, max_slots=max_slots, max_context=max_context,
+                        eos_token_ids=eos_ids_for(path, model.cfg, tokenizer), mesh=mesh)
+    return engine, tokenizer
+
+
+__all__ = ["SlotEngine", "load_engine", "buckets"]

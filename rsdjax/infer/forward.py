@@ -1,0 +1,213 @@
+"""The Llama forward pass laid out for serving: per-layer weights, a per-layer KV cache, prefill and decode.
+
+Training keeps the layers stacked (`[layers, ...]`) and runs them with `jax.lax.scan`. For decoding
+that layout costs a copy: inside a scan XLA slices each layer's weights out of the stack into a
+temporary buffer before the matmul, so every decode step reads the weights twice and writes them
+once (measured ~2x slower on XLA:CPU, where decoding is memory bound). Here the weights are split
+once into one array per layer, the layer loop is unrolled, and each layer's K/V cache is its own
+donated buffer that decode updates in place. The layer itself is the model's `decoder_layer`
+(with its `kv_write` hook), so the math, the LoRA hook in `linear` and the sharding constraints are
+shared with training; `tests/test_infer_forward.py` checks the logits against the model's own
+full forward pass.
+
+Cache layout: a layer is `[slots, kv_heads, max_context, head_dim]` (logical axes `(batch,
+act_kv_heads, cache_seq, head_dim)`: slots over `data`, kv heads over `tensor` when they divide it,
+replicated otherwise, as vLLM does). Heads before positions, unlike the model's `KVCache`, so that
+the attention matmuls see (batch, kv head) as leading batch dimensions and contract the minor
+dimension: with `[slots, positions, heads, dim]` XLA:CPU transposes the whole cache of every layer
+on every step before the matmul (measured: about as many bytes as the weights at 16 slots).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rsdjax.config import ConfigError, ModelConfig
+from rsdjax.model.llama import Llama, decoder_layer, resolve_dtype, rms_norm, rope_cos_sin, rope_inv_freq
+from rsdjax.parallel.mesh import mesh_shape_of
+from rsdjax.parallel.rules import INFER_RULES, constrain, resolve
+
+CACHE_LAYER_AXES = ("batch", "act_kv_heads", "cache_seq", "head_dim")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ServingWeights:
+    """The model's weights in compute dtype, the decoder layers as a list of per-layer dicts."""
+
+    embed: jax.Array  # [vocab, embed]
+    final_norm: jax.Array  # [embed]
+    lm_head: jax.Array | None  # [embed, vocab]; None when tied to `embed`
+    layers: list[dict]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerCache:
+    """K and V for every layer: lists of `[batch, kv_heads, length, head_dim]` arrays."""
+
+    k: list[jax.Array]
+    v: list[jax.Array]
+
+
+class StageNotSupportedError(ConfigError):
+    pass
+
+
+def model_mesh(model: Llama):
+    """The mesh the model's weights live on (None if they are plain single-device arrays)."""
+    sharding = getattr(model.embed[...], "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) else None
+
+
+# `wo` is kept as [head_dim, heads, embed] and handed to the layer as a transposed view. The layer's
+# einsum "bthd,hde->bte" contracts (d, h) in that order (jnp.einsum sorts contracted names) and the
+# CPU matmul flattens them, so a [heads, head_dim, embed] array would be transposed and copied on
+# every step (measured: 14% of a batch-1 decode step's memory traffic); stored this way the view
+# is free.
+WO_STORED_ORDER = (1, 0, 2)
+
+
+def layer_view(p: dict) -> dict:
+    """One layer's weights as `decoder_layer` expects them."""
+    p = dict(p)
+    p["wo"] = jnp.transpose(p.pop("wo_dhe"), WO_STORED_ORDER)
+    return p
+
+
+def serving_weights(model: Llama, mesh) -> ServingWeights:
+    """Split the stacked layer weights into per-layer arrays, each keeping its shard layout.
+
+    Done once, in one jit (peak memory: both layouts). The engine keeps only these; the stacked
+    arrays are freed when the caller drops the model.
+    """
+    cfg = model.cfg
+    dtype = resolve_dtype(cfg.dtype)
+    stacked = model.layer_params()
+
+    def layer_sharding(path, a):
+        spec = a.sharding.spec if isinstance(getattr(a, "sharding", None), NamedSharding) else PartitionSpec()
+        if spec and spec[0] is not None:
+            name = ".".join(str(getattr(k, "key", k)) for k in path)
+            raise StageNotSupportedError(
+                f"{name}: layers are sharded over '{spec[0]}' (pipeline stages), which the inference engine "
+                "does not do: use a mesh with stage=1 (put those devices on data or tensor)")
+        rest = tuple(spec[1:])
+        return rest + (None,) * (a.ndim - 1 - len(rest))  # full length, so `wo` can be permuted
+
+    def same_sharding(a):
+        s = getattr(a, "sharding", None)
+        return s if isinstance(s, NamedSharding) else NamedSharding(mesh, PartitionSpec())
+
+    per_layer = jax.tree.map_with_path(layer_sharding, stacked)
+    wo_spec = per_layer.pop("wo")
+    per_layer["wo_dhe"] = tuple(wo_spec[i] for i in WO_STORED_ORDER)
+    def named(spec: tuple) -> NamedSharding:
+        while spec and spec[-1] is None:
+            spec = spec[:-1]
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    per_layer = jax.tree.map(named, per_layer, is_leaf=lambda x: isinstance(x, tuple))
+    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+    head = None if cfg.tie_word_embeddings else model.lm_head[...]
+    globals_ = (model.embed[...], model.final_norm[...], head)
+
+    def split(stacked, globals_):
+        layers = []
+        for i in range(cfg.num_layers):
+            layer = jax.tree.map(lambda a: cast(a[i]), stacked)
+            layer["wo_dhe"] = jnp.transpose(layer.pop("wo"), WO_STORED_ORDER)
+            layers.append(layer)
+        return layers, jax.tree.map(cast, globals_)
+
+    out_shardings = ([per_layer] * cfg.num_layers, jax.tree.map(same_sharding, globals_))
+    layers, (embed, final_norm, head) = jax.jit(split, out_shardings=out_shardings)(stacked, globals_)
+    return ServingWeights(embed, final_norm, head, layers)
+
+
+def cache_sharding(cfg: ModelConfig, mesh, batch: int, length: int) -> NamedSharding:
+    shape = (batch, cfg.num_kv_heads, length, cfg.resolved_head_dim)
+    return NamedSharding(mesh, resolve(CACHE_LAYER_AXES, shape, mesh_shape_of(mesh), INFER_RULES, name="kv cache"))
+
+
+def empty_cache(cfg: ModelConfig, mesh, batch: int, length: int) -> LayerCache:
+    """Zeros, created directly on their shards."""
+    sharding = cache_sharding(cfg, mesh, batch, length)
+    shape = (batch, cfg.num_kv_heads, length, cfg.resolved_head_dim)
+    dtype = resolve_dtype(cfg.dtype)
+    make = jax.jit(lambda: [jnp.zeros(shape, dtype) for _ in range(2 * cfg.num_layers)],
+                   out_shardings=[sharding] * (2 * cfg.num_layers))
+    arrays = make()
+    return LayerCache(arrays[:cfg.num_layers], arrays[cfg.num_layers:])
+
+
+# ---------------------------------------------------------------- the two passes (pure; the engine jits them)
+
+
+def _embed(cfg: ModelConfig, w: ServingWeights, tokens):
+    x = jnp.take(w.embed, tokens, axis=0).astype(resolve_dtype(cfg.dtype))
+    return constrain(x, ("batch", "seq", "act_embed"))
+
+
+def _logits(cfg: ModelConfig, w: ServingWeights, x):
+    """x [B, E] -> float32 logits [B, V]."""
+    x = rms_norm(x, w.final_norm, cfg.rms_norm_eps)
+    head = w.embed.T if w.lm_head is None else w.lm_head
+    logits = jnp.einsum("be,ev->bv", x, head, preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "act_vocab"))
+
+
+def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths):
+    """Run padded prompts. tokens [B, T] (real tokens first, padding after), lengths [B].
+
+    Returns the logits of each prompt's last real token [B, V] and the K/V of all T positions
+    (padding positions hold garbage that decode never attends to: it attends to positions <= its
+    own and overwrites position `length` onwards as it goes).
+    """
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
+    idx = jnp.arange(t)
+    mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (b, t, t))
+    x = _embed(cfg, w, tokens)
+    ks, vs = [], []
+    for p in w.layers:
+        def keep(k, v):  # [B, T, KV, D] -> the cache layout [B, KV, T, D]
+            ks.append(constrain(jnp.swapaxes(k, 1, 2), CACHE_LAYER_AXES))
+            vs.append(constrain(jnp.swapaxes(v, 1, 2), CACHE_LAYER_AXES))
+            return k, v
+
+        x = decoder_layer(cfg, x, layer_view(p), cos, sin, mask, keep)
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return _logits(cfg, w, last), LayerCache(ks, vs)
+
+
+def decode(cfg: ModelConfig, w: ServingWeights, cache: LayerCache, tokens, positions, attend: int):
+    """One token per slot. tokens, positions [B]; writes K/V at `positions` (dropped when >= the cache
+    length, which is how idle slots are ignored) and attends to cache positions [0, attend) that are
+    <= the slot's own. `attend` (static) is a bucket >= every active slot's position + 1, so short
+    contexts do not pay for the whole cache.
+
+    Returns logits [B, V] and the updated cache (update in place when the caller donates it).
+    """
+    b = tokens.shape[0]
+    cos, sin = rope_cos_sin(positions[:, None], rope_inv_freq(cfg))
+    mask = (jnp.arange(attend)[None, :] <= positions[:, None])[:, None, :]  # [B, 1, attend]
+    rows = jnp.arange(b)
+    x = _embed(cfg, w, tokens[:, None])
+    new_k, new_v = [], []
+    for i, p in enumerate(w.layers):
+        def write(k, v, i=i):  # k, v [B, 1, KV, D]; in place when the cache is donated
+            k_all = cache.k[i].at[rows, :, positions].set(k[:, 0].astype(cache.k[i].dtype), mode="drop")
+            v_all = cache.v[i].at[rows, :, positions].set(v[:, 0].astype(cache.v[i].dtype), mode="drop")
+            new_k.append(constrain(k_all, CACHE_LAYER_AXES))
+            new_v.append(constrain(v_all, CACHE_LAYER_AXES))
+            # the layer wants [B, S, KV, D]: XLA folds this transpose into the attention matmuls
+            return jnp.swapaxes(new_k[-1][:, :, :attend], 1, 2), jnp.swapaxes(new_v[-1][:, :, :attend], 1, 2)
+
+        x = decoder_layer(cfg, x, layer_view(p), cos, sin, mask, write)
+    return _logits(cfg, w, x[:, 0]), LayerCache(new_k, new_v)
+

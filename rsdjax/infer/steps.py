@@ -1,0 +1,117 @@
+"""The slot engine's device side: per-slot state and the three jitted steps (prefill, insert, decode).
+
+The steps are compiled once per (model config, mesh, slots, context) and shared by every engine
+with those, so re-creating an engine (an in-process CLI run, a test, a server restart) reuses the
+compiled code instead of compiling again. Decode and insert donate the cache and the slot state
+and have fixed output shardings, so both stay in place, with the same layout, step after step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rsdjax.config import ModelConfig
+from rsdjax.infer import forward
+from rsdjax.infer.sampling import SamplingArrays, keys_from_seeds, sample, token_logprobs
+from rsdjax.parallel.rules import INFER_RULES, activation_sharding
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotState:
+    """Per-slot decode state on the device (replicated: it is small next to the cache)."""
+
+    tokens: jax.Array  # i32 [S]: the token each slot feeds next
+    positions: jax.Array  # i32 [S]: where that token's K/V goes
+    steps: jax.Array  # i32 [S]: tokens sampled so far by the slot's request (the PRNG counter)
+    keys: jax.Array  # u32 [S, 2]: the request's PRNG key
+    params: SamplingArrays
+    prompt_mask: jax.Array  # bool [S, V]: tokens of the prompt (repetition penalty)
+    counts: jax.Array  # i32 [S, V]: output token counts (penalties)
+
+
+def empty_state(cfg: ModelConfig, max_slots: int, max_context: int) -> SlotState:
+    s, v = max_slots, cfg.vocab_size
+    zeros_i = np.zeros(s, np.int32)
+    params = SamplingArrays(np.zeros(s, np.float32), np.ones(s, np.float32), zeros_i, np.zeros(s, np.float32),
+                            np.ones(s, np.float32), np.zeros(s, np.float32), np.zeros(s, np.float32))
+    # idle slots sit at position max_context: their cache writes are dropped
+    return SlotState(zeros_i, np.full(s, max_context, np.int32), zeros_i, np.zeros((s, 2), np.uint32),
+                     params, np.zeros((s, v), bool), np.zeros((s, v), np.int32))
+
+
+def prefill_step(cfg: ModelConfig, mesh, weights, tokens, lengths, params, seeds, top_k: int):
+    """Padded prompts [rows, bucket] -> their K/V, PRNG keys, prompt masks, first tokens (+ logprobs)."""
+    with activation_sharding(mesh, INFER_RULES):
+        logits, cache = forward.prefill(cfg, weights, tokens, lengths)
+        rows, vocab = tokens.shape[0], cfg.vocab_size
+        real = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        prompt_mask = jnp.zeros((rows, vocab), bool).at[
+            jnp.arange(rows)[:, None], jnp.where(real, tokens, vocab)].set(True, mode="drop")
+        keys = keys_from_seeds(seeds)
+        first = sample(logits, params, keys, jnp.zeros(rows, jnp.int32), prompt_mask,
+                       jnp.zeros((rows, vocab), jnp.int32))
+        logprobs = token_logprobs(logits, first, top_k) if top_k else None
+    return cache, keys, prompt_mask, first, logprobs
+
+
+def insert_step(cfg: ModelConfig, cache, state: SlotState, prefilled_cache, keys, prompt_mask, row, slot, token,
+                length, params):
+    """Row `row` of a prefill's outputs -> slot `slot` of the cache and the slot state."""
+    def put(dst, src):
+        return jax.lax.dynamic_update_slice(dst, jax.lax.dynamic_slice_in_dim(src, row, 1, 0), (slot, 0, 0, 0))
+
+    cache = jax.tree.map(put, cache, prefilled_cache)
+    counts = jnp.zeros((cfg.vocab_size,), jnp.int32).at[token].set(1)  # the first token is an output
+    state = SlotState(
+        tokens=state.tokens.at[slot].set(token), positions=state.positions.at[slot].set(length),
+        steps=state.steps.at[slot].set(1), keys=state.keys.at[slot].set(keys[row]),
+        params=jax.tree.map(lambda a, v: a.at[slot].set(v), state.params, params),
+        prompt_mask=state.prompt_mask.at[slot].set(prompt_mask[row]), counts=state.counts.at[slot].set(counts))
+    return cache, state
+
+
+def decode_step(cfg: ModelConfig, mesh, weights, cache, state: SlotState, attend: int, top_k: int):
+    """One token for every slot: forward, sample, advance the state."""
+    with activation_sharding(mesh, INFER_RULES):
+        logits, cache = forward.decode(cfg, weights, cache, state.tokens, state.positions, attend)
+        tokens = sample(logits, state.params, state.keys, state.steps, state.prompt_mask, state.counts)
+        logprobs = token_logprobs(logits, tokens, top_k) if top_k else None
+    rows = jnp.arange(tokens.shape[0])
+    state = dataclasses.replace(state, tokens=tokens, positions=state.positions + 1, steps=state.steps + 1,
+                                counts=state.counts.at[rows, tokens].add(1))
+    return cache, state, (tokens, logprobs)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+    prefill: object  # (weights, tokens, lengths, params, seeds, top_k) -> prefill_step outputs
+    insert: object  # (cache, state, prefilled_cache, keys, prompt_mask, row, slot, token, length, params)
+    decode: object  # (weights, cache, state, attend, top_k) -> (cache, state, (tokens, logprobs))
+    cache_sharding: NamedSharding
+    state_sharding: NamedSharding
+
+
+_COMPILED: dict[tuple, CompiledSteps] = {}
+
+
+def compiled_steps(cfg: ModelConfig, mesh, max_slots: int, max_context: int) -> CompiledSteps:
+    key = (repr(cfg), mesh, max_slots, max_context)
+    if key not in _COMPILED:
+        cache_sharding = forward.cache_sharding(cfg, mesh, max_slots, max_context)
+        cache_shardings = forward.LayerCache([cache_sharding] * cfg.num_layers, [cache_sharding] * cfg.num_layers)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state_shardings = jax.tree.map(lambda _: replicated, empty_state(cfg, 1, 1))
+        _COMPILED[key] = CompiledSteps(
+            prefill=jax.jit(functools.partial(prefill_step, cfg, mesh), static_argnums=(5,)),
+            insert=jax.jit(functools.partial(insert_step, cfg), donate_argnums=(0, 1),
+                           out_shardings=(cache_shardings, state_shardings)),
+            decode=jax.jit(functools.partial(decode_step, cfg, mesh), static_argnums=(3, 4), donate_argnums=(1, 2),
+                           out_shardings=(cache_shardings, state_shardings, replicated)),
+            cache_sharding=cache_sharding, state_sharding=replicated)
+    return _COMPILED[key]

@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""Inference benchmark: rsdjax's slot engine vs HF transformers `generate`, same weights, same run.
+
+    python scripts/bench_infer.py            # ~125M Llama, f32, prompt 128, 64 new tokens, batch 1 and 16
+    python scripts/bench_infer.py --quick    # a tiny model: a smoke run (what the test suite runs)
+
+Both sides decode greedily with a random-weight Llama written once as an HF directory (hidden 768,
+12 layers, 12 heads, 4 kv heads, intermediate 2048, vocab 32000). Reported per batch size: output
+tokens/s (batch x new tokens / wall time), TTFT (prompt submitted -> first tokens out), TPOT (time
+per output token after the first), the rsdjax/HF ratio, and the fraction of this machine's decode
+limit: decoding must read every weight once per step, so a step cannot take less than
+weight bytes / memory bandwidth, with the bandwidth measured here by streaming a 1 GiB buffer.
+Each figure is the best of --repeats runs (the machine is shared; the best run is the least
+disturbed one). JSON goes to bench_results/infer.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# one JAX device: the engine runs on one device, virtual CPU devices would only share the same memory bus
+os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+
+MODEL_125M = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                  num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048)
+MODEL_QUICK = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+TARGETS = {1: {"speedup_vs_hf": 1.1, "fraction_of_decode_limit": 0.7}, 16: {"speedup_vs_hf": 1.5}}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, short prompts: a smoke run")
+    p.add_argument("--batches", default=None, help="comma list of batch sizes (default 1,16; quick 1,2)")
+    p.add_argument("--prompt-len", type=int, default=None, help="default 128 (quick 16)")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 64 (quick 8)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per side and batch (default 3, quick 1)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "infer.json")
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in (args.batches or ("1,2" if args.quick else "1,16")).split(",")]
+    args.prompt_len = args.prompt_len or (16 if args.quick else 128)
+    args.new_tokens = args.new_tokens or (8 if args.quick else 64)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    return args
+
+
+# ---------------------------------------------------------------- the machine's limit
+
+
+def measure_bandwidth(nbytes: int, repeats: int = 5) -> dict:
+    """Streaming bandwidth, best of `repeats`: a numpy copy (counts read + write) and a jitted JAX sum
+    (read only, every core). The larger figure is used as the machine's bandwidth."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    copy = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        copy.append(2 * src.nbytes / (time.perf_counter() - t))
+    x = jnp.ones(nbytes // 4, jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    read = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        total(x).block_until_ready()
+        read.append(x.nbytes / (time.perf_counter() - t))
+    del x, src, dst
+    return {"buffer_bytes": nbytes, "numpy_copy_bytes_per_s": max(copy), "jax_sum_read_bytes_per_s": max(read),
+            "bytes_per_s": max(max(copy), max(read))}
+
+
+def decode_weight_bytes(hf_config: dict) -> int:
+    """Bytes a decode step must read: every weight but the embedding table (only B rows are gathered)."""
+    e, m, v, l = (hf_config[k] for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers"))
+    h, kv = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+    d = e // h
+    per_layer = e * d * (2 * h + 2 * kv) + 3 * e * m + 2 * e
+    return 4 * (l * per_layer + e + e * v)  # float32; + final norm + lm_head
+
+
+# ---------------------------------------------------------------- the two sides
+
+
+def make_model(path: Path, config: dict) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**config, bos_token_id=1, eos_token_id=2)).eval().save_pretrained(path)
+
+
+def run_rsdjax(path: Path, prompts, new_tokens: int, repeats: int, context: int) -> dict:
+    from rsdjax.infer.engine import load_engine
+    from rsdjax.infer.interface import Request, SamplingParams
+
+    engine, _ = load_engine(path, max_slots=len(prompts), max_context=context)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+
+    def once():
+        t0 = time.perf_counter()
+        prefixes = engine.prefill_many([Request(f"r{i}", p, params) for i, p in enumerate(prompts)])
+        t_first = time.perf_counter()
+        outputs = [[pre.first_token.token_id] for pre in prefixes]
+        for slot, pre in enumerate(prefixes):
+            engine.insert(pre, slot)
+        live = len(prompts)
+        while live:
+            for event in engine.generate():
+                outputs[event.slot].append(event.token_id)
+                if event.finish_reason is not None:
+                    engine.free(event.slot)
+                    live -= 1
+        return time.perf_counter() - t0, t_first - t0, outputs
+
+    once()  # compile every shape this workload uses
+    return best_of([once() for _ in range(repeats)], len(prompts), new_tokens)
+
+
+def run_hf(path: Path, prompts, new_tokens: int, repeats: int) -> dict:
+    import torch
+    from transformers import LlamaForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstToken(BaseStreamer):
+        """Notes when generate hands out the first new tokens (its first put() is the prompt)."""
+
+        def __init__(self):
+            self.puts, self.first = 0, None
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 2:
+                self.first = time.perf_counter()
+
+        def end(self):
+            pass
+
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # run every request to the full length, like ignore_eos
+    ids = torch.tensor(prompts)
+    kw = dict(do_sample=False, max_new_tokens=new_tokens, pad_token_id=0, attention_mask=torch.ones_like(ids))
+
+    def once():
+        streamer = FirstToken()
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model.generate(ids, streamer=streamer, **kw)
+            total = time.perf_counter() - t0
+        return total, streamer.first - t0, out[:, ids.shape[1]:].tolist()
+
+    with torch.inference_mode():
+        model.generate(ids, **{**kw, "max_new_tokens": 2})  # warm up
+    return best_of([once() for _ in range(repeats)], len(prompts), new_tokens)
+
+
+def best_of(runs, batch: int, new_tokens: int) -> dict:
+    totals = [r[0] for r in runs]
+    ttfts = [r[1] for r in runs]
+    tpots = [(r[0] - r[1]) / max(new_tokens - 1, 1) for r in runs]
+    best = min(totals)
+    return {"tokens_per_s": batch * new_tokens / best, "ttft_s": min(ttfts), "tpot_s": min(tpots),
+            "total_s": best, "runs_total_s": totals, "tokens": runs[totals.index(best)][2]}
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import numpy as np
+
+    config = MODEL_QUICK if args.quick else MODEL_125M
+    context = args.prompt_len + args.new_tokens
+    if context > config["max_position_embeddings"]:
+        raise SystemExit(f"prompt-len + new-tokens = {context} exceeds the model's {config['max_position_embeddings']}")
+    load_before = os.getloadavg()
+    bandwidth = measure_bandwidth((64 if args.quick else 1024) << 20)
+    weight_bytes = decode_weight_bytes(config)
+    limit_step_s = weight_bytes / bandwidth["bytes_per_s"]
+    print(f"memory bandwidth {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s; a decode step reads "
+          f"{weight_bytes / 1e6:.0f} MB of weights -> at least {limit_step_s * 1e3:.1f} ms per step")
+
+    rng = np.random.default_rng(0)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
+        path = Path(tmp) / "model"
+        make_model(path, config)
+        for batch in args.batches:
+            prompts = rng.integers(3, config["vocab_size"], (batch, args.prompt_len)).tolist()
+            ours = run_rsdjax(path, prompts, args.new_tokens, args.repeats, context)
+            peer = run_hf(path, prompts, args.new_tokens, args.repeats)
+            same = [a == b for a, b in zip(ours.pop("tokens"), peer.pop("tokens"))]
+            run = {"batch": batch, "rsdjax": ours, "hf": peer,
+                   "speedup_vs_hf": ours["tokens_per_s"] / peer["tokens_per_s"],
+                   "fraction_of_decode_limit": limit_step_s / ours["tpot_s"],
+                   "hf_fraction_of_decode_limit": limit_step_s / peer["tpot_s"],
+                   "greedy_sequences_identical": f"{sum(same)}/{len(same)}"}
+            target = TARGETS.get(batch, {}) if not args.quick else {}
+            run["targets"] = {k: {"target": v, "met": run[k] >= v} for k, v in target.items()}
+            runs.append(run)
+            print(f"batch {batch:>3}: rsdjax {ours['tokens_per_s']:8.1f} tok/s  TTFT {ours['ttft_s'] * 1e3:7.1f} ms  "
+                  f"TPOT {ours['tpot_s'] * 1e3:6.1f} ms | HF {peer['tokens_per_s']:8.1f} tok/s  "
+                  f"TTFT {peer['ttft_s'] * 1e3:7.1f} ms  TPOT {peer['tpot_s'] * 1e3:6.1f} ms | "
+                  f"x{run['speedup_vs_hf']:.2f} vs HF, {100 * run['fraction_of_decode_limit']:.0f}% of the decode "
+                  f"limit (HF {100 * run['hf_fraction_of_decode_limit']:.0f}%), greedy identical {run['greedy_sequences_identical']}")
+
+    result = {
+        "benchmark": "inference", "quick": args.quick, "model": config, "dtype": "float32",
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_before": load_before,
+                    "load_avg_after": os.getloadavg()},
+        "bandwidth": bandwidth, "decode_weight_bytes": weight_bytes, "decode_limit_step_s": limit_step_s,
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
