@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # Command modules, in the order `rsdjax --help` lists them. Add a module here to add a command.
-COMMANDS = ("convert", "shard_report")
+COMMANDS = ("convert", "shard_report", "tokenizer", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:
