@@ -74,7 +74,7 @@ def run_resize(args) -> int:
     _refuse_nonempty(args.output)
     old, new = Tokenizer.load(args.old_tokenizer), Tokenizer.load(args.new_tokenizer)
     model = load_model(args.model, param_dtype="keep")
-    params, cfg = resize_vocab(nnx.state(model, nnx.Param).to_pure_dict(), model.cfg, old, new, args.multiple)
+    params, cfg = resize_vocab(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg, old, new, args.multiple)
     graphdef, state = nnx.split(abstract_model(cfg))
     nnx.replace_by_pure_dict(state, params)
     save_model(nnx.merge(graphdef, state), args.output)

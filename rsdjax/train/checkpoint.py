@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -22,6 +23,7 @@ import orbax.checkpoint as ocp
 from rsdjax.checkpoint.safetensors_io import CheckpointError
 
 RUN_FILE = "rsdjax_run.json"
+TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step directory still being written
 ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
              "head_dim", "tie_word_embeddings")
 
@@ -29,6 +31,15 @@ ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "nu
 def architecture(model_cfg) -> dict:
     """The fields that decide parameter shapes (what must match to resume)."""
     return {k: getattr(model_cfg, k) for k in ARCH_KEYS}
+
+
+def _barrier(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def check_directory(directory: Path, arch: dict) -> None:
@@ -57,11 +68,18 @@ class TrainCheckpointer:
         self.directory = Path(directory).absolute()
         self.every = every
         check_directory(self.directory, arch)
+        _barrier("rsdjax-checkpoint-dir-checked")  # every process has checked before anyone writes
         if is_writer and not (self.directory / RUN_FILE).exists():
             self.directory.mkdir(parents=True, exist_ok=True)
             tmp = self.directory / f".{RUN_FILE}.tmp"
             tmp.write_text(json.dumps({"format": 1, "model": arch}, indent=2))
             os.replace(tmp, self.directory / RUN_FILE)
+        if is_writer and self.directory.exists():
+            # debris of a save that was killed: never a checkpoint (only renamed steps are); remove it now
+            # rather than at the next save (Orbax's own cleanup_tmp_directories waits for that)
+            for debris in self.directory.glob(f"*{TMP_MARK}*"):
+                shutil.rmtree(debris, ignore_errors=True)
+        _barrier("rsdjax-checkpoint-dir-ready")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
@@ -107,3 +125,23 @@ class TrainCheckpointer:
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def read_state(directory: str | Path, step: int | None = None) -> tuple[int, dict, dict]:
+    """(step, state as numpy arrays, meta) of a checkpoint, on the host (for tests, export and inspection)."""
+    import jax
+    import numpy as np
+
+    directory = Path(directory).absolute()
+    with ocp.CheckpointManager(directory, item_names=("state", "meta"),
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{directory}: no complete checkpoint")
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with ocp.PyTreeCheckpointer() as ckptr:
+        path = directory / str(step) / "state"
+        tree = ckptr.metadata(path).item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        state = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    return step, state, meta

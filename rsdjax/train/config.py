@@ -53,7 +53,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # decay ends at lr * min_lr_ratio
     warmup_steps: int = 100  # linear (re-)warm-up at the start of each stage
     decay: str = "cosine"  # cosine | linear | constant
-    weight_decay: float = 0.1  # AdamW, on matrices only (not norms)
+    weight_decay: float = 0.1  # AdamW decoupled decay, on weight matrices (not norm scales)
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8

@@ -111,7 +111,13 @@ class Stages:
 def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
     from rsdjax.loading import abstract_model
 
+    from rsdjax.hardware import format_mesh
+    from rsdjax.parallel.mesh import mesh_shape_of
+
     run_dir = Path(cfg.run_dir)
+    n = jax.process_count()
+    log(f"{cfg.name}: mesh {format_mesh(mesh_shape_of(mesh))} over {jax.device_count()} devices in {n} "
+        f"process{'es' if n > 1 else ''}")
     check_batch(cfg.batch_size, cfg.grad_accum, mesh)
     tok, base_tok = prepare_tokenizers(cfg, log)
     model_cfg = final_model_config(cfg, tok, base_tok)

@@ -38,8 +38,12 @@ def lr_schedule(o: OptimConfig, steps: int):
 
 
 def _decay_mask(params):
-    """Weight decay on matrices only: norms (and any vector) are left alone."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on weight matrices only, not on norm scales (stacked norms are 2-D, so go by name)."""
+    def decays(path, p):
+        name = str(getattr(path[-1], "key", path[-1])) if path else ""
+        return p.ndim >= 2 and not name.endswith("norm")
+
+    return jax.tree.map_with_path(decays, params)
 
 
 def make_optimizer(o: OptimConfig, steps: int):

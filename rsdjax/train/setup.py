@@ -98,9 +98,9 @@ def initial_model(cfg: TrainConfig, mesh, tok: Tokenizer, base_tok: Tokenizer | 
     final = final_model_config(cfg, tok, base_tok)
     if final.vocab_size == start.vocab_size and (base_tok is None or base_tok.vocab_size == tok.vocab_size):
         return model
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     graphdef, abs_state = nnx.split(abstract_model(final))
-    shardings = state_shardings(abs_state, mesh, "train").to_pure_dict()
+    shardings = nnx.to_pure_dict(state_shardings(abs_state, mesh, "train"))
     params, _ = resize_vocab(params, start, base_tok, tok, cfg.vocab_multiple, shardings)
     nnx.replace_by_pure_dict(abs_state, params)
     log(f"vocabulary {start.vocab_size} -> {final.vocab_size} rows ({tok.vocab_size - base_tok.vocab_size} new tokens "

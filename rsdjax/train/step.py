@@ -63,7 +63,7 @@ class PureView:
 
     def __init__(self, template: nnx.State):
         self.treedef = jax.tree.structure(template)
-        pure = template.to_pure_dict()
+        pure = nnx.to_pure_dict(template)
         if not all(a is b for a, b in zip(jax.tree.leaves(template), jax.tree.leaves(pure), strict=True)):
             raise AssertionError("nnx.State and its pure dict flatten in different orders")
 
@@ -109,8 +109,8 @@ def check_batch(batch_size: int, grad_accum: int, mesh, rules="train") -> int:
 
 
 def reshard(tree, shardings):
-    """Put arrays on `shardings` (works for arrays spanning several processes)."""
-    return jax.jit(lambda t: t, out_shardings=shardings)(tree)
+    """Put arrays on `shardings` (a no-op for arrays already there)."""
+    return jax.device_put(tree, shardings)
 
 
 def _abstract(tree, shardings):
@@ -137,9 +137,9 @@ class TrainStep:
         self._params_view, self._frozen_view = PureView(params), PureView(frozen)
 
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        self.param_shardings = state_shardings(params, mesh, self.rules).to_pure_dict()
-        self.frozen_shardings = state_shardings(frozen, mesh, self.rules).to_pure_dict()
-        shapes = lambda s: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s.to_pure_dict())
+        self.param_shardings = nnx.to_pure_dict(state_shardings(params, mesh, self.rules))
+        self.frozen_shardings = nnx.to_pure_dict(state_shardings(frozen, mesh, self.rules))
+        shapes = lambda s: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(s))
         abs_params, abs_frozen = shapes(params), shapes(frozen)
         abs_opt = jax.eval_shape(tx.init, abs_params)
         self.opt_shardings = opt_state_shardings(abs_opt, abs_params, self.param_shardings, self.replicated)
@@ -159,8 +159,8 @@ class TrainStep:
     def split(self, model: nnx.Module) -> tuple[dict, dict]:
         """(trainable, frozen) pure dicts of a concrete model, placed on their shardings."""
         _, params, frozen = nnx.split(model, self.trainable, ...)
-        return (reshard(params.to_pure_dict(), self.param_shardings),
-                reshard(frozen.to_pure_dict(), self.frozen_shardings))
+        return (reshard(nnx.to_pure_dict(params), self.param_shardings),
+                reshard(nnx.to_pure_dict(frozen), self.frozen_shardings))
 
     def init(self, params: dict, step: int = 0, seed: int = 0) -> TrainState:
         """A fresh optimizer state for `params` (already on `param_shardings`), at `step`."""
@@ -218,7 +218,7 @@ class TrainStep:
             grads = jax.lax.with_sharding_constraint(grads, self.param_shardings)
             scale = 1.0 / jnp.maximum(weight, 1.0)
             grads = jax.tree.map(lambda g: g * scale, grads)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
         lr = self.schedule(state.step - self.stage_start) if self.schedule else jnp.zeros((), jnp.float32)
