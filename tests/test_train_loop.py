@@ -274,3 +274,31 @@ def test_two_processes_match_one_process(tmp_path, tiny_tokenizer_dir):
         assert diff.max() < 1e-4 and np.mean(diff < 1e-6) > 0.999, (name, diff.max())
     loss = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(loss(tmp_path / "two" / "run"), loss(tmp_path / "one" / "run"), rtol=1e-5)
+
+
+def test_init_from_hf_grows_the_vocabulary_with_documented_rows(tmp_path, tiny_hf_dir, tiny_tokenizer_dir):
+    """Continual pre-training's starting point: HF weights, extended tokenizer, resized embedding and head."""
+    from safetensors.numpy import load_file
+
+    from rsdjax.parallel.mesh import make_mesh
+    from rsdjax.tokenizer import Tokenizer
+    from rsdjax.train.config import load_train_config
+    from rsdjax.train.setup import final_model_config, initial_model
+    from rsdjax.vocab import extend_tokenizer, new_token_pieces, read_texts
+
+    base = Tokenizer.load(tiny_tokenizer_dir)
+    extend_tokenizer(base, read_texts([ROOT / "data/corpus/ja"]), 64).save(tmp_path / "ext")
+    cfg = load_train_config(write_config(tmp_path, tiny_tokenizer_dir), [
+        f"init_from={tiny_hf_dir}", f"tokenizer.path={tmp_path / 'ext'}", f"tokenizer.base={tiny_tokenizer_dir}"])
+    tok = Tokenizer.load(tmp_path / "ext")
+    assert final_model_config(cfg, tok, base).vocab_size == 640  # 576 tokens, padded to a multiple of 128
+    model = initial_model(cfg, make_mesh({"fsdp": 2, "tensor": 4}), tok, base, log=lambda m: None)
+    hf = {}
+    for f in tiny_hf_dir.glob("*.safetensors"):
+        hf.update(load_file(f))
+    embed, ref = np.asarray(model.embed[...]), hf["model.embed_tokens.weight"]
+    assert embed.shape == (640, 128) and np.array_equal(embed[:512], ref)
+    for new_id, pieces in list(new_token_pieces(base, tok).items())[:16]:
+        np.testing.assert_allclose(embed[new_id], ref[pieces].mean(0), atol=1e-6)
+    np.testing.assert_allclose(embed[600], ref.mean(0), atol=1e-6)  # padding row
+    np.testing.assert_array_equal(np.asarray(model.wq[...])[0].reshape(128, -1), hf["model.layers.0.self_attn.q_proj.weight"].T)
