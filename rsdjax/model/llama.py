@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from rsdjax.config import ModelConfig
+from rsdjax.model.projection import project
 from rsdjax.parallel import layer_stack
 from rsdjax.parallel.rules import constrain
 
@@ -108,7 +109,7 @@ def apply_rope(x, cos, sin):
 
 def linear(x, p: dict, name: str, equation: str):
     """Every projection goes through here, so adapters (LoRA) have exactly one place to hook in."""
-    y = jnp.einsum(equation, x, p[name])
+    y = project(equation, x, p[name])  # jnp.einsum with a CPU-friendly weight gradient (see projection.py)
     if name in p.get("lora", {}):  # LoRA arrays from `rsdjax.model.lora` (see `Llama.layer_params`)
         from rsdjax.model.lora import lora_delta  # lazy: lora.py imports this module
 
@@ -122,7 +123,8 @@ def attention(q, k, v, mask):
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    # an additive mask (same values as jnp.where): its gradient needs no layer-stacked copy of the mask
+    scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     # batch dims first in the output, as dot_general produces them, then move t: asked for
     # "btkgd" directly, XLA:CPU picks a slow batched-matmul path for decoding (t = 1), 5-15x slower

@@ -1,0 +1,84 @@
+"""`rsdjax tokenizer train|extend|resize-model`: byte-level BPE, extension keeping old ids, vocab resize."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train or extend a tokenizer; resize a model's vocabulary to it")
+    cmds = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+
+    t = cmds.add_parser("train", help="train a byte-level BPE tokenizer (Llama-3 pre-tokenizer and special tokens)")
+    t.add_argument("corpus", nargs="+", help=".txt/.jsonl files, directories or globs")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("-o", "--output", type=Path, required=True, help="directory for tokenizer.json")
+    t.set_defaults(func=run_train)
+
+    e = cmds.add_parser("extend", help="learn N new tokens from a corpus; every old token keeps its id")
+    e.add_argument("base", type=Path, help="base tokenizer directory (or tokenizer.json)")
+    e.add_argument("corpus", nargs="+", help=".txt/.jsonl files, directories or globs in the new language")
+    e.add_argument("--add", type=int, required=True, help="number of new tokens")
+    e.add_argument("--min-frequency", type=int, default=2)
+    e.add_argument("-o", "--output", type=Path, required=True)
+    e.set_defaults(func=run_extend)
+
+    r = cmds.add_parser("resize-model", help="grow a model's embedding and LM head to an extended tokenizer")
+    r.add_argument("model", type=Path, help="HF Llama directory or rsdjax checkpoint")
+    r.add_argument("--old-tokenizer", type=Path, required=True, help="the tokenizer the model was trained with")
+    r.add_argument("--new-tokenizer", type=Path, required=True, help="the extended tokenizer")
+    r.add_argument("--multiple", type=int, default=128, help="pad the vocabulary to a multiple of this")
+    r.add_argument("-o", "--output", type=Path, required=True, help="rsdjax checkpoint directory to write")
+    r.set_defaults(func=run_resize)
+
+
+def _refuse_nonempty(path: Path) -> None:
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"{path}: exists and is not empty; refusing to overwrite")
+
+
+def run_train(args) -> int:
+    from rsdjax.vocab import chars_per_token, read_texts, train_tokenizer
+
+    _refuse_nonempty(args.output)
+    texts = read_texts(args.corpus)
+    tok = train_tokenizer(texts, args.vocab_size, args.min_frequency)
+    tok.save(args.output)
+    print(f"wrote {args.output / 'tokenizer.json'}: {tok.vocab_size} tokens; "
+          f"{chars_per_token(tok, texts):.2f} characters per token on the corpus")
+    return 0
+
+
+def run_extend(args) -> int:
+    from rsdjax.tokenizer import Tokenizer
+    from rsdjax.vocab import chars_per_token, extend_tokenizer, read_texts
+
+    _refuse_nonempty(args.output)
+    base = Tokenizer.load(args.base)
+    texts = read_texts(args.corpus)
+    ext = extend_tokenizer(base, texts, args.add, args.min_frequency)
+    ext.save(args.output)
+    print(f"wrote {args.output / 'tokenizer.json'}: {base.vocab_size} -> {ext.vocab_size} tokens "
+          f"({ext.vocab_size - base.vocab_size} new, every old id kept)")
+    print(f"characters per token on the corpus: {chars_per_token(base, texts):.2f} -> {chars_per_token(ext, texts):.2f}")
+    return 0
+
+
+def run_resize(args) -> int:
+    from flax import nnx
+
+    from rsdjax.loading import abstract_model, load_model, save_model
+    from rsdjax.tokenizer import Tokenizer
+    from rsdjax.vocab import resize_vocab
+
+    _refuse_nonempty(args.output)
+    old, new = Tokenizer.load(args.old_tokenizer), Tokenizer.load(args.new_tokenizer)
+    model = load_model(args.model, param_dtype="keep")
+    params, cfg = resize_vocab(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg, old, new, args.multiple)
+    graphdef, state = nnx.split(abstract_model(cfg))
+    nnx.replace_by_pure_dict(state, params)
+    save_model(nnx.merge(graphdef, state), args.output)
+    new.save(args.output)
+    print(f"wrote {args.output}: vocab {model.cfg.vocab_size} -> {cfg.vocab_size} "
+          f"({new.vocab_size - old.vocab_size} new tokens at the mean of their old pieces)")
+    return 0

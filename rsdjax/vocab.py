@@ -1,0 +1,280 @@
+"""Tokenizer training and extension, and resizing a model's vocabulary after an extension.
+
+This is TEDLLM's first step (Llama-3's 128,256 tokens -> 141,056 for Japanese): learn new tokens
+from a new-language corpus while every old token keeps its id, then grow the embedding and LM head.
+
+* `train_tokenizer`: byte-level BPE with the Llama-3 pre-tokenizer split and special tokens.
+* `extend_tokenizer`: *continued* BPE. The corpus is first tokenized by the base tokenizer, then
+  merges are learned on top of those base tokens and appended after the base merges. Because every
+  new merge joins two symbols that really occur next to each other after base tokenization, each
+  new token is reachable, and base merges keep priority. (Training a fresh BPE on the new corpus and
+  taking its unseen tokens, the usual shortcut, can produce tokens that the combined merge order
+  never builds.)
+* `resize_vocab`: new embedding rows and LM-head columns are the mean of the rows of the token's
+  pieces under the *old* tokenizer (fallback: mean of all old rows); padding rows up to a multiple
+  the mesh divides get the mean of all old rows. Old rows are untouched.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from rsdjax.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError
+
+# Llama-3's pre-tokenizer split (tiktoken cl100k style): contractions, letter runs, 1-3 digit groups,
+# punctuation runs, newlines and spaces. Japanese letter runs stay whole words.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+class VocabError(ValueError):
+    """A tokenizer or vocabulary operation that cannot be done; says what and where."""
+
+
+# ---------------------------------------------------------------- corpus reading
+
+
+def read_texts(paths: Sequence[str | Path]) -> list[str]:
+    """Documents from .txt files (one per file) and .jsonl files (one per line, field `text`)."""
+    from rsdjax.data.sources import iter_documents, expand_paths
+
+    return list(iter_documents(expand_paths(paths)))
+
+
+def chars_per_token(tok: Tokenizer, texts: Iterable[str]) -> float:
+    texts = list(texts)
+    chars = sum(len(t) for t in texts)
+    tokens = sum(len(e.ids) for e in tok.hf.encode_batch(texts, add_special_tokens=False)) if texts else 0
+    return chars / max(tokens, 1)
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """A byte-level BPE tokenizer like Llama-3's, with the Llama-3 special tokens registered."""
+    texts = [t for t in texts if t]
+    if not texts:
+        raise VocabError("cannot train a tokenizer on an empty corpus")
+    floor = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < floor:
+        raise VocabError(f"vocab_size={vocab_size} is below the byte alphabet plus special tokens ({floor})")
+    hf = HFTokenizer(models.BPE(ignore_merges=True))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer)
+    return Tokenizer(hf)
+
+
+# ---------------------------------------------------------------- extension
+
+
+def _bpe_parts(tok: Tokenizer) -> tuple[dict, dict[str, int], list[tuple[str, str]]]:
+    spec = json.loads(tok.hf.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise VocabError(f"{tok.path or 'tokenizer'}: extension needs a BPE tokenizer, got {model.get('type')}")
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return spec, dict(model["vocab"]), merges
+
+
+def learn_merges(words: Counter, num_new: int, known: set[str], min_frequency: int = 2) -> list[tuple[str, str]]:
+    """Greedy BPE on words that are already sequences of base tokens (as token strings).
+
+    Each round merges the most frequent adjacent pair (ties broken by the pair itself, so the result
+    is deterministic) and stops after `num_new` merges that create tokens not in `known`.
+    Pair counts are updated incrementally; a lazy max-heap finds the best pair.
+    """
+    seqs = [list(w) for w in words]
+    freq = list(words.values())
+    pair_count: Counter = Counter()
+    where: dict[tuple[str, str], set[int]] = {}
+    for i, seq in enumerate(seqs):
+        for pair in zip(seq, seq[1:]):
+            pair_count[pair] += freq[i]
+            where.setdefault(pair, set()).add(i)
+    # heap of (-count, pair); pairs are compared as string tuples for deterministic ties
+    heap = [(-c, p) for p, c in pair_count.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[str, str]] = []
+    known = set(known)
+    created = 0
+    while created < num_new and heap:
+        neg, pair = heapq.heappop(heap)
+        if pair_count.get(pair, 0) != -neg:
+            continue  # stale entry
+        if -neg < min_frequency:
+            break
+        a, b = pair
+        merged = a + b
+        merges.append(pair)
+        if merged not in known:
+            known.add(merged)
+            created += 1
+        touched: Counter = Counter()
+        for i in list(where.pop(pair, ())):
+            seq, f = seqs[i], freq[i]
+            for p in zip(seq, seq[1:]):
+                pair_count[p] -= f
+                touched[p] += 1
+            out, j = [], 0
+            while j < len(seq):
+                if j + 1 < len(seq) and seq[j] == a and seq[j + 1] == b:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(seq[j])
+                    j += 1
+            seqs[i] = out
+            for p in zip(out, out[1:]):
+                pair_count[p] += f
+                where.setdefault(p, set()).add(i)
+                touched[p] += 1
+        pair_count.pop(pair, None)
+        for p in touched:
+            c = pair_count.get(p, 0)
+            if c > 0:
+                heapq.heappush(heap, (-c, p))
+            else:
+                pair_count.pop(p, None)
+    return merges
+
+
+def extend_tokenizer(base: Tokenizer, texts: Iterable[str], add: int, min_frequency: int = 2) -> Tokenizer:
+    """A copy of `base` with up to `add` new tokens learned from `texts`; every old id is unchanged.
+
+    New tokens get ids after the largest existing id (vocabulary and added/special tokens), so a
+    Llama-3 base (128,000 BPE tokens + 256 specials) grows from id 128,256 upwards.
+    """
+    if add <= 0:
+        raise VocabError(f"--add must be positive, got {add}")
+    texts = [t for t in texts if t]
+    if not texts:
+        raise VocabError("cannot extend a tokenizer from an empty corpus")
+    spec, vocab, merges = _bpe_parts(base)
+    pre = base.hf.pre_tokenizer
+    words: Counter = Counter()
+    for text in texts:
+        for piece, _ in (pre.pre_tokenize_str(text) if pre is not None else [(text, None)]):
+            words[tuple(t.value for t in base.hf.model.tokenize(piece))] += 1
+    new_merges = learn_merges(words, add, set(vocab), min_frequency)
+    next_id = 1 + max([*vocab.values(), *(t["id"] for t in spec.get("added_tokens", []))])
+    for a, b in new_merges:
+        if a + b not in vocab:
+            vocab[a + b] = next_id
+            next_id += 1
+    spec["model"]["vocab"] = vocab
+    spec["model"]["merges"] = [list(m) for m in merges + new_merges]
+    ext = Tokenizer(HFTokenizer.from_str(json.dumps(spec, ensure_ascii=False)))
+    check_extension(base, ext)
+    return ext
+
+
+def check_extension(old: Tokenizer, new: Tokenizer) -> None:
+    """Raise unless every token of `old` has the same id in `new`."""
+    new_vocab = new.hf.get_vocab(with_added_tokens=True)
+    for token, i in old.hf.get_vocab(with_added_tokens=True).items():
+        if new_vocab.get(token) != i:
+            raise VocabError(f"{new.path or 'new tokenizer'}: token {token!r} has id {new_vocab.get(token)}, "
+                             f"was {i} in {old.path or 'the old tokenizer'}; it is not an extension")
+
+
+# ---------------------------------------------------------------- vocabulary resize
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def new_token_pieces(old: Tokenizer, new: Tokenizer) -> dict[int, list[int]]:
+    """{new id: ids of its pieces under the old tokenizer} for every token `new` adds."""
+    check_extension(old, new)
+    old_vocab = old.hf.get_vocab(with_added_tokens=True)
+    pieces = {}
+    for token, i in sorted(new.hf.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]):
+        if token in old_vocab:
+            continue
+        # the token string is in the model's own alphabet (byte-level), so the old BPE model splits it
+        # directly; anything it cannot split (e.g. a new special token) falls back to the mean row
+        ids = [t.id for t in old.hf.model.tokenize(token)]
+        pieces[i] = ids if ids and all(j is not None for j in ids) else []
+    return pieces
+
+
+def _grow_table(table, pieces: dict[int, list[int]], old_rows: int, new_rows: int, sharding=None):
+    """Grow a [V, E] table to [new_rows, E] by the documented rule, as one jitted program.
+
+    Works on sharded arrays (also across processes): only index vectors are built on the host.
+    Means are taken in float32 whatever the table's dtype.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    new_ids = np.array(sorted(pieces), np.int32)
+    if new_ids.size and new_ids.max() >= new_rows:
+        raise VocabError(f"new token id {int(new_ids.max())} does not fit in vocab_size {new_rows}")
+    flat = np.array([j for i in new_ids for j in pieces[int(i)]], np.int32)
+    seg = np.array([k for k, i in enumerate(new_ids) for _ in pieces[int(i)]], np.int32)
+    counts = np.array([len(pieces[int(i)]) for i in new_ids], np.float32)
+    keep = min(old_rows, table.shape[0], new_rows)
+
+    def grow(table, flat, seg, counts, new_ids):
+        mean_all = table[:old_rows].astype(jnp.float32).mean(axis=0)
+        pad = jnp.broadcast_to(mean_all.astype(table.dtype), (new_rows - keep, table.shape[1]))
+        out = jnp.concatenate([table[:keep], pad], axis=0)
+        sums = jax.ops.segment_sum(table[flat].astype(jnp.float32), seg, num_segments=new_ids.shape[0])
+        rows = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], mean_all)
+        return out.at[new_ids].set(rows.astype(table.dtype))
+
+    return jax.jit(grow, out_shardings=sharding)(table, flat, seg, counts, new_ids)
+
+
+def resize_vocab(params: dict, cfg, old: Tokenizer, new: Tokenizer, multiple: int = 128, shardings=None):
+    """(new params, new ModelConfig) with the vocabulary grown to fit `new` (padded to `multiple`).
+
+    `params` is the model's pure parameter dict. Rows of tokens that exist in `old` are copied bit
+    for bit; the row of each new token is the float32 mean of the rows of its pieces under `old`
+    (a token with no such pieces gets the mean of all old rows); rows past the new tokenizer
+    (padding up to `multiple`) get the mean of all rows of the old tokenizer's tokens. The LM head's
+    columns follow the same rule. `shardings`: optional {'embed': .., 'lm_head': ..} for the outputs.
+    """
+    import dataclasses
+
+    if old.vocab_size > cfg.vocab_size:
+        raise VocabError(f"old tokenizer has {old.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}; "
+                         "tokenizer.base is not this model's tokenizer")
+    pieces = new_token_pieces(old, new)
+    new_size = max(round_up(new.vocab_size, multiple), cfg.vocab_size)
+    shardings = shardings or {}
+    out = dict(params)
+    out["embed"] = _grow_table(params["embed"], pieces, old.vocab_size, new_size, shardings.get("embed"))
+    if "lm_head" in params:
+        head_t = _grow_table(params["lm_head"].T, pieces, old.vocab_size, new_size)
+        out["lm_head"] = _transpose(head_t, shardings.get("lm_head"))
+    return out, dataclasses.replace(cfg, vocab_size=new_size)
+
+
+def _transpose(x, sharding):
+    import jax
+
+    return jax.jit(lambda a: a.T, out_shardings=sharding)(x)
+
+
+def save_tokenizer(tok: Tokenizer, directory: str | Path) -> Path:
+    try:
+        return tok.save(directory)
+    except OSError as e:
+        raise TokenizerError(f"{directory}: cannot write tokenizer ({e})") from None

@@ -1,0 +1,24 @@
+"""Smoke test of scripts/bench_train.py at tiny sizes (speed goals live in the benchmark, not here)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_bench_train_quick_writes_a_complete_report(tmp_path):
+    out = tmp_path / "train.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/bench_train.py"), "--quick", "--rounds", "1",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"rsdjax_f32", "torch_f32", "torch_bf16_autocast"}
+    for r in report["results"].values():
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] and len(r["step_s"]) == report["sizes"]["steps"]
+    assert report["peaks_flops"]["machine"] == max(report["peaks_flops"]["jax_f32_matmul"],
+                                                   report["peaks_flops"]["torch_f32_matmul"])
+    assert report["ratio_rsdjax_vs_torch_f32"] > 0 and "rsdjax / PyTorch f32" in proc.stdout

@@ -1,0 +1,304 @@
+"""The training loop end to end: bad input, SIGTERM/SIGKILL and resume, kill during a save, 2 processes."""
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from rsdjax.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 9
+
+
+def write_config(path: Path, tokenizer_dir, **changes) -> Path:
+    """A small run: 1-layer tiny Llama, 8 x 32 windows, an embeddings-only first stage, fsdp=2 x tensor=4."""
+    cfg = {
+        "name": "loop-test", "run_dir": str(path / "run"),
+        "model": {"preset": "tiny", "num_layers": 1},
+        "tokenizer": {"path": str(tokenizer_dir)},
+        "data": {"seq_len": 32, "sources": [{"name": "ja", "paths": [str(ROOT / "data/corpus/ja")], "weight": 0.8},
+                                             {"name": "en", "paths": [str(ROOT / "data/corpus/en")], "weight": 0.2}]},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "steps": STEPS, "embedding_steps": 2, "batch_size": 8, "grad_accum": 2,
+        "mesh": "fsdp=2,tensor=4", "checkpoint": {"every": 3, "keep": 2}, "log": {"every": 1, "tensorboard": True},
+    }
+    for key, value in changes.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    return path / "cfg.yaml"
+
+
+def launch(cfg: Path, *args, devices=8, log=None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts/train_cpt.py"), str(cfg), *args], cwd=ROOT, env=env,
+                            stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return out
+
+
+def wait_for(cond, proc, timeout=300.0, poll=0.002):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    raise TimeoutError("condition not reached")
+
+
+def digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(directory.rglob("*")):
+        h.update(str(p.relative_to(directory)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture()
+def existing_checkpoint(tmp_path, tiny_tokenizer_dir):
+    """A real checkpoint directory of the 1-layer run (written by the checkpointer, no training needed)."""
+    import jax.numpy as jnp
+
+    from rsdjax.config import load_model_config
+    from rsdjax.train.checkpoint import TrainCheckpointer, architecture
+
+    cfg = load_model_config("tiny", ["num_layers=1"])
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    ck = TrainCheckpointer(ckpt_dir, architecture(cfg), every=1, keep=2, async_save=False)
+    ck.save(3, {"params": {"embed": jnp.ones((4, 4))}, "step": jnp.int32(3)}, {"data_position": 24, "stage": "all"})
+    ck.close()
+    return ckpt_dir
+
+
+@pytest.mark.parametrize("case", ["other_model", "empty_corpus", "tiny_corpus", "batch_vs_mesh"])
+def test_bad_input_is_one_line_and_leaves_checkpoints_alone(case, tmp_path, tiny_tokenizer_dir, existing_checkpoint,
+                                                            capsys):
+    changes, expect = {
+        "other_model": ({"model.num_layers": 2}, "holds checkpoints of a different model (num_layers=1, this run has num_layers=2)"),
+        "empty_corpus": ({"data.sources": [{"name": "empty", "paths": [str(tmp_path / "empty")]}]}, "corpus is empty"),
+        "tiny_corpus": ({"data.sources": [{"name": "tiny", "paths": [str(tmp_path / "tiny.txt")]}]},
+                        "fewer than one window of seq_len + 1 = 33"),
+        "batch_vs_mesh": ({"batch_size": 6, "grad_accum": 1, "mesh": "fsdp=4,tensor=2"},
+                          "batch_size=6 with grad_accum=1 gives micro-batches of 6 rows, not divisible"),
+    }[case]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("  \n")
+    (tmp_path / "tiny.txt").write_text("ab")
+    cfg = write_config(tmp_path, tiny_tokenizer_dir, **changes)
+    before = digest(existing_checkpoint)
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("rsdjax train: error: ") and expect in errors[0], err
+    assert "Traceback" not in err
+    assert digest(existing_checkpoint) == before
+
+
+def test_configs_in_repo_validate():
+    from rsdjax.train.config import load_train_config
+
+    demo = load_train_config("cpt-demo")
+    assert demo.stages == [("embeddings", 0, 20), ("all", 20, 160)]
+    big = load_train_config("cpt-tedllm-8b")
+    assert big.model.vocab_size == 141056 and big.data.seq_len == 8192 and big.model.num_layers == 32
+
+
+def test_tedllm_8b_dry_run(capsys):
+    """The full-size config shards and lowers on 8 virtual CPU devices without allocating it."""
+    from rsdjax.train.config import load_train_config
+
+    cfg = load_train_config("cpt-tedllm-8b")
+    assert main(["train", "cpt-tedllm-8b", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{cfg.model.num_params() / 1e9:.2f} B parameters, vocab 141056" in out
+    assert out.count("step lowered OK") == 2 and "fsdp=8" in out
+    # stage 1 keeps Adam moments for the embedding and head only: 2 x 2 x 141056 x 4096 x 4 bytes / 8 devices
+    assert f"{2 * 2 * 141056 * 4096 * 4 / 8 / 1e9:.2f} GB optimizer" in out
+
+
+# ---------------------------------------------------------------- kill -9 during a save
+
+
+SAVER = """
+import sys, jax.numpy as jnp
+from rsdjax.train.checkpoint import TrainCheckpointer
+ck = TrainCheckpointer(sys.argv[1], {"hidden_size": 1}, every=1, keep=1, async_save=True)
+ck.save(1, {"x": jnp.arange(10.0)}, {"data_position": 1}, wait=True)
+print("saved 1", flush=True)
+ck.save(2, {"x": jnp.ones(96 * 1024 * 1024, jnp.float32)}, {"data_position": 2})  # ~400 MB: a slow write
+print("saving 2", flush=True)
+ck.wait()
+print("saved 2", flush=True)
+"""
+
+
+def test_sigkill_during_a_save_keeps_the_last_complete_checkpoint(tmp_path):
+    from rsdjax.train.checkpoint import TrainCheckpointer, read_state
+
+    ckpt_dir = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(ckpt_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().strip() == "saved 1"
+    assert proc.stdout.readline().strip() == "saving 2"
+    assert wait_for(lambda: any("tmp" in p.name for p in ckpt_dir.iterdir()), proc, timeout=60, poll=0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (ckpt_dir / "2").exists()  # killed mid-write: step 2 never became a checkpoint
+    assert any("tmp" in p.name for p in ckpt_dir.iterdir())
+    step, state, meta = read_state(ckpt_dir)
+    assert step == 1 and meta == {"data_position": 1} and np.array_equal(state["x"], np.arange(10.0))
+    ck = TrainCheckpointer(ckpt_dir, {"hidden_size": 1}, every=1, keep=1)  # a new run cleans the debris
+    assert ck.latest_step() == 1
+    ck.close()
+    assert not any("tmp" in p.name for p in ckpt_dir.iterdir())
+
+
+# ---------------------------------------------------------------- SIGTERM, SIGKILL, resume: bit-identical
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, tiny_tokenizer_dir):
+    from rsdjax.train.checkpoint import read_state
+
+    ref_cfg = write_config(tmp_path / "ref", tiny_tokenizer_dir)
+    ref = launch(ref_cfg, log=open(tmp_path / "ref.log", "w"))
+    cfg = write_config(tmp_path / "int", tiny_tokenizer_dir)
+    run_dir, ckpt_dir = tmp_path / "int" / "run", tmp_path / "int" / "run" / "checkpoints"
+    log = open(tmp_path / "int.log", "a")
+
+    # 1. SIGTERM after the first stage: the run saves where it is and exits 128 + 15
+    proc = launch(cfg, log=log)
+    assert wait_for(lambda: len(logged_steps(run_dir)) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, (tmp_path / "int.log").read_text()[-2000:]
+    stopped_at = max(logged_steps(run_dir))
+    assert read_state(ckpt_dir)[0] == stopped_at and stopped_at < STEPS
+
+    # 2. same command: resumes; SIGKILL while it writes a later checkpoint
+    proc = launch(cfg, log=log)
+    saving_later = lambda: any("tmp" in p.name for p in ckpt_dir.iterdir()) and max(logged_steps(run_dir)) > stopped_at
+    caught = wait_for(saving_later, proc, poll=0.0005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert caught, "the run finished before a save could be interrupted"
+    survivor = read_state(ckpt_dir)[0]  # the last complete checkpoint is intact and readable
+    assert survivor >= stopped_at
+
+    # 3. same command again: runs to the end
+    proc = launch(cfg, log=log)
+    assert proc.wait(timeout=600) == 0, (tmp_path / "int.log").read_text()[-3000:]
+    assert ref.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+
+    step_a, a, meta_a = read_state(tmp_path / "ref" / "run" / "checkpoints")
+    step_b, b, meta_b = read_state(ckpt_dir)
+    assert step_a == step_b == STEPS and meta_a == meta_b
+    import jax
+
+    for (path, x), y in zip(jax.tree.leaves_with_path(a), jax.tree.leaves(b), strict=True):
+        assert np.array_equal(x, y), jax.tree_util.keystr(path)  # bit for bit: params, Adam moments, RNG
+    # each step logged once, with the same losses as the uninterrupted run
+    rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    ref_rows, int_rows = rows(tmp_path / "ref" / "run"), rows(run_dir)
+    assert [r["step"] for r in int_rows] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in int_rows] == [r["loss"] for r in ref_rows]
+    assert (run_dir / "loss.png").stat().st_size > 0 and list((run_dir / "tensorboard").iterdir())
+    assert (run_dir / "model" / "rsdjax_model.json").exists() and (run_dir / "model" / "tokenizer.json").exists()
+
+
+# ---------------------------------------------------------------- two processes = one 8-device mesh
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path, tiny_tokenizer_dir):
+    from rsdjax.train.checkpoint import read_state
+
+    one_cfg = write_config(tmp_path / "one", tiny_tokenizer_dir, steps=4, embedding_steps=0)
+    two_cfg = write_config(tmp_path / "two", tiny_tokenizer_dir, steps=4, embedding_steps=0)
+    one = launch(one_cfg, log=open(tmp_path / "one.log", "w"))
+    port = _free_port()
+    procs = [launch(two_cfg, "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                    "--process-id", str(i), devices=4, log=open(tmp_path / f"two{i}.log", "w")) for i in range(2)]
+    try:
+        for i, p in enumerate(procs):
+            assert p.wait(timeout=600) == 0, (tmp_path / f"two{i}.log").read_text()[-3000:]
+        assert one.wait(timeout=600) == 0, (tmp_path / "one.log").read_text()[-3000:]
+    finally:  # one failed process leaves the other waiting at a barrier: do not leave it running
+        for p in (*procs, one):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert "2 processes" in (tmp_path / "two0.log").read_text()
+
+    _, a, _ = read_state(tmp_path / "one" / "run" / "checkpoints")
+    _, b, _ = read_state(tmp_path / "two" / "run" / "checkpoints")
+    for name in a["params"]:
+        # gloo all-reduces sum in another order than one process does; Adam turns an entry's float noise into
+        # at most ~lr, so: all within 1e-4 and (almost) all within 1e-6
+        diff = np.abs(b["params"][name] - a["params"][name])
+        assert diff.max() < 1e-4 and np.mean(diff < 1e-6) > 0.999, (name, diff.max())
+    loss = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(loss(tmp_path / "two" / "run"), loss(tmp_path / "one" / "run"), rtol=1e-5)
+
+
+def test_init_from_hf_grows_the_vocabulary_with_documented_rows(tmp_path, tiny_hf_dir, tiny_tokenizer_dir):
+    """Continual pre-training's starting point: HF weights, extended tokenizer, resized embedding and head."""
+    from safetensors.numpy import load_file
+
+    from rsdjax.parallel.mesh import make_mesh
+    from rsdjax.tokenizer import Tokenizer
+    from rsdjax.train.config import load_train_config
+    from rsdjax.train.setup import final_model_config, initial_model
+    from rsdjax.vocab import extend_tokenizer, new_token_pieces, read_texts
+
+    base = Tokenizer.load(tiny_tokenizer_dir)
+    extend_tokenizer(base, read_texts([ROOT / "data/corpus/ja"]), 64).save(tmp_path / "ext")
+    cfg = load_train_config(write_config(tmp_path, tiny_tokenizer_dir), [
+        f"init_from={tiny_hf_dir}", f"tokenizer.path={tmp_path / 'ext'}", f"tokenizer.base={tiny_tokenizer_dir}"])
+    tok = Tokenizer.load(tmp_path / "ext")
+    assert final_model_config(cfg, tok, base).vocab_size == 640  # 576 tokens, padded to a multiple of 128
+    model = initial_model(cfg, make_mesh({"fsdp": 2, "tensor": 4}), tok, base, log=lambda m: None)
+    hf = {}
+    for f in tiny_hf_dir.glob("*.safetensors"):
+        hf.update(load_file(f))
+    embed, ref = np.asarray(model.embed[...]), hf["model.embed_tokens.weight"]
+    assert embed.shape == (640, 128) and np.array_equal(embed[:512], ref)
+    for new_id, pieces in list(new_token_pieces(base, tok).items())[:16]:
+        np.testing.assert_allclose(embed[new_id], ref[pieces].mean(0), atol=1e-6)
+    np.testing.assert_allclose(embed[600], ref.mean(0), atol=1e-6)  # padding row
+    np.testing.assert_array_equal(np.asarray(model.wq[...])[0].reshape(128, -1), hf["model.layers.0.self_attn.q_proj.weight"].T)
