@@ -17,6 +17,7 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append", default=[], help="text prompt (needs tokenizer.json); repeat for a batch")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                    help="comma-separated token ids, e.g. 1,2,3; repeat for a batch")
+    p.add_argument("--lora", type=Path, default=None, help="PEFT LoRA adapter directory to apply to the model")
     p.add_argument("--chat", action="store_true", help="send each --prompt as a user message in the Llama-3 chat format")
     p.add_argument("--no-bos", action="store_true", help="do not prepend <|begin_of_text|> to text prompts")
     s = p.add_argument_group("sampling")
@@ -97,7 +98,7 @@ def run(args) -> int:
         slots = -(-slots // data) * data
     t0 = time.perf_counter()
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=slots, max_context=max_context,
-                            overrides=split_overrides(args.overrides, "model"))
+                            overrides=split_overrides(args.overrides, "model"), lora=args.lora)
     load_s = time.perf_counter() - t0
 
     stream = not args.json and len(prompts) == 1

@@ -11,6 +11,7 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     p.add_argument("--model", type=Path, help="HF Llama directory or rsdjax checkpoint")
     p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (default: the model's)")
+    p.add_argument("--lora", type=Path, default=None, help="PEFT LoRA adapter directory to serve on top of the model")
     p.add_argument("--served-model-name", action="append", dest="names",
                    help="name(s) clients use in 'model' (default: the model directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -50,7 +51,7 @@ def build_engine(args):
 
     mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
     engine, model_tokenizer = load_engine(args.model, mesh=mesh, max_slots=args.max_slots,
-                                          max_context=args.max_context)
+                                          max_context=args.max_context, lora=args.lora)
     return engine, tokenizer or model_tokenizer, args.model.resolve().name
 
 

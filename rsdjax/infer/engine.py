@@ -226,16 +226,21 @@ def eos_ids_for(path: Path, cfg, tokenizer) -> list[int]:
 
 
 def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | None = None,
-                overrides: Sequence[str] = ()):
+                overrides: Sequence[str] = (), lora=None):
     """An HF Llama directory or rsdjax checkpoint -> (SlotEngine, Tokenizer | None).
 
-    The tokenizer is `tokenizer.json` in the model directory when there is one.
+    The tokenizer is `tokenizer.json` in the model directory when there is one. `lora`: a PEFT adapter
+    directory, applied (unmerged) before the engine splits the weights per layer.
     """
     from rsdjax.loading import load_model
     from rsdjax.tokenizer import Tokenizer
 
     path = Path(model_path)
     model = load_model(path, mesh=mesh, overrides=overrides)
+    if lora is not None:
+        from rsdjax.model.lora import apply_adapter
+
+        model = apply_adapter(model, lora)
     tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
     engine = SlotEngine(model, max_slots=max_slots, max_context=max_context,
                         eos_token_ids=eos_ids_for(path, model.cfg, tokenizer), mesh=mesh)
