@@ -49,7 +49,29 @@ def _projection(equation: str):
             dw = (jax.lax.optimization_barrier(g2.T) @ x2).T
         shape = [x.shape[xs.index(c)] for c in contracted] + [w.shape[ws.index(c)] for c in cols]
         dw = jnp.einsum(f"{contracted}{cols}->{ws}", dw.reshape(shape))
-        return dx.astype(x.dtype), dw.astype(w.dtype)
+        return _like(dx.astype(x.dtype), x), _like(dw.astype(w.dtype), w)
 
     f.defvjp(fwd, bwd)
     return f
+
+
+def _like(grad, primal):
+    """Give a cotangent the manual-axis type of its primal inside `shard_map` (pipeline, explicit TP).
+
+    Autodiff does this itself for built-in ops; a custom VJP must do it by hand: a gradient that
+    varies over an axis its primal is invariant over is a partial sum (psum it), and one that is
+    invariant where the primal varies is cast to varying.
+    """
+    have, want = _varying(grad), _varying(primal)
+    if have - want:
+        grad = jax.lax.psum(grad, tuple(sorted(have - want)))
+    if want - have:
+        grad = jax.lax.pcast(grad, tuple(sorted(want - have)), to="varying")
+    return grad
+
+
+def _varying(x) -> set[str]:
+    """Mesh axes over which `x` varies inside shard_map (jax 0.10: `aval.manual_axis_type.varying`)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()) or ())
