@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=None, help="default 128 (quick 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="default 64 (quick 8)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per side and batch (default 3, quick 1)")
+    p.add_argument("--mesh", default=None, help="run rsdjax on this mesh of virtual CPU devices, e.g. tensor=2 "
+                   "(default: one device)")
     p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "infer.json")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in (args.batches or ("1,2" if args.quick else "1,16")).split(",")]
@@ -103,12 +105,12 @@ def make_model(path: Path, config: dict) -> None:
     LlamaForCausalLM(LlamaConfig(**config, bos_token_id=1, eos_token_id=2)).eval().save_pretrained(path)
 
 
-def rsdjax_runner(path: Path, prompts, new_tokens: int, context: int):
+def rsdjax_runner(path: Path, prompts, new_tokens: int, context: int, mesh=None):
     """A function that runs the whole batch once -> (total s, TTFT s, output ids per prompt)."""
     from rsdjax.infer.engine import load_engine
     from rsdjax.infer.interface import Request, SamplingParams
 
-    engine, _ = load_engine(path, max_slots=len(prompts), max_context=context)
+    engine, _ = load_engine(path, mesh=mesh, max_slots=len(prompts), max_context=context)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
     def once():
@@ -190,6 +192,11 @@ def main(argv=None) -> int:
     if context > config["max_position_embeddings"]:
         raise SystemExit(f"prompt-len + new-tokens = {context} exceeds the model's {config['max_position_embeddings']}")
     load_before = os.getloadavg()
+    mesh = None
+    if args.mesh:  # before anything starts JAX: it decides how many virtual devices there are
+        from rsdjax.parallel.mesh import mesh_from_args
+
+        mesh = mesh_from_args(args.mesh)
     bandwidth = measure_bandwidth((64 if args.quick else 1024) << 20)
     weight_bytes = decode_weight_bytes(config)
     limit_step_s = weight_bytes / bandwidth["bytes_per_s"]
@@ -203,7 +210,7 @@ def main(argv=None) -> int:
         make_model(path, config)
         for batch in args.batches:
             prompts = rng.integers(3, config["vocab_size"], (batch, args.prompt_len)).tolist()
-            ours_once = rsdjax_runner(path, prompts, args.new_tokens, context)
+            ours_once = rsdjax_runner(path, prompts, args.new_tokens, context, mesh)
             peer_once = hf_runner(path, prompts, args.new_tokens)
             ours_runs, peer_runs = [], []
             for _ in range(args.repeats):  # alternate, so both sides see the same machine load
@@ -229,7 +236,8 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "inference", "quick": args.quick, "model": config, "dtype": "float32",
-        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "rsdjax_mesh": args.mesh or "one device", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_before": load_before,
                     "load_avg_after": os.getloadavg()},
         "bandwidth": bandwidth, "decode_weight_bytes": weight_bytes, "decode_limit_step_s": limit_step_s,
