@@ -10,8 +10,8 @@ tokens/s (batch x new tokens / wall time), TTFT (prompt submitted -> first token
 per output token after the first), the rsdjax/HF ratio, and the fraction of this machine's decode
 limit: decoding must read every weight once per step, so a step cannot take less than
 weight bytes / memory bandwidth, with the bandwidth measured here by streaming a 1 GiB buffer.
-Each figure is the best of --repeats runs (the machine is shared; the best run is the least
-disturbed one). JSON goes to bench_results/infer.json.
+The two sides alternate run by run, and each figure is the best of --repeats runs (the machine
+is shared; the best run is the least disturbed one). JSON goes to bench_results/infer.json.
 """
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=None, help="default 128 (quick 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="default 64 (quick 8)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per side and batch (default 3, quick 1)")
+    p.add_argument("--mesh", default=None, help="run rsdjax on this mesh of virtual CPU devices, e.g. tensor=2 "
+                   "(default: one device)")
     p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "infer.json")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in (args.batches or ("1,2" if args.quick else "1,16")).split(",")]
@@ -103,11 +105,12 @@ def make_model(path: Path, config: dict) -> None:
     LlamaForCausalLM(LlamaConfig(**config, bos_token_id=1, eos_token_id=2)).eval().save_pretrained(path)
 
 
-def run_rsdjax(path: Path, prompts, new_tokens: int, repeats: int, context: int) -> dict:
+def rsdjax_runner(path: Path, prompts, new_tokens: int, context: int, mesh=None):
+    """A function that runs the whole batch once -> (total s, TTFT s, output ids per prompt)."""
     from rsdjax.infer.engine import load_engine
     from rsdjax.infer.interface import Request, SamplingParams
 
-    engine, _ = load_engine(path, max_slots=len(prompts), max_context=context)
+    engine, _ = load_engine(path, mesh=mesh, max_slots=len(prompts), max_context=context)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
     def once():
@@ -127,10 +130,11 @@ def run_rsdjax(path: Path, prompts, new_tokens: int, repeats: int, context: int)
         return time.perf_counter() - t0, t_first - t0, outputs
 
     once()  # compile every shape this workload uses
-    return best_of([once() for _ in range(repeats)], len(prompts), new_tokens)
+    return once
 
 
-def run_hf(path: Path, prompts, new_tokens: int, repeats: int) -> dict:
+def hf_runner(path: Path, prompts, new_tokens: int):
+    """The same for HF transformers `generate`."""
     import torch
     from transformers import LlamaForCausalLM
     from transformers.generation.streamers import BaseStreamer
@@ -164,7 +168,7 @@ def run_hf(path: Path, prompts, new_tokens: int, repeats: int) -> dict:
 
     with torch.inference_mode():
         model.generate(ids, **{**kw, "max_new_tokens": 2})  # warm up
-    return best_of([once() for _ in range(repeats)], len(prompts), new_tokens)
+    return once
 
 
 def best_of(runs, batch: int, new_tokens: int) -> dict:
@@ -188,6 +192,11 @@ def main(argv=None) -> int:
     if context > config["max_position_embeddings"]:
         raise SystemExit(f"prompt-len + new-tokens = {context} exceeds the model's {config['max_position_embeddings']}")
     load_before = os.getloadavg()
+    mesh = None
+    if args.mesh:  # before anything starts JAX: it decides how many virtual devices there are
+        from rsdjax.parallel.mesh import mesh_from_args
+
+        mesh = mesh_from_args(args.mesh)
     bandwidth = measure_bandwidth((64 if args.quick else 1024) << 20)
     weight_bytes = decode_weight_bytes(config)
     limit_step_s = weight_bytes / bandwidth["bytes_per_s"]
@@ -201,8 +210,15 @@ def main(argv=None) -> int:
         make_model(path, config)
         for batch in args.batches:
             prompts = rng.integers(3, config["vocab_size"], (batch, args.prompt_len)).tolist()
-            ours = run_rsdjax(path, prompts, args.new_tokens, args.repeats, context)
-            peer = run_hf(path, prompts, args.new_tokens, args.repeats)
+            ours_once = rsdjax_runner(path, prompts, args.new_tokens, context, mesh)
+            peer_once = hf_runner(path, prompts, args.new_tokens)
+            ours_runs, peer_runs = [], []
+            for _ in range(args.repeats):  # alternate, so both sides see the same machine load
+                ours_runs.append(ours_once())
+                peer_runs.append(peer_once())
+            del ours_once, peer_once
+            ours = best_of(ours_runs, batch, args.new_tokens)
+            peer = best_of(peer_runs, batch, args.new_tokens)
             same = [a == b for a, b in zip(ours.pop("tokens"), peer.pop("tokens"))]
             run = {"batch": batch, "rsdjax": ours, "hf": peer,
                    "speedup_vs_hf": ours["tokens_per_s"] / peer["tokens_per_s"],
@@ -220,7 +236,8 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "inference", "quick": args.quick, "model": config, "dtype": "float32",
-        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "rsdjax_mesh": args.mesh or "one device", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_before": load_before,
                     "load_avg_after": os.getloadavg()},
         "bandwidth": bandwidth, "decode_weight_bytes": weight_bytes, "decode_limit_step_s": limit_step_s,

@@ -63,3 +63,21 @@ def test_cached_decode_logits_equal_full_forward_at_every_step(model):
             assert max_abs(logits[i], full[i][n + step]) < tol, f"step {step}, prompt {i}"
         positions[:3] += 1
     assert windows == {32, 64}
+
+
+def test_tied_embeddings_use_the_embedding_table_as_head(tmp_path):
+    from conftest import make_hf_llama
+
+    make_hf_llama(tmp_path, seed=2, initializer_range=0.3, tie_word_embeddings=True, num_hidden_layers=1)
+    model = load_model(tmp_path)
+    cfg, mesh = model.cfg, make_mesh({})
+    w = forward.serving_weights(model, mesh)
+    assert cfg.tie_word_embeddings and w.lm_head is None
+    seq = np.arange(3, 12, dtype=np.int32)
+    full = np.asarray(model(jnp.asarray(seq)[None]))[0]
+    logits, pre = forward.prefill(cfg, w, jnp.asarray(seq[:8])[None], jnp.array([8]))
+    assert max_abs(logits[0], full[7]) < 2e-5 * np.abs(full).max()
+    cache = forward.LayerCache([c.at[:, :, :8].set(p) for c, p in zip(forward.empty_cache(cfg, mesh, 1, 64).k, pre.k)],
+                               [c.at[:, :, :8].set(p) for c, p in zip(forward.empty_cache(cfg, mesh, 1, 64).v, pre.v)])
+    logits, _ = forward.decode(cfg, w, cache, jnp.asarray(seq[8:9]), jnp.array([8]), 64)
+    assert max_abs(logits[0], full[8]) < 2e-5 * np.abs(full).max()
