@@ -26,7 +26,7 @@ import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from rsdjax.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError
+from rsdjax.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # Llama-3's pre-tokenizer split (tiktoken cl100k style): contractions, letter runs, 1-3 digit groups,
 # punctuation runs, newlines and spaces. Japanese letter runs stay whole words.
@@ -271,10 +271,3 @@ def _transpose(x, sharding):
     import jax
 
     return jax.jit(lambda a: a.T, out_shardings=sharding)(x)
-
-
-def save_tokenizer(tok: Tokenizer, directory: str | Path) -> Path:
-    try:
-        return tok.save(directory)
-    except OSError as e:
-        raise TokenizerError(f"{directory}: cannot write tokenizer ({e})") from None

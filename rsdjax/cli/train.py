@@ -56,4 +56,7 @@ def run(args) -> int:
     if result.finished and result.first_loss is not None:
         print(f"{cfg.name}: {result.step} steps, loss {result.first_loss:.3f} -> {result.last_loss:.3f}; "
               f"run directory {result.run_dir}", file=sys.stderr)
+    elif result.finished:
+        print(f"{cfg.name}: already complete at step {result.step}; run directory {result.run_dir} "
+              "(change run_dir to train again)", file=sys.stderr)
     return 0

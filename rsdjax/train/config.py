@@ -6,7 +6,6 @@ Every check that does not need the data or devices runs here, before anything is
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,7 +172,3 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 
     path = preset_path("train", str(path))
     return train_config_from_dict(load_yaml(path), overrides, where=str(path))
-
-
-def replace(cfg: TrainConfig, **changes) -> TrainConfig:
-    return dataclasses.replace(cfg, **changes)

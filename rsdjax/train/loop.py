@@ -97,7 +97,8 @@ class Stages:
 
     def step_fn(self, name: str) -> TrainStep:
         if name not in self._built:
-            _, start, end = next(s for s in self.cfg.stages if s[0] == name)
+            # a checkpoint from a stage this config no longer has still restores (its optimizer state is dropped)
+            _, start, end = next((s for s in self.cfg.stages if s[0] == name), (name, 0, self.cfg.steps))
             tx, schedule = make_optimizer(self.cfg.optim, end - start)
             self._built[name] = TrainStep(self.model, tx, self.mesh, trainable=STAGE_FILTERS[name],
                                           grad_accum=self.cfg.grad_accum, schedule=schedule, stage_start=start)
