@@ -25,8 +25,8 @@ Rule = tuple[str, str | tuple[str, ...] | None]
 
 # Parameters: vocab embed q_heads kv_heads head_dim mlp layers.
 # Activations: batch seq act_embed act_heads act_kv_heads act_mlp act_vocab cache_seq.
-TRAIN_RULES: tuple[Rule, ...] = (
-    ("batch", ("data", "fsdp")),
+# The modes differ only in the batch: training also splits it over fsdp (ZeRO-style data parallel).
+_SHARED_RULES: tuple[Rule, ...] = (
     ("layers", "stage"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -40,22 +40,8 @@ TRAIN_RULES: tuple[Rule, ...] = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
 )
-
-INFER_RULES: tuple[Rule, ...] = (
-    ("batch", "data"),
-    ("layers", "stage"),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("q_heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("kv_heads", None),
-    ("mlp", "tensor"),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_kv_heads", None),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-)
+TRAIN_RULES: tuple[Rule, ...] = (("batch", ("data", "fsdp")),) + _SHARED_RULES
+INFER_RULES: tuple[Rule, ...] = (("batch", "data"),) + _SHARED_RULES
 
 RULES = {"train": TRAIN_RULES, "infer": INFER_RULES}
 
