@@ -25,7 +25,7 @@ def test_serving_weights_are_the_model_layers(model):
     for i, layer in enumerate(w.layers):
         for name, value in forward.layer_view(layer).items():
             np.testing.assert_array_equal(np.asarray(value), np.asarray(stacked[name][i]))
-    np.testing.assert_array_equal(np.asarray(w.lm_head), np.asarray(model.lm_head[...]))
+    np.testing.assert_array_equal(np.asarray(w.lm_head).T, np.asarray(model.lm_head[...]))
 
 
 def test_cached_decode_logits_equal_full_forward_at_every_step(model):
