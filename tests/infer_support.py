@@ -41,15 +41,18 @@ def confident_dir_with_tokenizer(tmp_path_factory, tokenizer_dir: Path) -> Path:
     return _dirs["with_tokenizer"]
 
 
-def shared_engine(path: Path, max_slots: int = 4, max_context: int = 128, mesh: str | None = None):
-    """(engine, tokenizer) for `path`, loaded once per (path, slots, context, mesh); all slots free."""
+def shared_engine(path: Path, max_slots: int = 4, max_context: int = 128, mesh: str | None = None,
+                  kind: str = "slots", **paged_options):
+    """(engine, tokenizer) for `path`, loaded once per (path, slots, context, mesh, kind, options); all
+    slots free. `kind="slots"`: the contiguous SlotEngine (the paged engine's reference)."""
     from rsdjax.infer.engine import load_engine
     from rsdjax.parallel.mesh import make_mesh, resolve_mesh_shape
 
-    key = (str(path), max_slots, max_context, mesh)
+    key = (str(path), max_slots, max_context, mesh, kind, tuple(sorted(paged_options.items())))
     if key not in _engines:
         m = make_mesh(resolve_mesh_shape(mesh)) if mesh else None
-        _engines[key] = load_engine(path, mesh=m, max_slots=max_slots, max_context=max_context)
+        _engines[key] = load_engine(path, mesh=m, max_slots=max_slots, max_context=max_context, kind=kind,
+                                    **paged_options)
     engine, tokenizer = _engines[key]
     for slot in range(engine.max_slots):
         engine.free(slot)

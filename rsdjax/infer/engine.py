@@ -226,12 +226,18 @@ def eos_ids_for(path: Path, cfg, tokenizer) -> list[int]:
 
 
 def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | None = None,
-                overrides: Sequence[str] = (), lora=None):
-    """An HF Llama directory or rsdjax checkpoint -> (SlotEngine, Tokenizer | None).
+                overrides: Sequence[str] = (), lora=None, kind: str = "paged", **paged_options):
+    """An HF Llama directory or rsdjax checkpoint -> (engine, Tokenizer | None).
 
+    `kind`: "paged" (`rsdjax.infer.paged_engine.PagedEngine`; `paged_options` are its page_size,
+    kv_cache_gb, num_pages, prefix_caching, max_step_tokens) or "slots" (the contiguous `SlotEngine`).
     The tokenizer is `tokenizer.json` in the model directory when there is one. `lora`: a PEFT adapter
     directory, applied (unmerged) before the engine splits the weights per layer.
     """
+    if kind not in ("paged", "slots"):
+        raise ConfigError(f"engine kind must be 'paged' or 'slots', got {kind!r}")
+    if kind == "slots" and paged_options:
+        raise ConfigError(f"{', '.join(sorted(paged_options))}: only for the paged engine")
     from rsdjax.loading import load_model
     from rsdjax.tokenizer import Tokenizer
 
@@ -242,8 +248,14 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
 
         model = apply_adapter(model, lora)
     tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
-    engine = SlotEngine(model, max_slots=max_slots, max_context=max_context,
-                        eos_token_ids=eos_ids_for(path, model.cfg, tokenizer), mesh=mesh)
+    eos = eos_ids_for(path, model.cfg, tokenizer)
+    if kind == "paged":
+        from rsdjax.infer.paged_engine import PagedEngine
+
+        engine = PagedEngine(model, max_slots=max_slots, max_context=max_context, eos_token_ids=eos, mesh=mesh,
+                             **paged_options)
+    else:
+        engine = SlotEngine(model, max_slots=max_slots, max_context=max_context, eos_token_ids=eos, mesh=mesh)
     return engine, tokenizer
 
 

@@ -106,7 +106,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingP
             prefixes = (prefill_many([requests[i] for i in batch]) if prefill_many is not None
                         else [engine.prefill(requests[i]) for i in batch])
             for i, prefix in zip(batch, prefixes):
-                if not deliver(i, prefix.first_token):
+                # first_token None: the engine runs the prompt inside generate() (chunked prefill)
+                if prefix.first_token is None or not deliver(i, prefix.first_token):
                     slot = free.pop(0)
                     engine.insert(prefix, slot)
                     running[slot] = i

@@ -1,9 +1,10 @@
 """The slot engine contract (JetStream style) that the server, `rsdjax generate` and a fake engine share.
 
 An engine owns `max_slots` decode slots over one batched KV cache:
-  prefill(request) -> Prefix        run the prompt (may be done while other slots decode)
+  prefill(request) -> Prefix        run the prompt (may be done while other slots decode), or only
+                                    check it and leave the prompt to generate() (first_token None)
   insert(prefix, slot)              place the prefilled request into a free slot
-  generate() -> list[TokenEvent]    one decode step for every active slot
+  generate() -> list[TokenEvent]    one step: a token for every active slot (and prompt chunks)
   free(slot)                        release a slot (finished, cancelled, or client gone)
 Stop *strings* need text, so they are handled above the engine (see `StopStringMatcher` in
 `rsdjax.infer.text`); the engine handles EOS, stop token ids and max_tokens.
@@ -43,7 +44,7 @@ class Prefix:
     """A prefilled request ready to be inserted: its first sampled token and engine-private state."""
 
     request: Request
-    first_token: "TokenEvent"
+    first_token: "TokenEvent | None"  # None: the engine samples it in a later generate() (chunked prefill)
     state: Any = None
 
 

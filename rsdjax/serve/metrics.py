@@ -39,6 +39,12 @@ class ServerMetrics:
         self._errors = Counter("rsdjax:request_errors", "requests refused or failed, by HTTP status",
                                [*label, "status"], registry=r)
         self._label = label
+        # the paged engine's own counts (vLLM: prefix_cache_queries / prefix_cache_hits, in tokens)
+        self.prefix_cache_queries = g("prefix_cache_queries", "prompt tokens looked up in the prefix cache")
+        self.prefix_cache_hits = g("prefix_cache_hits", "prompt tokens found in the prefix cache")
+        self.prefix_cache_hit_rate = g("prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries (0-1)")
+        self.preemptions = g("num_preemptions", "sequences paused for lack of KV pages (recomputed later)")
+        self.kv_pages_used = g("kv_cache_pages_used", "KV-cache pages referenced by sequences")
         for reason in ("stop", "length", "abort"):  # so that every series exists (at 0) from the start
             self._requests.labels(**label, finished_reason=reason)
 
@@ -47,3 +53,11 @@ class ServerMetrics:
 
     def error(self, status: int) -> None:
         self._errors.labels(**self._label, status=str(status)).inc()
+
+    def engine_stats(self, stats: dict) -> None:
+        """Gauges from a paged engine's `stats()`."""
+        self.prefix_cache_queries.set(stats["prefix_cache_queries"])
+        self.prefix_cache_hits.set(stats["prefix_cache_hits"])
+        self.prefix_cache_hit_rate.set(stats["prefix_cache_hit_rate"])
+        self.preemptions.set(stats["preemptions"])
+        self.kv_pages_used.set(stats["pages_used"])

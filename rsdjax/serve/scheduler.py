@@ -145,14 +145,15 @@ class Scheduler:
                 job.deliver(e)
                 continue
             self.metrics.prompt_tokens.inc(len(job.request.prompt_ids))
-            first = prefix.first_token
-            if first.finish_reason is None:
+            first = prefix.first_token  # None: the engine prefills inside generate() (chunked)
+            if first is None or first.finish_reason is None:
                 slot = free.pop(0)
                 self.engine.insert(prefix, slot)
                 job.slot = slot
                 self._running[slot] = job
                 self._num_running = len(self._running)
-            self._dispatch(job, [first])
+            if first is not None:
+                self._dispatch(job, [first])
 
     def _step(self) -> None:
         events = self.engine.generate()
@@ -190,8 +191,13 @@ class Scheduler:
         e = self.engine
         self.metrics.running.set(len(self._running))
         self.metrics.slot_usage.set(len(self._running) / e.max_slots)
-        used = sum(len(j.request.prompt_ids) + j.generated for j in self._running.values())
-        self.metrics.kv_cache_usage.set(used / (e.max_slots * e.max_context))
+        stats = e.stats() if hasattr(e, "stats") else None
+        if stats is not None:  # a paged engine counts its pages (and its prefix cache)
+            self.metrics.kv_cache_usage.set(stats["kv_cache_usage"])
+            self.metrics.engine_stats(stats)
+        else:
+            used = sum(len(j.request.prompt_ids) + j.generated for j in self._running.values())
+            self.metrics.kv_cache_usage.set(used / (e.max_slots * e.max_context))
 
     def _fail_everything(self, error: BaseException, dead: bool = True) -> None:
         with self._cv:

@@ -1,0 +1,174 @@
+"""The paged engine's device side: page pools, attention through block tables, and the jitted steps.
+
+Every layer has one K and one V pool `[num_pages, page_size, kv_heads, head_dim]`, shared by all
+sequences; a sequence's block table lists its pages in order. One function runs any batch of
+(row, chunk) work: rows of `C` new tokens each (decode: C = 1; a prefill chunk: one row of C
+tokens), each row at its own positions with its own block table. The new K/V are written into
+the pools in place (the pools are donated) and attention reads the row's pages back through
+`paged_kv`, the one place that knows the page layout: a pure-JAX gather that runs on every
+backend. A ragged paged attention kernel (Pallas on TPU/GPU) can replace it there.
+
+Pools are sharded like the contiguous cache: kv heads over `tensor` when they divide it,
+replicated otherwise; pages are not split over `data` (any sequence may use any page), the rows
+of a step are.
+
+Sampling state lives here too, one row per engine slot plus a spare row that padding rows of a
+batch point at (so they read and write harmless values): PRNG key, tokens sampled so far,
+sampling settings, prompt-token mask and output counts (penalties). It stays on the device for the
+whole life of a request, preemptions included, so a recomputed request samples exactly as if it
+had never been paused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rsdjax.config import ModelConfig
+from rsdjax.infer import forward
+from rsdjax.infer.sampling import SamplingArrays, sample, token_logprobs
+from rsdjax.model.llama import decoder_layer, resolve_dtype, rope_cos_sin, rope_inv_freq
+from rsdjax.parallel.mesh import mesh_shape_of
+from rsdjax.parallel.rules import INFER_RULES, activation_sharding, constrain, resolve
+
+POOL_AXES = (None, None, "act_kv_heads", "head_dim")  # [pages, page_size, kv_heads, head_dim]
+
+
+def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
+    return (num_pages, page_size, cfg.num_kv_heads, cfg.resolved_head_dim)
+
+
+def page_bytes(cfg: ModelConfig, page_size: int) -> int:
+    """Bytes one page takes over all layers, K and V (unsharded)."""
+    itemsize = jnp.dtype(resolve_dtype(cfg.dtype)).itemsize
+    return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.resolved_head_dim * itemsize
+
+
+def pool_sharding(cfg: ModelConfig, mesh, num_pages: int, page_size: int) -> NamedSharding:
+    spec = resolve(POOL_AXES, pool_shape(cfg, num_pages, page_size), mesh_shape_of(mesh), INFER_RULES,
+                   name="kv page pool")
+    return NamedSharding(mesh, spec)
+
+
+def empty_pools(cfg: ModelConfig, mesh, num_pages: int, page_size: int) -> forward.LayerCache:
+    sharding = pool_sharding(cfg, mesh, num_pages, page_size)
+    shape, dtype, n = pool_shape(cfg, num_pages, page_size), resolve_dtype(cfg.dtype), cfg.num_layers
+    arrays = jax.jit(lambda: [jnp.zeros(shape, dtype) for _ in range(2 * n)], out_shardings=[sharding] * (2 * n))()
+    return forward.LayerCache(arrays[:n], arrays[n:])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SeqState:
+    """Per-slot sampling state (rows = slots + 1 spare row for padding)."""
+
+    keys: jax.Array  # u32 [S, 2]
+    steps: jax.Array  # i32 [S]: tokens sampled so far (the PRNG counter)
+    params: SamplingArrays
+    prompt_mask: jax.Array  # bool [S, V]
+    counts: jax.Array  # i32 [S, V]
+
+
+def empty_seq_state(cfg: ModelConfig, rows: int) -> SeqState:
+    z = np.zeros(rows, np.float32)
+    params = SamplingArrays(z, z + 1, np.zeros(rows, np.int32), z, z + 1, z, z)
+    return SeqState(np.zeros((rows, 2), np.uint32), np.zeros(rows, np.int32), params,
+                    np.zeros((rows, cfg.vocab_size), bool), np.zeros((rows, cfg.vocab_size), np.int32))
+
+
+def paged_kv(k_pool, v_pool, k, v, write_pages, write_offsets, block_tables):
+    """Write new keys/values into the pools, then read each row's context back through its block table.
+
+    k, v [R, C, KV, D]; write_pages / write_offsets [R, C] (a page index >= the pool size drops the
+    write: padding); block_tables [R, n] -> pools and k_all, v_all [R, n * page_size, KV, D] (position
+    j of a row's context is entry j // page_size of its table, offset j % page_size).
+    """
+    k_pool = k_pool.at[write_pages, write_offsets].set(k.astype(k_pool.dtype), mode="drop")
+    v_pool = v_pool.at[write_pages, write_offsets].set(v.astype(v_pool.dtype), mode="drop")
+    r, n = block_tables.shape
+    gather = lambda pool: pool[block_tables].reshape(r, n * pool.shape[1], *pool.shape[2:])  # noqa: E731
+    return k_pool, v_pool, gather(k_pool), gather(v_pool)
+
+
+def paged_forward(cfg: ModelConfig, w: forward.ServingWeights, pools: forward.LayerCache, tokens, positions,
+                  block_tables, last):
+    """tokens, positions [R, C] (position -1 = padding); block_tables [R, n]; last [R]: the column of
+    each row whose logits are wanted -> logits [R, V] and the updated pools."""
+    r, c = tokens.shape
+    page_size, num_pages = pools.k[0].shape[1], pools.k[0].shape[0]
+    real = positions >= 0
+    pos = jnp.maximum(positions, 0)
+    write_pages = jnp.where(real, jnp.take_along_axis(block_tables, pos // page_size, axis=1), num_pages)
+    write_offsets = pos % page_size
+    cos, sin = rope_cos_sin(pos, rope_inv_freq(cfg))
+    context = block_tables.shape[1] * page_size
+    mask = jnp.arange(context)[None, None, :] <= positions[:, :, None]  # [R, C, context]
+    x = forward._embed(cfg, w, tokens)
+    new_k, new_v = [], []
+    for i, p in enumerate(w.layers):
+        def attend(k, v, i=i):
+            k_pool, v_pool, k_all, v_all = paged_kv(pools.k[i], pools.v[i], k, v, write_pages, write_offsets,
+                                                    block_tables)
+            new_k.append(constrain(k_pool, POOL_AXES))
+            new_v.append(constrain(v_pool, POOL_AXES))
+            return k_all, v_all
+
+        x = decoder_layer(cfg, x, forward.layer_view(p), cos, sin, mask, attend)
+    x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    return forward._logits(cfg, w, x_last), forward.LayerCache(new_k, new_v)
+
+
+def run_step(cfg: ModelConfig, mesh, weights, pools, state: SeqState, tokens, positions, block_tables, last, rows,
+             emit, top_k: int):
+    """Forward R rows, sample one token per row from its slot's state (rows [R]: slot of each row), and
+    advance the state of the rows that `emit` (their token is a real output, not a mid-prompt chunk)."""
+    with activation_sharding(mesh, INFER_RULES):
+        logits, pools = paged_forward(cfg, weights, pools, tokens, positions, block_tables, last)
+        params = jax.tree.map(lambda a: a[rows], state.params)
+        sampled = sample(logits, params, state.keys[rows], state.steps[rows], state.prompt_mask[rows],
+                         state.counts[rows])
+        logprobs = token_logprobs(logits, sampled, top_k) if top_k else None
+    inc = emit.astype(jnp.int32)
+    state = dataclasses.replace(state, steps=state.steps.at[rows].add(inc),
+                                counts=state.counts.at[rows, sampled].add(inc))
+    return pools, state, (sampled, logprobs)
+
+
+def arm_slot(state: SeqState, slot, key, params, prompt_mask) -> SeqState:
+    """A new request in `slot`: its key and settings, its prompt's tokens, nothing sampled yet."""
+    return SeqState(keys=state.keys.at[slot].set(key), steps=state.steps.at[slot].set(0),
+                    params=jax.tree.map(lambda a, v: a.at[slot].set(v), state.params, params),
+                    prompt_mask=state.prompt_mask.at[slot].set(prompt_mask),
+                    counts=state.counts.at[slot].set(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedSteps:
+    step: object  # (weights, pools, state, tokens, positions, block_tables, last, rows, emit, top_k)
+    arm: object  # (state, slot, key, params, prompt_mask) -> state
+    pool_sharding: NamedSharding
+    replicated: NamedSharding
+
+
+_COMPILED: dict[tuple, PagedSteps] = {}
+
+
+def compiled_steps(cfg: ModelConfig, mesh, num_pages: int, page_size: int) -> PagedSteps:
+    """Jitted steps shared by every engine with the same model, mesh and pool (recreating an engine
+    reuses the compiled code)."""
+    key = (repr(cfg), mesh, num_pages, page_size)
+    if key not in _COMPILED:
+        sharding = pool_sharding(cfg, mesh, num_pages, page_size)
+        pools = forward.LayerCache([sharding] * cfg.num_layers, [sharding] * cfg.num_layers)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        states = jax.tree.map(lambda _: replicated, empty_seq_state(cfg, 1))
+        _COMPILED[key] = PagedSteps(
+            step=jax.jit(functools.partial(run_step, cfg, mesh), static_argnums=(9,), donate_argnums=(1, 2),
+                         out_shardings=(pools, states, replicated)),
+            arm=jax.jit(arm_slot, donate_argnums=(0,), out_shardings=states),
+            pool_sharding=sharding, replicated=replicated)
+    return _COMPILED[key]
