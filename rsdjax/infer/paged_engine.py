@@ -30,7 +30,7 @@ from rsdjax.infer.engine import DEFAULT_MAX_CONTEXT, buckets
 from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, TokenEvent
 from rsdjax.infer.pages import PagePool, extend_hashes
 from rsdjax.infer.paged_forward import compiled_steps, empty_pools, empty_seq_state, page_bytes
-from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, keys_from_seeds, seed_pair, validate
+from rsdjax.infer.sampling import SamplingArrays, keys_from_seeds, seed_pair, validate
 from rsdjax.parallel.mesh import make_mesh, mesh_shape_of
 
 DEFAULT_KV_CACHE_GB = 1.0  # where the backend reports no free memory (XLA:CPU)
@@ -258,11 +258,11 @@ class PagedEngine:
             tables[i, :len(s.pages)] = s.pages
             last[i], slot_rows[i] = n - 1, s.slot
             emit[i] = s.computed + n == len(s.tokens)
-        top_k = MAX_TOP_LOGPROBS if any(s.request.params.logprobs is not None for s in seqs) else 0
+        want = any(s.request.params.logprobs is not None for s in seqs)
         self._pools, self._state, (sampled, logprobs) = self._steps.step(
-            self.weights, self._pools, self._state, tokens, positions, tables, last, slot_rows, emit, top_k)
+            self.weights, self._pools, self._state, tokens, positions, tables, last, slot_rows, emit, np.bool_(want))
         sampled = np.asarray(sampled)
-        logprobs = None if logprobs is None else tuple(np.asarray(a) for a in logprobs)
+        logprobs = tuple(np.asarray(a) for a in logprobs) if want else None
         events = []
         for i, (s, n) in enumerate(zip(seqs, lengths)):
             s.computed += n
@@ -306,7 +306,7 @@ class PagedEngine:
                 self._pools, self._state, _ = self._steps.step(
                     self.weights, self._pools, self._state, np.zeros((rows, width), np.int32),
                     np.full((rows, width), -1, np.int32), np.zeros((rows, attend), np.int32),
-                    np.zeros(rows, np.int32), np.full(rows, self.max_slots, np.int32), np.zeros(rows, bool), 0)
+                    np.zeros(rows, np.int32), np.full(rows, self.max_slots, np.int32), np.zeros(rows, bool), np.bool_(False))
         jax.block_until_ready(self._pools)
         return len(shapes) * len(self.attend_pages)
 

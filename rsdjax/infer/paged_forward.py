@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rsdjax.config import ModelConfig
 from rsdjax.infer import forward
-from rsdjax.infer.sampling import SamplingArrays, sample, token_logprobs
+from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, sample, token_logprobs
 from rsdjax.model.llama import decoder_layer, resolve_dtype, rope_cos_sin, rope_inv_freq
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, activation_sharding, constrain, resolve
@@ -123,15 +123,18 @@ def paged_forward(cfg: ModelConfig, w: forward.ServingWeights, pools: forward.La
 
 
 def run_step(cfg: ModelConfig, mesh, weights, pools, state: SeqState, tokens, positions, block_tables, last, rows,
-             emit, top_k: int):
+             emit, want_logprobs):
     """Forward R rows, sample one token per row from its slot's state (rows [R]: slot of each row), and
-    advance the state of the rows that `emit` (their token is a real output, not a mid-prompt chunk)."""
+    advance the state of the rows that `emit` (their token is a real output, not a mid-prompt chunk).
+    Logprobs (top MAX_TOP_LOGPROBS) behind a runtime branch, so asking for them compiles nothing new."""
     with activation_sharding(mesh, INFER_RULES):
         logits, pools = paged_forward(cfg, weights, pools, tokens, positions, block_tables, last)
         params = jax.tree.map(lambda a: a[rows], state.params)
         sampled = sample(logits, params, state.keys[rows], state.steps[rows], state.prompt_mask[rows],
                          state.counts[rows])
-        logprobs = token_logprobs(logits, sampled, top_k) if top_k else None
+        r, k = logits.shape[0], MAX_TOP_LOGPROBS
+        none = (jnp.zeros(r, jnp.float32), jnp.zeros((r, k), jnp.int32), jnp.zeros((r, k), jnp.float32))
+        logprobs = jax.lax.cond(want_logprobs, lambda: token_logprobs(logits, sampled, k), lambda: none)
     inc = emit.astype(jnp.int32)
     state = dataclasses.replace(state, steps=state.steps.at[rows].add(inc),
                                 counts=state.counts.at[rows, sampled].add(inc))
@@ -148,7 +151,7 @@ def arm_slot(state: SeqState, slot, key, params, prompt_mask) -> SeqState:
 
 @dataclasses.dataclass(frozen=True)
 class PagedSteps:
-    step: object  # (weights, pools, state, tokens, positions, block_tables, last, rows, emit, top_k)
+    step: object  # (weights, pools, state, tokens, positions, block_tables, last, rows, emit, want_logprobs)
     arm: object  # (state, slot, key, params, prompt_mask) -> state
     pool_sharding: NamedSharding
     replicated: NamedSharding
@@ -167,7 +170,7 @@ def compiled_steps(cfg: ModelConfig, mesh, num_pages: int, page_size: int) -> Pa
         replicated = NamedSharding(mesh, PartitionSpec())
         states = jax.tree.map(lambda _: replicated, empty_seq_state(cfg, 1))
         _COMPILED[key] = PagedSteps(
-            step=jax.jit(functools.partial(run_step, cfg, mesh), static_argnums=(9,), donate_argnums=(1, 2),
+            step=jax.jit(functools.partial(run_step, cfg, mesh), donate_argnums=(1, 2),
                          out_shardings=(pools, states, replicated)),
             arm=jax.jit(arm_slot, donate_argnums=(0,), out_shardings=states),
             pool_sharding=sharding, replicated=replicated)

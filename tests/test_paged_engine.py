@@ -1,0 +1,136 @@
+"""PagedEngine against the contiguous SlotEngine and HF: mixed lengths, meshes, prefix hits, a cache too
+small for the load (eviction + preemption), no page leak, and the limits it refuses."""
+import numpy as np
+import pytest
+
+from infer_support import confident_hf_dir, hf_model, shared_engine
+from rsdjax.infer.generate import generate
+from rsdjax.infer.interface import Engine, PromptTooLongError, Request, SamplingParams
+from rsdjax.infer.pages import PagePool
+from test_infer_engine import hf_greedy
+
+CONTEXT = 128
+PAGED = dict(kind="paged", page_size=8, num_pages=64, max_step_tokens=32)  # 4 slots x 128 tokens = 64 pages
+LENGTHS = (3, 9, 17, 6, 30, 12, 41, 5)
+PARAMS = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=3),
+          SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=3, ignore_eos=True),
+          SamplingParams(max_tokens=20, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),
+          SamplingParams(max_tokens=16, temperature=1.5, top_k=8, seed=9, ignore_eos=True)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return confident_hf_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def workload():
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 512, n).tolist() for n in LENGTHS]
+    return prompts, [PARAMS[i % len(PARAMS)] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def contiguous(model_dir, workload):
+    prompts, params = workload
+    return generate(shared_engine(model_dir, 4, CONTEXT)[0], prompts, params)
+
+
+def same(got, want, logprob_atol=1e-4):
+    for have, expected in zip(got, want, strict=True):
+        assert have.token_ids == expected.token_ids
+        assert have.finish_reason == expected.finish_reason
+        if expected.logprobs is not None:
+            np.testing.assert_allclose(have.logprobs, expected.logprobs, atol=logprob_atol)
+
+
+def test_paged_equals_contiguous_and_hf(model_dir, workload, contiguous):
+    prompts, params = workload
+    engine = shared_engine(model_dir, 4, CONTEXT, **PAGED)[0]
+    assert isinstance(engine, Engine)
+    got = generate(engine, prompts, params)
+    same(got, contiguous)
+    hf = hf_model(model_dir)
+    for ids, p, completion in zip(prompts, params, got):
+        if p.temperature == 0 and p.repetition_penalty == 1.0:
+            expected, margin = hf_greedy(hf, ids, p.max_tokens)
+            assert margin > 1e-3
+            assert completion.token_ids == expected
+    assert engine.pool.used == 0 and engine.pool.available == engine.num_pages
+
+
+def test_paged_on_a_data_2_tensor_2_mesh_equals_one_device(model_dir, workload, contiguous):
+    prompts, params = workload
+    engine = shared_engine(model_dir, 4, CONTEXT, mesh="data=2,tensor=2", **PAGED)[0]
+    assert tuple(engine._pools.k[0].sharding.spec) == (None, None, "tensor")  # kv heads over tensor, pages whole
+    assert engine.batch_sizes == (2, 4)  # decode rows split over data
+    same(generate(engine, prompts, params), contiguous)
+
+
+def test_prefix_cache_hit_gives_what_a_miss_gives(model_dir):
+    rng = np.random.default_rng(1)
+    system = rng.integers(3, 512, 37).tolist()  # 4 full pages of 8, then a partial one
+    prompts = [system + rng.integers(3, 512, n).tolist() for n in (2, 7, 11, 4)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
+    cold = shared_engine(model_dir, 4, CONTEXT, **PAGED, prefix_caching=False)[0]
+    miss = generate(cold, prompts, params)
+    assert cold.stats()["prefix_cache_hits"] == 0
+    warm = shared_engine(model_dir, 4, CONTEXT, **PAGED)[0]
+    warm.pool.reset_prefix_cache()
+    generate(warm, prompts[:1], params)  # caches the system prompt's pages
+    before = warm.stats()
+    hit = generate(warm, prompts, params)
+    stats = warm.stats()
+    assert stats["prefix_cache_hits"] - before["prefix_cache_hits"] >= 4 * 32  # every prompt found 4 pages
+    same(hit, miss)
+
+
+def test_a_cache_too_small_for_the_load_evicts_and_preempts_yet_outputs_are_identical(model_dir, workload,
+                                                                                      contiguous):
+    """12 pages of 8 tokens for 4 slots of up to 65 tokens. The host allocator is what limits the pages
+    (the device pool keeps its size, so the compiled steps are shared with the other tests)."""
+    prompts, params = workload
+    engine = shared_engine(model_dir, 4, CONTEXT, **PAGED)[0]
+    full = engine.pool, engine.num_pages
+    engine.pool, engine.num_pages = PagePool(12, 8), 12
+    try:
+        got = generate(engine, prompts, params)
+        assert engine.stats()["preemptions"] > 0
+        same(got, contiguous)
+        assert engine.pool.used == 0
+        with pytest.raises(PromptTooLongError, match="exceeds the context of 96 tokens"):  # 12 pages x 8
+            engine.prefill(Request("big", [5] * 90, SamplingParams(max_tokens=10)))
+    finally:
+        engine.pool, engine.num_pages = full
+
+
+def test_no_page_leaks_after_200_requests(model_dir):
+    engine = shared_engine(model_dir, 4, CONTEXT, **PAGED)[0]
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 512, int(n)).tolist() for n in rng.integers(1, 20, 200)]
+    params = [SamplingParams(max_tokens=int(m), temperature=0.0, ignore_eos=True) for m in rng.integers(1, 6, 200)]
+    out = generate(engine, prompts, params)
+    assert [len(c.token_ids) for c in out] == [p.max_tokens for p in params]
+    assert engine.pool.used == 0 and engine.pool.available == engine.num_pages
+    assert int(engine.pool.refs.sum()) == 0 and engine.free_slots() == [0, 1, 2, 3]
+    # a sequence freed mid-generation (client gone) gives its pages back at once
+    engine.insert(engine.prefill(Request("gone", prompts[0] * 3, params[0])), 0)
+    engine.generate()
+    assert engine.pool.used > 0
+    engine.free(0)
+    assert engine.pool.used == 0
+
+
+def test_bad_requests_are_refused_with_the_reason(model_dir):
+    engine = shared_engine(model_dir, 4, CONTEXT, **PAGED)[0]
+    with pytest.raises(PromptTooLongError, match="exceeds the context of 128 tokens"):
+        engine.prefill(Request("long", [5] * 120, SamplingParams(max_tokens=10)))
+    with pytest.raises(ValueError, match="token id 1000000 outside the vocabulary"):
+        engine.prefill(Request("bad", [10**6], SamplingParams()))
+
+
+def test_warmup_compiles_every_shape(model_dir):
+    engine = shared_engine(model_dir, 4, CONTEXT, **PAGED)[0]
+    assert engine.batch_sizes == (1, 2, 4) and engine.chunk_sizes == (16, 32)
+    assert engine.warmup() == 5 * len(engine.attend_pages)  # one compile per shape: logprobs are a runtime branch
+    assert engine.pool.used == 0
