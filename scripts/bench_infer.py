@@ -112,7 +112,7 @@ def rsdjax_runner(path: Path, prompts, new_tokens: int, context: int, mesh=None)
     from rsdjax.infer.engine import load_engine
     from rsdjax.infer.interface import Request, SamplingParams
 
-    engine, _ = load_engine(path, mesh=mesh, max_slots=len(prompts), max_context=context)
+    engine, _ = load_engine(path, mesh=mesh, max_slots=len(prompts), max_context=context, kind="slots")
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
     def once():

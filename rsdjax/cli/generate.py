@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from rsdjax.cli.common import add_mesh_args, add_overrides, split_overrides
+from rsdjax.cli.common import add_engine_args, add_mesh_args, add_overrides, split_overrides
 
 DEFAULT_SLOTS = 8
 
@@ -37,7 +37,8 @@ def register(sub) -> None:
     e = p.add_argument_group("engine")
     e.add_argument("--max-slots", type=int, default=None, help=f"decode slots (default: prompts, at most {DEFAULT_SLOTS})")
     e.add_argument("--max-context", type=int, default=None,
-                   help="KV cache length per slot (default: the longest prompt + max-new-tokens, rounded up)")
+                   help="tokens per request (default: the longest prompt + max-new-tokens, rounded up)")
+    add_engine_args(e)
     p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, timings) instead of streaming")
     add_mesh_args(p)
     add_overrides(p)
@@ -61,7 +62,7 @@ def default_context(longest: int, new_tokens: int, model_max: int) -> int:
 
 
 def run(args) -> int:
-    from rsdjax.cli.common import mesh_from_args
+    from rsdjax.cli.common import engine_options, mesh_from_args
     from rsdjax.infer.engine import load_engine
     from rsdjax.infer.generate import generate
     from rsdjax.infer.interface import SamplingParams
@@ -98,7 +99,8 @@ def run(args) -> int:
         slots = -(-slots // data) * data
     t0 = time.perf_counter()
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=slots, max_context=max_context,
-                            overrides=split_overrides(args.overrides, "model"), lora=args.lora)
+                            overrides=split_overrides(args.overrides, "model"), lora=args.lora,
+                            **engine_options(args))
     load_s = time.perf_counter() - t0
 
     stream = not args.json and len(prompts) == 1

@@ -1,10 +1,11 @@
-"""`rsdjax serve --model PATH`: the OpenAI-compatible server (continuous batching over the slot engine)."""
+"""`rsdjax serve --model PATH`: the OpenAI-compatible server (continuous batching over the paged engine)."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
-from rsdjax.cli.common import add_mesh_args
+from rsdjax.cli.common import add_engine_args, add_mesh_args
 
 
 def register(sub) -> None:
@@ -18,8 +19,11 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("RSDJAX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $RSDJAX_API_KEY, else no key)")
-    p.add_argument("--max-slots", type=int, default=8, help="requests decoded together (the batch)")
-    p.add_argument("--max-context", type=int, help="tokens per slot (default: the model's)")
+    p.add_argument("--max-slots", type=int, default=32,
+                   help="requests decoded together at most (vLLM's max_num_seqs; a step costs what is running)")
+    p.add_argument("--max-context", type=int, help="tokens per request, prompt and output (default: the model's, "
+                                                    "at most 4096)")
+    p.add_argument("--no-warmup", action="store_true", help="answer /health before every shape is compiled")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -27,6 +31,7 @@ def register(sub) -> None:
     fake.add_argument("--fake-engine", action="store_true",
                       help="serve the deterministic fake engine (rsdjax.serve.fake_engine) instead of a model")
     fake.add_argument("--fake-step-ms", type=float, default=0.0, help="fake engine: time of one decode step")
+    add_engine_args(p.add_argument_group("engine"))
     add_mesh_args(p)
     p.set_defaults(func=run)
 
@@ -46,12 +51,12 @@ def build_engine(args):
         return engine, tokenizer, "fake"
     if args.model is None:
         raise ValueError("serve: give --model PATH (or --fake-engine)")
-    from rsdjax.cli.common import mesh_from_args
+    from rsdjax.cli.common import engine_options, mesh_from_args
     from rsdjax.infer.engine import load_engine
 
     mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
     engine, model_tokenizer = load_engine(args.model, mesh=mesh, max_slots=args.max_slots,
-                                          max_context=args.max_context, lora=args.lora)
+                                          max_context=args.max_context, lora=args.lora, **engine_options(args))
     return engine, tokenizer or model_tokenizer, args.model.resolve().name
 
 
@@ -63,6 +68,10 @@ def run(args) -> int:
     if args.max_slots < 1 or args.max_waiting < 0 or args.max_body_bytes < 1:
         raise ValueError("serve: --max-slots and --max-body-bytes must be >= 1, --max-waiting >= 0")
     engine, tokenizer, default_name = build_engine(args)
+    if hasattr(engine, "warmup") and not args.no_warmup:  # compile before /health answers: no slow first requests
+        t0 = time.perf_counter()
+        shapes = engine.warmup()
+        print(f"serve: compiled {shapes} step shapes in {time.perf_counter() - t0:.1f}s", flush=True)
     app = create_app(engine, tokenizer, args.names or [default_name], api_key=args.api_key,
                      max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
     if tokenizer is None:
