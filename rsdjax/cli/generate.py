@@ -111,19 +111,19 @@ def run(args) -> int:
         on_token = None if tokenizer else (lambda i, ev: print(ev.token_id, end=" ", flush=True))
     else:
         on_text = on_token = None
-    at_first_token: list[dict] = []
+    marks: dict[str, dict] = {}  # the compile counts at the first and at the latest token
 
-    def on_token_counting(i, event):  # the compile count when the first token arrives
-        if not at_first_token:
-            at_first_token.append(compile_cache.stats())
+    def on_token_counting(i, event):
+        marks.setdefault("first", compile_cache.stats())
+        marks["last"] = compile_cache.stats()
         if on_token is not None:
             on_token(i, event)
 
     start = time.perf_counter()
     completions = generate(engine, prompts, params, tokenizer=tokenizer, on_text=on_text, on_token=on_token_counting)
     total_s = time.perf_counter() - start
-    compiles = compile_cache.stats()
-    compiles["after_first_token"] = compiles["executables"] - at_first_token[0]["executables"]
+    compiles = {**compile_cache.stats(), "at_first_token": marks["first"],
+                "mid_stream": marks["last"]["executables"] - marks["first"]["executables"]}
     generated = sum(len(c.token_ids) for c in completions)
     summary = {"load_s": load_s, "total_s": total_s, "ttft_s": min(c.ttft_s for c in completions),
                "generated_tokens": generated, "tokens_per_s": generated / total_s if total_s > 0 else None}
