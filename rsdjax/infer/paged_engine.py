@@ -27,7 +27,7 @@ import numpy as np
 from rsdjax.config import ConfigError
 from rsdjax.infer import forward
 from rsdjax.infer.engine import DEFAULT_MAX_CONTEXT, buckets
-from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, TokenEvent
+from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, SamplingParams, TokenEvent
 from rsdjax.infer.pages import PagePool, extend_hashes
 from rsdjax.infer.paged_forward import compiled_steps, empty_pools, empty_seq_state, page_bytes
 from rsdjax.infer.sampling import SamplingArrays, keys_from_seeds, seed_pair, validate
@@ -94,7 +94,7 @@ class PagedEngine:
         self.batch_sizes = tuple(sorted({max(data, b) for b in buckets(1, self.max_slots)}))
         self.attend_pages = buckets(max(1, min(self.pages_per_seq, MIN_ATTEND_TOKENS // self.page_size)),
                                     self.pages_per_seq)
-        self.chunk_sizes = buckets(MIN_CHUNK, self.max_step_tokens)
+        self.chunk_sizes = buckets(MIN_CHUNK, max(MIN_CHUNK, min(self.max_step_tokens, self.max_context)))
 
         self.weights = forward.serving_weights(model, self.mesh)
         self._steps = compiled_steps(cfg, self.mesh, self.num_pages, self.page_size)
@@ -152,14 +152,17 @@ class PagedEngine:
         if self._seqs[slot] is not None:
             raise ValueError(f"slot {slot} is busy")
         r = prefix.request
+        self._arm(slot, r)
+        self._admitted += 1
+        self._seqs[slot] = _Seq(r, slot, self._admitted, [int(t) for t in r.prompt_ids])
+
+    def _arm(self, slot: int, r: Request) -> None:
         seed = r.params.seed if r.params.seed is not None else int(self._rng.integers(0, 2**63))
         key = keys_from_seeds(np.array([seed_pair(seed)], np.uint32))[0]
         mask = np.zeros(self.cfg.vocab_size, bool)
         mask[np.asarray(r.prompt_ids)] = True
         params = jax.tree.map(lambda a: a[0], SamplingArrays.from_params([r.params]))
-        self._state = self._steps.arm(self._state, slot, key, params, mask)
-        self._admitted += 1
-        self._seqs[slot] = _Seq(r, slot, self._admitted, [int(t) for t in r.prompt_ids])
+        self._state = self._steps.arm(self._state, np.int32(slot), key, params, mask)
 
     def free(self, slot: int) -> None:
         seq = self._seqs[slot]
@@ -299,7 +302,9 @@ class PagedEngine:
     # ------------------------------------------------------------ warm-up and figures
 
     def warmup(self) -> int:
-        """Compile (and run once, writing nothing) every shape `generate` can use; returns how many."""
+        """Compile (and run once, writing nothing) every shape `generate` can use; returns how many.
+        With the persistent compile cache (rsdjax/compile_cache.py) a restart loads them from disk."""
+        self._arm(self.max_slots, Request("warmup", [0], SamplingParams(seed=0)))  # the spare row
         shapes = [(b, 1) for b in self.batch_sizes] + [(1, c) for c in self.chunk_sizes]
         for rows, width in shapes:
             for attend in self.attend_pages:

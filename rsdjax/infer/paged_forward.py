@@ -6,7 +6,8 @@ sequences; a sequence's block table lists its pages in order. One function runs 
 tokens), each row at its own positions with its own block table. The new K/V are written into
 the pools in place (the pools are donated) and attention reads the row's pages back through
 `paged_kv`, the one place that knows the page layout: a pure-JAX gather that runs on every
-backend. A ragged paged attention kernel (Pallas on TPU/GPU) can replace it there.
+backend, handed to the model's layer as its `attend` hook. A ragged paged attention kernel (Pallas
+on TPU/GPU) replaces that hook (`through_pages` + `attention`) and nothing else changes.
 
 Pools are sharded like the contiguous cache: kv heads over `tensor` when they divide it,
 replicated otherwise; pages are not split over `data` (any sequence may use any page), the rows
@@ -31,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rsdjax.config import ModelConfig
 from rsdjax.infer import forward
 from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, sample, token_logprobs
-from rsdjax.model.llama import decoder_layer, resolve_dtype, rope_cos_sin, rope_inv_freq
+from rsdjax.model.llama import attend_with, cache_mask, decoder_layer, embed_tokens, resolve_dtype, rope_tables
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, activation_sharding, constrain, resolve
 
@@ -98,26 +99,24 @@ def paged_forward(cfg: ModelConfig, w: forward.ServingWeights, pools: forward.La
                   block_tables, last):
     """tokens, positions [R, C] (position -1 = padding); block_tables [R, n]; last [R]: the column of
     each row whose logits are wanted -> logits [R, V] and the updated pools."""
-    r, c = tokens.shape
     page_size, num_pages = pools.k[0].shape[1], pools.k[0].shape[0]
     real = positions >= 0
     pos = jnp.maximum(positions, 0)
     write_pages = jnp.where(real, jnp.take_along_axis(block_tables, pos // page_size, axis=1), num_pages)
     write_offsets = pos % page_size
-    cos, sin = rope_cos_sin(pos, rope_inv_freq(cfg))
-    context = block_tables.shape[1] * page_size
-    mask = jnp.arange(context)[None, None, :] <= positions[:, :, None]  # [R, C, context]
-    x = forward._embed(cfg, w, tokens)
+    rope = rope_tables(cfg, pos)
+    mask = cache_mask(positions, block_tables.shape[1] * page_size)  # [R, C, context]; padding sees nothing
+    x = embed_tokens(cfg, w.embed, tokens)
     new_k, new_v = [], []
     for i, p in enumerate(w.layers):
-        def attend(k, v, i=i):
+        def through_pages(k, v, i=i):
             k_pool, v_pool, k_all, v_all = paged_kv(pools.k[i], pools.v[i], k, v, write_pages, write_offsets,
                                                     block_tables)
             new_k.append(constrain(k_pool, POOL_AXES))
             new_v.append(constrain(v_pool, POOL_AXES))
             return k_all, v_all
 
-        x = decoder_layer(cfg, x, forward.layer_view(p), cos, sin, mask, attend)
+        x = decoder_layer(cfg, x, forward.layer_view(p), rope, attend_with(mask, through_pages))
     x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     return forward._logits(cfg, w, x_last), forward.LayerCache(new_k, new_v)
 
