@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_infer.py
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_serve.py
+	$(BIN)/python scripts/bench_serve_vllm.py
 
 clean:
 	rm -rf $(VENV)

@@ -64,26 +64,37 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
                          times[-1] - start, list(np.diff(times)))
 
 
-async def run_load(url: str, model: str, prompts: list[list[int]], output_len: int, concurrency: int | None = None,
-                   request_rate: float = math.inf, seed: int = 0, api_key: str | None = None,
-                   timeout: float = 600.0) -> tuple[list[RequestResult], float]:
-    """Send every prompt once; return the results (in prompt order) and the wall time of the run."""
+async def run_load(url: str, model: str, prompts: list[list[int]], output_len: int | list[int],
+                   concurrency: int | None = None, request_rate: float = math.inf, seed: int = 0,
+                   api_key: str | None = None, timeout: float = 600.0,
+                   delays: list[float] | None = None) -> tuple[list[RequestResult], float]:
+    """Send every prompt once; return the results (in prompt order) and the wall time of the run.
+
+    `output_len`: one for all or one per prompt. `delays`: when each request starts, in seconds from
+    the start of the run (instead of Poisson arrivals at `request_rate`)."""
     limit = asyncio.Semaphore(concurrency or len(prompts))
-    gaps = np.random.default_rng(seed).exponential(1.0 / request_rate, len(prompts)) if math.isfinite(
-        request_rate) else np.zeros(len(prompts))
+    lens = list(output_len) if isinstance(output_len, (list, tuple)) else [output_len] * len(prompts)
+    if delays is not None:
+        gaps = np.diff(np.concatenate([[0.0], np.asarray(delays, float)]))
+        if len(gaps) != len(prompts) or (gaps < 0).any():
+            raise ValueError("run_load: delays must be one non-decreasing start time per prompt")
+    elif math.isfinite(request_rate):
+        gaps = np.random.default_rng(seed).exponential(1.0 / request_rate, len(prompts))
+    else:
+        gaps = np.zeros(len(prompts))
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        async def limited(prompt):
+        async def limited(prompt, n):
             async with limit:
-                return await _one(client, url, model, prompt, output_len, headers)
+                return await _one(client, url, model, prompt, n, headers)
 
         start = time.perf_counter()
         tasks = []
-        for prompt, gap in zip(prompts, gaps):
+        for prompt, n, gap in zip(prompts, lens, gaps):
             if gap:
                 await asyncio.sleep(gap)
-            tasks.append(asyncio.create_task(limited(prompt)))
+            tasks.append(asyncio.create_task(limited(prompt, n)))
         results = await asyncio.gather(*tasks)
     return list(results), time.perf_counter() - start
 
