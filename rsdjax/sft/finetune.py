@@ -65,7 +65,7 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
     from rsdjax.eval.step import EvalStep
     from rsdjax.loading import load_model
     from rsdjax.parallel.mesh import make_mesh
-    from rsdjax.train.loop import join_params
+    from rsdjax.train.loop import check_resumable, join_params
 
     t0 = time.perf_counter()
     cfg.validate()
@@ -122,6 +122,7 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
         if latest == 0:
             state = ts.init(params, step=0, seed=cfg.seed)
         else:
+            check_resumable(ckpt.read_meta(latest), cfg, f"{ckpt.directory}/{latest}")
             abstract = {"params": ts.abstract_state.params, "opt_state": ts.abstract_state.opt_state,
                         "step": ts.abstract_state.step, "rng": ts.abstract_state.rng}
             tree = ckpt.restore(latest, abstract)
