@@ -46,10 +46,17 @@ def build_engine(args):
         return engine, tokenizer, "fake"
     if args.model is None:
         raise ValueError("serve: give --model PATH (or --fake-engine)")
-    from rsdjax.cli.common import mesh_from_args
+    from rsdjax.cli.common import engine_runnable, mesh_from_args
     from rsdjax.infer.engine import load_engine
+    from rsdjax.loading import read_model_config
+    from rsdjax.plan.cost_model import Workload
 
-    mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
+    mesh = None
+    if args.mesh or args.hardware:
+        cfg = read_model_config(args.model)
+        context = args.max_context or cfg.max_position_embeddings
+        mesh = mesh_from_args(args, cfg=cfg, workload=Workload("infer", 0, context),
+                              runnable=engine_runnable(args.max_slots))
     engine, model_tokenizer = load_engine(args.model, mesh=mesh, max_slots=args.max_slots,
                                           max_context=args.max_context, lora=args.lora)
     return engine, tokenizer or model_tokenizer, args.model.resolve().name
