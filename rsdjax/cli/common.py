@@ -59,3 +59,17 @@ def mesh_from_args(args, hardware_overrides: list[str] = (), cfg=None, workload=
         return build(planned_mesh_shape(args, cfg, workload, runnable, hardware_overrides))
     hardware = args.hardware if args.mesh is None else None
     return build(args.mesh, hardware or ("cpu" if args.mesh is None else None), overrides=hardware_overrides)
+
+
+def serving_mesh(args, max_slots: int | None, max_context: int | None, model_overrides: list[str] = ()):
+    """The mesh `serve` and `warmup` run (so a warmed cache matches): --mesh, else --hardware's planned
+    split for serving this model at this context; None without either (one device)."""
+    if not (args.mesh or args.hardware):
+        return None
+    from rsdjax.config import apply_overrides
+    from rsdjax.loading import read_model_config
+    from rsdjax.plan.cost_model import Workload
+
+    cfg = apply_overrides(read_model_config(args.model), list(model_overrides))
+    context = max_context or cfg.max_position_embeddings
+    return mesh_from_args(args, cfg=cfg, workload=Workload("infer", 0, context), runnable=engine_runnable(max_slots))
