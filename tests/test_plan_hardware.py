@@ -70,3 +70,34 @@ def test_calibration_table_meets_the_fit_target(capsys):
             assert abs(p["error"]) <= 0.15, p
         elif p["role"] == "holdout":  # the target is 30%; one TensorRT-LLM point misses it (docs/cost_model.md)
             assert abs(p["error"]) <= 0.5, p
+
+
+def test_serve_and_warmup_share_the_planned_split(tmp_path_factory, capsys):
+    from infer_support import confident_hf_dir
+    from rsdjax.cli.common import serving_mesh
+    from rsdjax.loading import read_model_config
+    from rsdjax.parallel.mesh import mesh_shape_of
+
+    model = confident_hf_dir(tmp_path_factory)
+    ns = argparse.Namespace(model=model, hardware="cpu", mesh=None, objective="throughput")
+    expected, _ = choose(read_model_config(model), load_hardware("cpu"), Workload("infer", 0, 128),
+                         runnable=engine_runnable(8))
+    assert mesh_shape_of(serving_mesh(ns, 8, 128)) == expected.mesh
+    assert f"mesh {expected.mesh_str}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry,message", [
+    ("{id: a, what: x, model: tiny, hardware: cpu, workload: {mode: infer, batch: 1, seq: 8}, metric: speed, "
+     "measured: 1, role: fit}", "metric must be one of"),
+    ("{id: a, what: x, model: tiny, hardware: cpu, workload: {mode: infer, batch: 1, seq: 8}, "
+     "metric: stream_output_tok_s, measured: 1, role: maybe}", "role must be one of"),
+    ("{id: a, model: tiny}", "missing 'what'"),
+])
+def test_bad_measurement_files_name_file_and_point(tmp_path, entry, message):
+    from rsdjax.config import ConfigError
+    from rsdjax.plan.calibration import load_points
+
+    (tmp_path / "m.yaml").write_text(f"points:\n  - {entry}\n")
+    with pytest.raises(ConfigError, match=message) as err:
+        load_points(tmp_path)
+    assert "m.yaml: point a" in str(err.value)

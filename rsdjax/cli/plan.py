@@ -142,9 +142,11 @@ def run_calibration(args) -> int:
     rows = calibration.compare(points, assume)
     if args.json:
         print(json.dumps({"points": [{"id": r.point.id, "role": r.point.role, "metric": r.point.metric,
-                                      "measured": r.point.measured, "predicted": r.predicted, "error": r.error,
+                                      "measured": r.point.measured,
+                                      **({"predicted": r.predicted, "error": r.error} if r.predicted == r.predicted
+                                         else {"predicted": None, "error": None}),
                                       "mesh": r.mesh, "unconfirmed": r.point.unconfirmed} for r in rows],
-                          "constants": {calibration._label(k): calibration.get_term(assume, k)
+                          "constants": {calibration.label(k): calibration.get_term(assume, k)
                                         for k in calibration.FITTED}}, indent=2))
     else:
         print(calibration.table(rows, assume))

@@ -105,7 +105,8 @@ def draw(args, cfg, hardware, mesh_shape, rows):
     extras, what = {}, "weights only"
     if plan.estimate is not None:
         m, wl = plan.estimate.memory, plan.estimate.workload
-        extras = {"gradients": m.gradients, "optimizer": m.optimizer, "KV cache": m.kv_cache, "activations": m.activations}
+        extras = {"gradients": m.gradients, "optimizer": m.optimizer, "KV cache": m.kv_cache,
+                  "activations": m.activations}
         what = (f"batch {wl.batch} per replica, KV cache {wl.seq}" if infer else f"global batch {wl.batch} x {wl.seq}")
     title = f"{cfg.name} on {hardware.name}, mesh {format_mesh(mesh_shape)}\n{args.mode} rules, {what}"
     pic = picture.build(rows, mesh_shape, hardware.device.usable_bytes, title, extras)

@@ -28,14 +28,15 @@ BOUNDS = {"compute_efficiency": (0.05, 1.0), "memory_efficiency": (1e-3, 1.0), "
           "step_latency_us": (1.0, 1e5), "intra_latency_us": (0.1, 200.0)}
 
 
-def _label(key: tuple[str | None, str]) -> str:
+def label(key: tuple[str | None, str]) -> str:
     device, name = key
     return name if device is None else f"{name}[{device}]"
 
 
 def get_term(assume: Assumptions, key: tuple[str | None, str]) -> float:
     device, name = key
-    return getattr(assume, name) if device is None else float(assume.device_terms.get(device, {}).get(name, getattr(assume, name)))
+    default = getattr(assume, name)
+    return default if device is None else float(assume.device_terms.get(device, {}).get(name, default))
 
 
 def with_terms(assume: Assumptions, values: dict) -> Assumptions:
@@ -88,7 +89,8 @@ def load_points(directory: str | Path | None = None) -> list[Point]:
             missing = [k for k in ("id", "what", "model", "hardware", "workload", "metric", "measured", "role")
                        if k not in entry]
             if unknown or missing:
-                raise ConfigError(f"{where}: " + (f"unknown key '{unknown[0]}'" if unknown else f"missing '{missing[0]}'"))
+                problem = f"unknown key '{unknown[0]}'" if unknown else f"missing '{missing[0]}'"
+                raise ConfigError(f"{where}: {problem}")
             p = Point(file=path.name, **entry)
             if p.metric not in METRICS:
                 raise ConfigError(f"{where}: metric must be one of {', '.join(METRICS)}, got '{p.metric}'")
@@ -226,5 +228,6 @@ def table(rows: list[Row], assume: Assumptions) -> str:
             worst = max(errs)
             out.append(f"{role}: {len(errs)} points, worst |error| {worst:.0%} "
                        f"({'within' if worst <= limit else 'OUTSIDE'} the {limit:.0%} target)")
-    out.append(f"constants ({len(FITTED)} fitted): " + ", ".join(f"{_label(k)}={get_term(assume, k):.4g}" for k in FITTED))
+    values = ", ".join(f"{label(k)}={get_term(assume, k):.4g}" for k in FITTED)
+    out.append(f"constants ({len(FITTED)} fitted): {values}")
     return "\n".join(out)

@@ -205,7 +205,8 @@ def forward_working_bytes(d: Local, b: int, t: int, s: int, c: int, flash: bool 
     weights, then the larger of the attention phase (float32 scores and probabilities [b,h,t,s], two
     residual-stream tensors, q/k/v/attention-out, this layer's cached K/V) and the MLP phase
     (two residual-stream tensors, gate, up, product)."""
-    attn = (0 if flash else 2 * 4 * b * d.heads * t * s) + c * b * t * (2 * d.embed + (2 * d.heads + 2 * d.kv_heads) * d.head_dim) \
+    scores = 0 if flash else 2 * 4 * b * d.heads * t * s
+    attn = scores + c * b * t * (2 * d.embed + (2 * d.heads + 2 * d.kv_heads) * d.head_dim) \
         + 2 * c * b * s * d.kv_heads * d.head_dim
     mlp = c * b * t * (2 * d.embed + 3 * d.mlp)
     return layer_weight_bytes(d, c) + max(attn, mlp)

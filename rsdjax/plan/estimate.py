@@ -132,7 +132,8 @@ def _infer(cfg, hw, mesh, wl, assume, c) -> Estimate:
         comm = 2 * d.layers * t_link.all_reduce(rows * q_len * d.embed * c, n_t)  # one psum per block
         comm += d.layers * f_link.all_gather(layer_w / d.layers * n_f, n_f)  # fsdp: gather every layer
         if stages > 1:  # the activations move to the next stage: bytes over the link, plus the hop's fixed cost
-            comm += s_link.permute(rows * q_len * d.embed * c) - s_link.latency_s + assume.term(hw, "hop_latency_us") * 1e-6
+            hop = assume.term(hw, "hop_latency_us") * 1e-6
+            comm += s_link.permute(rows * q_len * d.embed * c) - s_link.latency_s + hop
         comm += d.layers * assume.term(hw, "layer_latency_us") * 1e-6  # fixed per-layer cost, not overlapped
         return (*_roofline(flops, nbytes, hw, assume), comm)
 
@@ -191,7 +192,8 @@ def _train(cfg, hw, mesh, wl, assume, c) -> Estimate:
     # one tick = one microbatch forward and backward through this stage's layers
     fwd_flops = d.layers * (layer_matmul_flops(d, bm * t) + attention_flops(d, bm, t, t, assume.flash))
     bwd_flops = (3.0 if cfg.remat else 2.0) * fwd_flops  # dgrad + wgrad (+ the recomputed forward)
-    tick_bytes = 3 * layer_w + 2 * d.layers * train_residual_bytes(d, bm, t, c, assume.flash)  # weights x3, residuals out and in
+    # weights x3, residuals out and in
+    tick_bytes = 3 * layer_w + 2 * d.layers * train_residual_bytes(d, bm, t, c, assume.flash)
     comp, mem = _roofline(fwd_flops + bwd_flops, tick_bytes, hw, assume)
     comm = 4 * d.layers * t_link.all_reduce(act, n_t)  # one psum per block, forward and backward
     comm += 2 * d.layers * f_link.all_gather(layer_w / d.layers * n_f, n_f)  # fsdp: gather for fwd and bwd
@@ -202,7 +204,8 @@ def _train(cfg, hw, mesh, wl, assume, c) -> Estimate:
     h_comp, h_mem = _roofline(6.0 * b * t * d.embed * d.vocab, 3 * head_w + 3 * logits_bytes(d, b, t), hw, assume)
     sync = f_link.all_gather(w * n_f, n_f) + d_link.all_reduce(w, mesh["data"])  # reduce-scatter, all-reduce
     optimizer = (3 + 2 * assume.optimizer_moments) * w / (_bandwidth(hw, assume) * 1e9)
-    step = ticks * (max(comp, mem) + comm) + max(h_comp, h_mem) + sync + optimizer + assume.term(hw, "step_latency_us") * 1e-6
+    step = ticks * (max(comp, mem) + comm) + max(h_comp, h_mem) + sync + optimizer \
+        + assume.term(hw, "step_latency_us") * 1e-6
     times = {"compute_s": ticks * comp + h_comp, "memory_s": ticks * mem + h_mem + optimizer,
              "comm_s": ticks * comm + sync, "bubble_fraction": (stages - 1) / ticks}
     tps = wl.batch * t / step
