@@ -63,11 +63,13 @@ def default_context(longest: int, new_tokens: int, model_max: int) -> int:
 
 def run(args) -> int:
     from rsdjax import compile_cache
-    from rsdjax.cli.common import engine_options, mesh_from_args
+    from rsdjax.cli.common import engine_options, engine_runnable, mesh_from_args
+    from rsdjax.plan.cost_model import Workload
     from rsdjax.infer.engine import load_engine
-    from rsdjax.infer.generate import generate
+    from rsdjax.infer.generate import checked_requests, generate
     from rsdjax.infer.interface import SamplingParams
     from rsdjax.infer.warmup import compile_for_prompts
+    from rsdjax.config import apply_overrides
     from rsdjax.loading import read_model_config
     from rsdjax.tokenizer import Tokenizer
 
@@ -76,6 +78,11 @@ def run(args) -> int:
         raise ValueError(f"generate: override '{others[0]}' is not a model.* key")
     if not args.prompt and not args.prompt_ids:
         raise ValueError("generate: give at least one --prompt or --prompt-ids")
+    if args.chat and not args.prompt:
+        raise ValueError("generate: --chat formats --prompt text as a user message; --prompt-ids are sent as they are")
+    for flag, value in (("--max-slots", args.max_slots), ("--max-context", args.max_context)):
+        if value is not None and value < 1:
+            raise ValueError(f"generate: {flag} must be >= 1, got {value}")
     tokenizer = Tokenizer.load(args.model) if (args.model / "tokenizer.json").exists() else None
     if args.prompt and tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.json, so --prompt cannot be used; give --prompt-ids")
@@ -91,11 +98,13 @@ def run(args) -> int:
         frequency_penalty=args.frequency_penalty, seed=args.seed, stop_token_ids=parse_ids(args.stop_ids, "--stop-ids"),
         stop=list(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs)
 
-    mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
-    cfg = read_model_config(args.model)
+    cfg = apply_overrides(read_model_config(args.model), split_overrides(args.overrides, "model"))
     max_context = args.max_context or default_context(max(map(len, prompts)), args.max_new_tokens,
                                                       cfg.max_position_embeddings)
     slots = args.max_slots or min(len(prompts), DEFAULT_SLOTS)
+    workload = Workload("infer", 0, max_context, prompt=min(max_context, max(map(len, prompts))))
+    mesh = mesh_from_args(args, cfg=cfg, workload=workload, runnable=engine_runnable(args.max_slots)) \
+        if (args.mesh or args.hardware) else None
     if mesh is not None:  # slots shard over `data`: round up so they divide it
         data = int(mesh.shape["data"])
         slots = -(-slots // data) * data
@@ -103,6 +112,7 @@ def run(args) -> int:
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=slots, max_context=max_context,
                             overrides=split_overrides(args.overrides, "model"), lora=args.lora,
                             **engine_options(args))
+    checked_requests(engine, prompts, params, tokenizer)  # a bad request fails before minutes of compiling
     # every shape the generation can reach, before the first token: nothing compiles mid-stream
     if hasattr(engine, "warmup"):  # the paged engine: all its shapes (few at a generate's context)
         engine.warmup()
