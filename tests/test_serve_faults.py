@@ -72,6 +72,8 @@ def test_vllm_metric_names_are_exported_beside_ours(server):
                  "prompt_tokens_total"):
         assert metric(url, f"vllm:{name}") == metric(url, f"rsdjax:{name}"), name
     assert metric(url, "vllm:generation_tokens_total") >= 4
+    # the load polls of vllm-router (/get_load) and of vLLM's server-load tracking (/load)
+    assert HTTP.get(f"{url}/get_load").json()["load"] == 0 and HTTP.get(f"{url}/load").json() == {"server_load": 0}
 
 
 def test_request_timeout_ends_the_request_with_504_and_frees_its_slot(tok):

@@ -61,10 +61,12 @@ def default_context(longest: int, new_tokens: int, model_max: int) -> int:
 
 
 def run(args) -> int:
+    from rsdjax import compile_cache
     from rsdjax.cli.common import mesh_from_args
     from rsdjax.infer.engine import load_engine
     from rsdjax.infer.generate import generate
     from rsdjax.infer.interface import SamplingParams
+    from rsdjax.infer.warmup import compile_for_prompts
     from rsdjax.loading import read_model_config
     from rsdjax.tokenizer import Tokenizer
 
@@ -99,6 +101,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=slots, max_context=max_context,
                             overrides=split_overrides(args.overrides, "model"), lora=args.lora)
+    # every shape the generation can reach, before the first token: nothing compiles mid-stream
+    compile_for_prompts(engine, prompts, args.max_new_tokens, logprobs=args.logprobs is not None)
     load_s = time.perf_counter() - t0
 
     stream = not args.json and len(prompts) == 1
@@ -107,15 +111,26 @@ def run(args) -> int:
         on_token = None if tokenizer else (lambda i, ev: print(ev.token_id, end=" ", flush=True))
     else:
         on_text = on_token = None
+    marks: dict[str, dict] = {}  # the compile counts at the first and at the latest token
+
+    def on_token_counting(i, event):
+        marks.setdefault("first", compile_cache.stats())
+        marks["last"] = compile_cache.stats()
+        if on_token is not None:
+            on_token(i, event)
+
     start = time.perf_counter()
-    completions = generate(engine, prompts, params, tokenizer=tokenizer, on_text=on_text, on_token=on_token)
+    completions = generate(engine, prompts, params, tokenizer=tokenizer, on_text=on_text, on_token=on_token_counting)
     total_s = time.perf_counter() - start
+    compiles = {**compile_cache.stats(), "at_first_token": marks["first"],
+                "mid_stream": marks["last"]["executables"] - marks["first"]["executables"]}
     generated = sum(len(c.token_ids) for c in completions)
     summary = {"load_s": load_s, "total_s": total_s, "ttft_s": min(c.ttft_s for c in completions),
                "generated_tokens": generated, "tokens_per_s": generated / total_s if total_s > 0 else None}
     if args.json:
         out = {"model": str(args.model), "mesh": {k: int(v) for k, v in engine.mesh.shape.items()},
                "max_slots": engine.max_slots, "max_context": engine.max_context, **summary,
+               "compile": {**compiles, "cache_dir": str(compile_cache.active_dir() or "") or None},
                "completions": [c.to_json() for c in completions]}
         print(json.dumps(out, ensure_ascii=False))
         return 0

@@ -1,8 +1,9 @@
 """The OpenAI-compatible server: `create_app(engine, tokenizer, ...)` -> a FastAPI app.
 
 Routes: POST /v1/completions, /v1/chat/completions, /tokenize, /detokenize; GET /v1/models,
-/health, /metrics. With an API key, every route but /health and /metrics needs
-`Authorization: Bearer KEY` (health checks and Prometheus scrapes stay keyless, as in vLLM).
+/health, /metrics, /get_load and /load (the request load, for routers). With an API key, every
+route but the last four needs `Authorization: Bearer KEY` (health checks, load polls and
+Prometheus scrapes stay keyless, as in vLLM).
 The engine runs in the scheduler's thread, started and stopped with the app (lifespan).
 Unknown request fields are ignored with a warning and named in `x-ignored-fields` (vLLM's
 behaviour), or refused with 400 when `strict_fields`.
@@ -98,6 +99,18 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[st
         if scheduler.dead is not None:
             return JSONResponse({"status": "error", "error": repr(scheduler.dead)}, status_code=503)
         return {"status": "ok", "models": model_names, **scheduler.load()}  # the router reads both
+
+    # what load-aware routers poll (keyless, like /health): vllm-router's power_of_two reads
+    # /get_load's "load", vLLM's own server-load tracking answers /load with "server_load"
+    @app.get("/get_load")
+    async def get_load():
+        load = scheduler.load()
+        return {"load": load["running"] + load["waiting"], **load}
+
+    @app.get("/load")
+    async def server_load():
+        load = scheduler.load()
+        return {"server_load": load["running"] + load["waiting"]}
 
     @app.get("/metrics")
     async def prometheus_metrics():
