@@ -102,3 +102,33 @@ def test_eval_config_errors_are_one_line(tmp_path, tiny_tokenizer_dir):
         broken = {**base, "eval": {**base["eval"], change[0]: change[1]}}
         with pytest.raises(ConfigError, match=message):
             train_config_from_dict(broken)
+
+
+def test_eval_in_lora_finetuning_matches_rsdjax_eval(tmp_path, tiny_hf_dir, tiny_tokenizer_dir, capsys):
+    from rsdjax.cli import main
+    from rsdjax.loading import load_model, save_model
+    from rsdjax.parallel.mesh import make_mesh
+    from rsdjax.sft.config import load_finetune_config
+    from rsdjax.sft.finetune import finetune
+
+    base = save_model(load_model(tiny_hf_dir), tmp_path / "base")
+    text = tmp_path / "en.txt"
+    text.write_text((ROOT / "data/corpus/en/05_rivers.txt").read_text(encoding="utf-8")[:300])
+    qa = ROOT / "data/qa/eval.jsonl"
+    cfg = load_finetune_config("lora-qa-demo", [
+        f"base={base}", f"tokenizer={tiny_tokenizer_dir}", f"output={tmp_path / 'adapter'}", "optim.steps=3",
+        "optim.warmup_steps=1", "log_every=3", "data.seq_len=64", "demo_questions=[]", "data.eval=null",
+        f"eval={{every: 2, sources: [{{name: qa, paths: [{qa}]}}, {{name: en, paths: [{text}]}}]}}"])
+    result = finetune(cfg, make_mesh({"fsdp": 2, "tensor": 4}), log=lambda m: None)
+    rows = [r for r in result.history if "eval_qa_loss" in r]
+    assert [r["step"] for r in rows] == [0, 2, 3]
+    assert rows[-1]["eval_qa_loss"] < rows[0]["eval_qa_loss"]  # the adapter learns the Q&A format
+
+    capsys.readouterr()
+    assert main(["eval", "--model", str(base), "--tokenizer", str(tiny_tokenizer_dir), "--lora",
+                 str(tmp_path / "adapter"), f"qa={qa}", f"en={text}", "--seq-len", "64", "--no-generate",
+                 "--json", "--mesh", "fsdp=2,tensor=4"]) == 0
+    cli = json.loads(capsys.readouterr().out)["sources"]
+    for name in ("qa", "en"):
+        for k in ("loss", "bits_per_byte"):
+            assert cli[name][k] == pytest.approx(rows[-1][f"eval_{name}_{k}"], rel=1e-4), (name, k)

@@ -7,6 +7,7 @@ from pathlib import Path
 from rsdjax.config import ConfigError, apply_overrides, from_dict, load_yaml, preset_path
 from rsdjax.model.lora import LoraConfig, LoraError
 from rsdjax.sft.data import TEMPLATES
+from rsdjax.train.config import EvalConfig
 
 
 @dataclasses.dataclass
@@ -45,6 +46,7 @@ class FinetuneConfig:
     save_every: int = 0  # >0: also write output/checkpoint-{step} adapters
     demo_questions: list[str] = dataclasses.field(default_factory=list)  # answered before/after by the CLI
     max_new_tokens: int = 48
+    eval: EvalConfig | None = None  # held-out sources (text or Q&A jsonl): loss, perplexity, bits/byte per source
 
     def validate(self) -> "FinetuneConfig":
         try:
@@ -60,6 +62,12 @@ class FinetuneConfig:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
         if d.template not in TEMPLATES:
             raise ConfigError(f"data.template {d.template!r} is not one of {', '.join(TEMPLATES)}")
+        if self.eval is not None:
+            def need(ok: bool, msg: str):
+                if not ok:
+                    raise ConfigError(msg)
+
+            self.eval.validate(need)
         return self
 
 

@@ -71,12 +71,27 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
 
     tx, schedule = make_optimizer(o)
     trainer = LoraTrainer(model, tx, mesh)
+    held_out = None
+    if cfg.eval is not None:
+        from rsdjax.eval.held_out import HeldOut
+
+        e = cfg.eval
+        held_out = HeldOut(e, tokenizer, model, mesh, seq_len=e.seq_len or d.seq_len,
+                           batch_size=e.batch_size or o.batch_size, total_steps=o.steps, template=d.template)
+
+    def held_out_record(step: int) -> dict:
+        if held_out is None or not held_out.due(step, fresh_start=True):
+            return {}
+        results = held_out.run(held_out.step.state_of(model))
+        return {f"eval_{name}_{k}": r[k] for name, r in results.items() for k in ("loss", "bits_per_byte")}
+
     eval_before = trainer.evaluate(evals) if evals else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "finetune_config.json").write_text(json.dumps(to_dict(cfg), indent=2, ensure_ascii=False))
     logger = TrainLog(out / "metrics.jsonl", log)
-    if eval_before is not None:
-        logger.write({"step": 0, "eval_loss": eval_before})
+    first = ({"eval_loss": eval_before} if eval_before is not None else {}) | held_out_record(0)
+    if first:
+        logger.write({"step": 0, **first})
     data = batches(train, d.seq_len, o.batch_size, seed=cfg.seed, pack_examples=d.pack)
     for step in range(1, o.steps + 1):
         metrics = trainer.step(next(data))
@@ -84,12 +99,15 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
             record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "lr": float(schedule(step - 1))}
             if evals and cfg.eval_every and step % cfg.eval_every == 0:
                 record["eval_loss"] = trainer.evaluate(evals)
-            logger.write(record)
+            logger.write(record | (held_out_record(step) if step != o.steps else {}))
+        elif step != o.steps and held_out is not None and held_out.due(step):
+            logger.write({"step": step, **held_out_record(step)})
         if cfg.save_every and step % cfg.save_every == 0 and step != o.steps:
             save_adapter(model, out / f"checkpoint-{step}", base_model_name_or_path=cfg.base)
     eval_after = trainer.evaluate(evals) if evals else None
-    if eval_after is not None:
-        logger.write({"step": o.steps, "eval_loss": eval_after})
+    last = ({"eval_loss": eval_after} if eval_after is not None else {}) | held_out_record(o.steps)
+    if last:
+        logger.write({"step": o.steps, **last})
     save_adapter(model, out, base_model_name_or_path=cfg.base)
     model.eval()
     after = answer(model, tokenizer, questions, d.template, cfg.max_new_tokens)
