@@ -42,8 +42,9 @@ def write_config(path: Path, tokenizer_dir, **changes) -> Path:
     return path / "cfg.yaml"
 
 
-def launch(cfg: Path, *args, devices=8, log=None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+def launch(cfg: Path, *args, devices=8, log=None, env=None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           **(env or {})}
     return subprocess.Popen([sys.executable, str(ROOT / "scripts/train_cpt.py"), str(cfg), *args], cwd=ROOT, env=env,
                             stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
@@ -95,12 +96,14 @@ def existing_checkpoint(tmp_path, tiny_tokenizer_dir):
     cfg = load_model_config("tiny", ["num_layers=1"])
     ckpt_dir = tmp_path / "run" / "checkpoints"
     ck = TrainCheckpointer(ckpt_dir, architecture(cfg), every=1, keep=2, async_save=False)
-    ck.save(3, {"params": {"embed": jnp.ones((4, 4))}, "step": jnp.int32(3)}, {"data_position": 24, "stage": "all"})
+    ck.save(3, {"params": {"embed": jnp.ones((4, 4))}, "step": jnp.int32(3)},
+            {"data_position": 24, "stage": "all", "batch_size": 8, "seq_len": 32})  # what the loop records
     ck.close()
     return ckpt_dir
 
 
-@pytest.mark.parametrize("case", ["other_model", "empty_corpus", "tiny_corpus", "batch_vs_mesh"])
+@pytest.mark.parametrize("case", ["other_model", "empty_corpus", "tiny_corpus", "batch_vs_mesh", "changed_batch",
+                                  "changed_seq_len"])
 def test_bad_input_is_one_line_and_leaves_checkpoints_alone(case, tmp_path, tiny_tokenizer_dir, existing_checkpoint,
                                                             capsys):
     changes, expect = {
@@ -110,6 +113,8 @@ def test_bad_input_is_one_line_and_leaves_checkpoints_alone(case, tmp_path, tiny
                         "fewer than one window of seq_len + 1 = 33"),
         "batch_vs_mesh": ({"batch_size": 6, "grad_accum": 1, "mesh": "fsdp=4,tensor=2"},
                           "batch_size=6 with grad_accum=1 gives micro-batches of 6 rows, not divisible"),
+        "changed_batch": ({"batch_size": 4, "grad_accum": 1}, "/3: saved with batch_size=8, this run has batch_size=4"),
+        "changed_seq_len": ({"data.seq_len": 16}, "saved with data.seq_len=32, this run has data.seq_len=16"),
     }[case]
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("  \n")
@@ -188,36 +193,53 @@ def test_sigkill_during_a_save_keeps_the_last_complete_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_is_bit_identical(tmp_path, tiny_tokenizer_dir):
+    """A SIGTERM, then 5 SIGKILLs at random moments (while JAX starts, mid-step, during saves), then
+    a run to the end: bit-identical to an uninterrupted run."""
+    import random
+
     from rsdjax.train.checkpoint import read_state
 
-    ref_cfg = write_config(tmp_path / "ref", tiny_tokenizer_dir)
-    ref = launch(ref_cfg, log=open(tmp_path / "ref.log", "w"))
+    # one persistent compilation cache for every launch: the reference run fills it, the others
+    # start in seconds (the same compiled code, so results are unchanged)
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    ref = launch(write_config(tmp_path / "ref", tiny_tokenizer_dir), log=open(tmp_path / "ref.log", "w"), env=cache)
+    assert ref.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
     cfg = write_config(tmp_path / "int", tiny_tokenizer_dir)
     run_dir, ckpt_dir = tmp_path / "int" / "run", tmp_path / "int" / "run" / "checkpoints"
     log = open(tmp_path / "int.log", "a")
 
     # 1. SIGTERM after the first stage: the run saves where it is and exits 128 + 15
-    proc = launch(cfg, log=log)
+    proc = launch(cfg, log=log, env=cache)
     assert wait_for(lambda: len(logged_steps(run_dir)) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143, (tmp_path / "int.log").read_text()[-2000:]
     stopped_at = max(logged_steps(run_dir))
     assert read_state(ckpt_dir)[0] == stopped_at and stopped_at < STEPS
 
-    # 2. same command: resumes; SIGKILL while it writes a later checkpoint
-    proc = launch(cfg, log=log)
-    saving_later = lambda: any("tmp" in p.name for p in ckpt_dir.iterdir()) and max(logged_steps(run_dir)) > stopped_at
-    caught = wait_for(saving_later, proc, poll=0.0005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert caught, "the run finished before a save could be interrupted"
-    survivor = read_state(ckpt_dir)[0]  # the last complete checkpoint is intact and readable
-    assert survivor >= stopped_at
+    # 2. five SIGKILLs, each at a random moment of a resumed run; the last complete checkpoint survives each
+    rng, survivor = random.Random(16), stopped_at
+    for moment in ("starting", "saving", "mid-step", "saving", "starting"):
+        proc = launch(cfg, log=log, env=cache)
+        if moment == "starting":  # JAX importing, compiling or restoring
+            time.sleep(rng.uniform(0.5, 6.0))
+            caught = proc.poll() is None
+        elif moment == "saving":  # a later checkpoint being written
+            caught = wait_for(lambda: any("tmp" in p.name for p in ckpt_dir.iterdir())
+                              and max(logged_steps(run_dir)) > survivor, proc, poll=0.0005)
+        else:  # after a random number of steps past the checkpoint it resumed from
+            target = survivor + rng.randint(1, STEPS - 1 - survivor)
+            caught = wait_for(lambda: max(logged_steps(run_dir)) >= target, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert caught, f"the run ended before the SIGKILL {moment}"
+        step = read_state(ckpt_dir)[0]  # intact and readable
+        assert survivor <= step < STEPS, moment
+        survivor = step
 
     # 3. same command again: runs to the end
-    proc = launch(cfg, log=log)
+    proc = launch(cfg, log=log, env=cache)
     assert proc.wait(timeout=600) == 0, (tmp_path / "int.log").read_text()[-3000:]
-    assert ref.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
 
     step_a, a, meta_a = read_state(tmp_path / "ref" / "run" / "checkpoints")
     step_b, b, meta_b = read_state(ckpt_dir)
