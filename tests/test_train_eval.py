@@ -132,3 +132,21 @@ def test_eval_in_lora_finetuning_matches_rsdjax_eval(tmp_path, tiny_hf_dir, tiny
     for name in ("qa", "en"):
         for k in ("loss", "bits_per_byte"):
             assert cli[name][k] == pytest.approx(rows[-1][f"eval_{name}_{k}"], rel=1e-4), (name, k)
+
+
+def test_holdout_fraction_takes_files_out_of_training(tmp_path):
+    from rsdjax.data.sources import DataError, expand_paths
+    from rsdjax.eval.held_out import hold_out_files
+    from rsdjax.train.config import SourceConfig
+
+    sources = [SourceConfig("ja", [str(ROOT / "data/corpus/ja")], 0.9), SourceConfig("en", [str(ROOT / "data/corpus/en")])]
+    train, held = hold_out_files(sources, 0.25)
+    for src, t, h in zip(sources, train, held):
+        everything = expand_paths(src.paths)
+        assert t.name == h.name == src.name and t.weight == src.weight
+        assert not set(t.paths) & set(h.paths) and sorted(t.paths + h.paths) == sorted(map(str, everything))
+        assert len(h.paths) == len(everything) // 4
+    single = tmp_path / "one.txt"
+    single.write_text("only one file")
+    with pytest.raises(DataError, match="eval.holdout=0.25 needs at least 2 files"):
+        hold_out_files([SourceConfig("x", [str(single)])], 0.25)

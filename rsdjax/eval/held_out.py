@@ -8,21 +8,50 @@ as one without.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
+from rsdjax.data.sources import DataError, expand_paths
 from rsdjax.eval.data import document_prefix
 from rsdjax.eval.metrics import evaluate_rows
 from rsdjax.eval.run import Source, source_rows
 from rsdjax.eval.step import EvalStep
 
 
+def hold_out_files(sources, fraction: float):
+    """(training sources without their held-out files, held-out sources of the same names).
+
+    Every k-th file of a source is held out (k = round(1 / fraction), the first held-out file being
+    the k-th), so the split is deterministic and spread over the source; a source needs at least
+    two files. Held-out files never reach the token store, so they are never trained on.
+    """
+    from rsdjax.train.config import EvalSourceConfig
+
+    train, held = [], []
+    for src in sources:
+        files = expand_paths(src.paths)
+        k = max(2, round(1 / fraction))
+        out = [f for i, f in enumerate(files, 1) if i % k == 0] or files[-1:]
+        keep = [f for f in files if f not in out]
+        if not keep:
+            raise DataError(f"data source '{src.name}': eval.holdout={fraction} needs at least 2 files "
+                            f"(it has {len(files)}); give held-out files in eval.sources instead")
+        train.append(dataclasses.replace(src, paths=[str(f) for f in keep]))
+        held.append(EvalSourceConfig(src.name, [str(f) for f in out]))
+    return train, held
+
+
 class HeldOut:
     def __init__(self, cfg, tokenizer, model, mesh, *, seq_len: int, batch_size: int, total_steps: int,
-                 template: str = "llama3"):
-        """`cfg`: an EvalConfig; `model`: the model's structure (abstract is enough; set to eval mode)."""
+                 template: str = "llama3", extra_sources=()):
+        """`cfg`: an EvalConfig; `model`: the model's structure (abstract is enough; set to eval mode);
+        `extra_sources`: more EvalSourceConfigs (the files `hold_out_files` took from training)."""
         self.cfg, self.total = cfg, total_steps
         self.batch_size = batch_size
         prefix = document_prefix(tokenizer, model.cfg)
+        named = {s.name: s for s in [*extra_sources, *cfg.sources]}  # explicit files win over a held-out share
         self.sources = [(s.name, *source_rows(Source(s.name, list(s.paths)), tokenizer, seq_len, prefix, template)[:2])
-                        for s in cfg.sources]
+                        for s in named.values()]
         self.step = EvalStep(model, mesh, batch_size=batch_size)
 
     def due(self, step: int, fresh_start: bool = False) -> bool:

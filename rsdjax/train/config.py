@@ -86,6 +86,7 @@ class EvalConfig:
     """Held-out evaluation during training: loss, perplexity, bits per byte per source (rsdjax.eval)."""
 
     sources: list[EvalSourceConfig] = field(default_factory=list)
+    holdout: float = 0.0  # also hold out this fraction of each training source's files (removed from training)
     every: int = 0  # also every N steps; 0: only at the start and the end
     at_start: bool = True  # before the first step of a fresh run (the "before" figures)
     at_end: bool = True
@@ -93,7 +94,9 @@ class EvalConfig:
     seq_len: int | None = None  # None: data.seq_len
 
     def validate(self, need) -> None:
-        need(bool(self.sources), "eval.sources is empty; give held-out files per source, or drop eval")
+        need(bool(self.sources) or self.holdout > 0,
+             "eval.sources is empty and eval.holdout is 0; give held-out files or a fraction, or drop eval")
+        need(0 <= self.holdout < 1, f"eval.holdout must be in [0, 1), got {self.holdout}")
         need(self.every >= 0, f"eval.every must be >= 0, got {self.every}")
         need(self.batch_size is None or self.batch_size > 0, "eval.batch_size must be positive")
         need(self.seq_len is None or self.seq_len > 0, "eval.seq_len must be positive")

@@ -125,11 +125,16 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
     tok, base_tok = prepare_tokenizers(cfg, log)
     model_cfg = final_model_config(cfg, tok, base_tok)
     check_directory(cfg.checkpoint_dir.absolute(), architecture(model_cfg))
-    mixture = build_mixture(cfg.data.sources, tok, cfg.data.seq_len, cfg.cache_dir, cfg.seed)
+    train_sources, held_sources = cfg.data.sources, []
+    if cfg.eval is not None and cfg.eval.holdout > 0:
+        from rsdjax.eval.held_out import hold_out_files
+
+        train_sources, held_sources = hold_out_files(cfg.data.sources, cfg.eval.holdout)
+    mixture = build_mixture(train_sources, tok, cfg.data.seq_len, cfg.cache_dir, cfg.seed)
     for s in mixture.info():
         log(f"data source '{s.name}': {s.num_docs} documents, {s.num_tokens:,} tokens, {s.num_windows} windows "
             f"of {cfg.data.seq_len}, weight {s.weight:.2f}")
-    held_out = make_held_out(cfg, tok, model_cfg, mesh, log)  # (its files checked before anything is written)
+    held_out = make_held_out(cfg, tok, model_cfg, mesh, log, held_sources)  # (checked before anything is written)
 
     ckpt = TrainCheckpointer(cfg.checkpoint_dir, architecture(model_cfg), every=cfg.checkpoint.every,
                              keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
@@ -217,7 +222,7 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
     return TrainResult(run_dir, step, finished, stopped_by, first_loss, last_loss, model_dir)
 
 
-def make_held_out(cfg: TrainConfig, tok, model_cfg, mesh, log):
+def make_held_out(cfg: TrainConfig, tok, model_cfg, mesh, log, held_sources=()):
     """The held-out evaluator of `cfg.eval` (None without one); reads its files before training starts."""
     if cfg.eval is None:
         return None
@@ -225,7 +230,8 @@ def make_held_out(cfg: TrainConfig, tok, model_cfg, mesh, log):
     from rsdjax.loading import abstract_model
 
     held_out = HeldOut(cfg.eval, tok, abstract_model(model_cfg), mesh, seq_len=cfg.eval.seq_len or cfg.data.seq_len,
-                       batch_size=cfg.eval.batch_size or cfg.batch_size // cfg.grad_accum, total_steps=cfg.steps)
+                       batch_size=cfg.eval.batch_size or cfg.batch_size // cfg.grad_accum, total_steps=cfg.steps,
+                       extra_sources=held_sources)
     for name, _, stats in held_out.sources:
         log(f"eval source '{name}': {stats.documents} documents, {stats.tokens:,} tokens")
     return held_out
