@@ -1,25 +1,16 @@
 """Checkpoint writes that survive crashes: fsync before every publishing rename, and an HF export
 that replaces the previous one only once the new one is complete."""
-import hashlib
 import os
 import types
 from pathlib import Path
 
 import pytest
 
+from conftest import tree_digest as digest
 from rsdjax.checkpoint import hf
 from rsdjax.loading import load_model, save_model
 from rsdjax.tokenizer import Tokenizer
 from rsdjax.train.loop import export
-
-
-def digest(directory: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(directory.rglob("*")):
-        h.update(str(p.relative_to(directory)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -116,13 +116,13 @@ def test_eval_in_lora_finetuning_matches_rsdjax_eval(tmp_path, tiny_hf_dir, tiny
     text.write_text((ROOT / "data/corpus/en/05_rivers.txt").read_text(encoding="utf-8")[:300])
     qa = ROOT / "data/qa/eval.jsonl"
     cfg = load_finetune_config("lora-qa-demo", [
-        f"base={base}", f"tokenizer={tiny_tokenizer_dir}", f"output={tmp_path / 'adapter'}", "optim.steps=3",
+        f"base={base}", f"tokenizer={tiny_tokenizer_dir}", f"output={tmp_path / 'adapter'}", "steps=3",
         "optim.warmup_steps=1", "log_every=3", "data.seq_len=64", "demo_questions=[]", "data.eval=null",
         f"eval={{every: 2, sources: [{{name: qa, paths: [{qa}]}}, {{name: en, paths: [{text}]}}]}}"])
-    result = finetune(cfg, make_mesh({"fsdp": 2, "tensor": 4}), log=lambda m: None)
-    rows = [r for r in result.history if "eval_qa_loss" in r]
+    finetune(cfg, make_mesh({"fsdp": 2, "tensor": 4}), log=lambda m: None)
+    rows = [json.loads(line) for line in (tmp_path / "adapter" / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 2, 3]
-    assert rows[-1]["eval_qa_loss"] < rows[0]["eval_qa_loss"]  # the adapter learns the Q&A format
+    assert rows[-1]["eval"]["qa"]["loss"] < rows[0]["eval"]["qa"]["loss"]  # the adapter learns the Q&A format
 
     capsys.readouterr()
     assert main(["eval", "--model", str(base), "--tokenizer", str(tiny_tokenizer_dir), "--lora",
@@ -131,7 +131,7 @@ def test_eval_in_lora_finetuning_matches_rsdjax_eval(tmp_path, tiny_hf_dir, tiny
     cli = json.loads(capsys.readouterr().out)["sources"]
     for name in ("qa", "en"):
         for k in ("loss", "bits_per_byte"):
-            assert cli[name][k] == pytest.approx(rows[-1][f"eval_{name}_{k}"], rel=1e-4), (name, k)
+            assert cli[name][k] == pytest.approx(rows[-1]["eval"][name][k], rel=1e-5), (name, k)
 
 
 def test_holdout_fraction_takes_files_out_of_training(tmp_path):

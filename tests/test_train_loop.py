@@ -1,5 +1,4 @@
 """The training loop end to end: bad input, SIGTERM/SIGKILL and resume, kill during a save, 2 processes."""
-import hashlib
 import json
 import os
 import signal
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import tree_digest as digest
 from rsdjax.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,9 +42,8 @@ def write_config(path: Path, tokenizer_dir, **changes) -> Path:
     return path / "cfg.yaml"
 
 
-def launch(cfg: Path, *args, devices=8, log=None, env=None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           **(env or {})}
+def launch(cfg: Path, *args, devices=8, log=None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     return subprocess.Popen([sys.executable, str(ROOT / "scripts/train_cpt.py"), str(cfg), *args], cwd=ROOT, env=env,
                             stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
@@ -71,15 +70,6 @@ def wait_for(cond, proc, timeout=300.0, poll=0.002):
             return False
         time.sleep(poll)
     raise TimeoutError("condition not reached")
-
-
-def digest(directory: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(directory.rglob("*")):
-        h.update(str(p.relative_to(directory)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- bad input
@@ -199,18 +189,16 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, tiny_tokenizer_dir):
 
     from rsdjax.train.checkpoint import read_state
 
-    # one persistent compilation cache for every launch: the reference run fills it, the others
-    # start in seconds (the same compiled code, so results are unchanged)
-    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-    ref = launch(write_config(tmp_path / "ref", tiny_tokenizer_dir), log=open(tmp_path / "ref.log", "w"), env=cache)
+    # the reference run first: it fills the session's compile cache (conftest), so the seven
+    # launches after it start in seconds, running the same compiled code
+    ref = launch(write_config(tmp_path / "ref", tiny_tokenizer_dir), log=open(tmp_path / "ref.log", "w"))
     assert ref.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
     cfg = write_config(tmp_path / "int", tiny_tokenizer_dir)
     run_dir, ckpt_dir = tmp_path / "int" / "run", tmp_path / "int" / "run" / "checkpoints"
     log = open(tmp_path / "int.log", "a")
 
     # 1. SIGTERM after the first stage: the run saves where it is and exits 128 + 15
-    proc = launch(cfg, log=log, env=cache)
+    proc = launch(cfg, log=log)
     assert wait_for(lambda: len(logged_steps(run_dir)) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143, (tmp_path / "int.log").read_text()[-2000:]
@@ -220,7 +208,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, tiny_tokenizer_dir):
     # 2. five SIGKILLs, each at a random moment of a resumed run; the last complete checkpoint survives each
     rng, survivor = random.Random(16), stopped_at
     for moment in ("starting", "saving", "mid-step", "saving", "starting"):
-        proc = launch(cfg, log=log, env=cache)
+        proc = launch(cfg, log=log)
         if moment == "starting":  # JAX importing, compiling or restoring
             time.sleep(rng.uniform(0.5, 6.0))
             caught = proc.poll() is None
@@ -238,7 +226,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, tiny_tokenizer_dir):
         survivor = step
 
     # 3. same command again: runs to the end
-    proc = launch(cfg, log=log, env=cache)
+    proc = launch(cfg, log=log)
     assert proc.wait(timeout=600) == 0, (tmp_path / "int.log").read_text()[-3000:]
 
     step_a, a, meta_a = read_state(tmp_path / "ref" / "run" / "checkpoints")

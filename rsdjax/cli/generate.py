@@ -62,11 +62,13 @@ def default_context(longest: int, new_tokens: int, model_max: int) -> int:
 
 def run(args) -> int:
     from rsdjax import compile_cache
-    from rsdjax.cli.common import mesh_from_args
+    from rsdjax.cli.common import engine_runnable, mesh_from_args
+    from rsdjax.plan.cost_model import Workload
     from rsdjax.infer.engine import load_engine
     from rsdjax.infer.generate import generate
     from rsdjax.infer.interface import SamplingParams
     from rsdjax.infer.warmup import compile_for_prompts
+    from rsdjax.config import apply_overrides
     from rsdjax.loading import read_model_config
     from rsdjax.tokenizer import Tokenizer
 
@@ -90,11 +92,13 @@ def run(args) -> int:
         frequency_penalty=args.frequency_penalty, seed=args.seed, stop_token_ids=parse_ids(args.stop_ids, "--stop-ids"),
         stop=list(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs)
 
-    mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
-    cfg = read_model_config(args.model)
+    cfg = apply_overrides(read_model_config(args.model), split_overrides(args.overrides, "model"))
     max_context = args.max_context or default_context(max(map(len, prompts)), args.max_new_tokens,
                                                       cfg.max_position_embeddings)
     slots = args.max_slots or min(len(prompts), DEFAULT_SLOTS)
+    workload = Workload("infer", 0, max_context, prompt=min(max_context, max(map(len, prompts))))
+    mesh = mesh_from_args(args, cfg=cfg, workload=workload, runnable=engine_runnable(args.max_slots)) \
+        if (args.mesh or args.hardware) else None
     if mesh is not None:  # slots shard over `data`: round up so they divide it
         data = int(mesh.shape["data"])
         slots = -(-slots // data) * data

@@ -53,10 +53,10 @@ def build_engine(args):
         return engine, tokenizer, "fake"
     if args.model is None:
         raise ValueError("serve: give --model PATH (or --fake-engine)")
-    from rsdjax.cli.common import mesh_from_args
+    from rsdjax.cli.common import serving_mesh
     from rsdjax.infer.engine import load_engine
 
-    mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
+    mesh = serving_mesh(args, args.max_slots, args.max_context)
     engine, model_tokenizer = load_engine(args.model, mesh=mesh, max_slots=args.max_slots,
                                           max_context=args.max_context, lora=args.lora)
     return engine, tokenizer or model_tokenizer, args.model.resolve().name
