@@ -15,7 +15,8 @@ from flax import nnx
 
 from rsdjax.config import ModelConfig, RopeScaling
 from rsdjax.checkpoint.durable import publish_dir
-from rsdjax.checkpoint.safetensors_io import CheckpointError, ShardedWriter, TensorRef, index_directory
+from rsdjax.checkpoint.errors import CheckpointError
+from rsdjax.checkpoint.safetensors_io import ShardedWriter, TensorRef, index_directory
 
 # our stacked name -> (HF name inside layer i, HF tensor -> our per-layer array, our per-layer -> HF)
 LAYER_TENSORS = {
