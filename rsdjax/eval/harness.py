@@ -56,7 +56,7 @@ class RsdjaxLM(TemplateLM):
         self.tok = Tokenizer.load(tokenizer or self.path)
         model = load_model(self.path, mesh=self.mesh, rules="train")
         if lora:
-            from rsdjax.model.lora import apply_adapter
+            from rsdjax.checkpoint.peft import apply_adapter
 
             model = apply_adapter(model, lora)
         self.model = model
