@@ -139,14 +139,18 @@ class SlotEngine:
             seed = r.params.seed if r.params.seed is not None else int(self._rng.integers(0, 2**63))
             seeds[i] = seed_pair(seed)
         top_k = MAX_TOP_LOGPROBS if any(r.params.logprobs is not None for r in requests) else 0
-        cache, keys, prompt_mask, first, logprobs = self._steps.prefill(
-            self.weights, tokens, lengths, SamplingArrays.from_params(params), seeds, top_k)
+        prompt_top_k = MAX_TOP_LOGPROBS if any(r.params.prompt_logprobs is not None for r in requests) else 0
+        cache, keys, prompt_mask, first, logprobs, prompt = self._steps.prefill(
+            self.weights, tokens, lengths, SamplingArrays.from_params(params), seeds, top_k, prompt_top_k)
         first = np.asarray(first)
         logprobs = None if logprobs is None else tuple(np.asarray(a) for a in logprobs)
+        prompt = None if prompt is None else tuple(np.asarray(a) for a in prompt)
         prefixes = []
         for i, r in enumerate(requests):
             slot = _Slot(r, length=len(r.prompt_ids), generated=1)
             event = self._event(slot, -1, int(first[i]), logprobs, i)
+            if r.params.prompt_logprobs is not None:
+                event.prompt_logprobs = prompt_logprob_entries(r.prompt_ids, r.params.prompt_logprobs, prompt, i)
             prefixes.append(Prefix(r, event, _Prefilled(cache, keys, prompt_mask, i)))
         return prefixes
 
@@ -203,6 +207,20 @@ class SlotEngine:
             lp = float(chosen[row])
             top = {int(t): float(v) for t, v in zip(top_ids[row, :p.logprobs], top_values[row, :p.logprobs])} or None
         return TokenEvent(s.request.id, slot, token, logprob=lp, top_logprobs=top, finish_reason=finish)
+
+
+def prompt_logprob_entries(prompt_ids: list[int], k: int, arrays, row: int) -> list:
+    """`TokenEvent.prompt_logprobs` for one prompt from the prefill's (chosen, top ids, top values)
+    [rows, T(, k)] arrays: None for the first token, then (logprob, top k plus the token itself, as
+    vLLM reports prompt logprobs, the token's rank)."""
+    chosen, top_ids, top_values, rank = arrays
+    out: list = [None]
+    for t in range(1, len(prompt_ids)):
+        top = {int(i): float(v) for i, v in zip(top_ids[row, t - 1, :k], top_values[row, t - 1, :k])}
+        lp = float(chosen[row, t - 1])
+        top.setdefault(int(prompt_ids[t]), lp)
+        out.append((lp, top, int(rank[row, t - 1])))
+    return out
 
 
 def eos_ids_for(path: Path, cfg, tokenizer) -> list[int]:

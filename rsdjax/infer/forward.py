@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rsdjax.config import ConfigError, ModelConfig
+from rsdjax.infer.sampling import token_logprobs
 from rsdjax.model.llama import Llama, decoder_layer, resolve_dtype, rms_norm, rope_cos_sin, rope_inv_freq
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, constrain, resolve
@@ -179,12 +180,13 @@ def _logits(cfg: ModelConfig, w: ServingWeights, x):
     return constrain(logits, ("batch", "act_vocab"))
 
 
-def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths):
+def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths, return_hidden: bool = False):
     """Run padded prompts. tokens [B, T] (real tokens first, padding after), lengths [B].
 
     Returns the logits of each prompt's last real token [B, V] and the K/V of all T positions
     (padding positions hold garbage that decode never attends to: it attends to positions <= its
-    own and overwrites position `length` onwards as it goes).
+    own and overwrites position `length` onwards as it goes); with `return_hidden`, also the last
+    layer's output at every position [B, T, E] (for prompt logprobs, see `prompt_logprobs`).
     """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -201,7 +203,43 @@ def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths):
 
         x = decoder_layer(cfg, x, layer_view(p), cos, sin, mask, keep)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    if return_hidden:
+        return _logits(cfg, w, last), LayerCache(ks, vs), x
     return _logits(cfg, w, last), LayerCache(ks, vs)
+
+
+PROMPT_LOGPROB_CHUNK = 128  # positions whose [rows, chunk, vocab] logits exist at once
+
+
+def prompt_logprobs(cfg: ModelConfig, w: ServingWeights, hidden, tokens, k: int):
+    """Log-probabilities of each prompt's next tokens under the model's raw distribution.
+
+    hidden [B, T, E] (from `prefill(..., return_hidden=True)`), tokens [B, T] -> (chosen [B, T],
+    top ids [B, T, k], top values [B, T, k], rank [B, T]: 1 + how many tokens are more likely);
+    position t scores token t + 1 (the last is padding).
+    The vocabulary-wide logits are made a chunk of positions at a time (`lax.map`), so a long
+    prompt never holds [T, vocab] floats.
+    """
+    b, t, e = hidden.shape
+    chunk = min(t, PROMPT_LOGPROB_CHUNK)
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad + 1)))
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+
+    def one(args):
+        h, y = args  # [B, chunk, E], [B, chunk]
+        logits = _logits(cfg, w, h.reshape(b * chunk, e))
+        y = y.reshape(-1)
+        chosen, ids, values = token_logprobs(logits, y, k)
+        rank = 1 + jnp.sum(logits > jnp.take_along_axis(logits, y[:, None], axis=-1), axis=-1, dtype=jnp.int32)
+        return (chosen.reshape(b, chunk), ids.reshape(b, chunk, k), values.reshape(b, chunk, k),
+                rank.reshape(b, chunk))
+
+    split = lambda a: jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)  # noqa: E731
+    out = jax.lax.map(one, (split(hidden), split(targets)))
+    join = lambda a: jnp.moveaxis(a, 0, 1).reshape(b, n * chunk, *a.shape[3:])[:, :t]  # noqa: E731
+    return tuple(join(a) for a in out)
 
 
 def decode(cfg: ModelConfig, w: ServingWeights, cache: LayerCache, tokens, positions, attend: int):

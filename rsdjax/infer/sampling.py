@@ -58,6 +58,8 @@ def validate(params: SamplingParams, vocab_size: int, where: str = "request") ->
         (params.repetition_penalty > 0, f"repetition_penalty must be > 0, got {params.repetition_penalty}"),
         (params.logprobs is None or 0 <= params.logprobs <= MAX_TOP_LOGPROBS,
          f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.logprobs}"),
+        (params.prompt_logprobs is None or 0 <= params.prompt_logprobs <= MAX_TOP_LOGPROBS,
+         f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.prompt_logprobs}"),
         (params.seed is None or params.seed >= 0, f"seed must be >= 0, got {params.seed}"),
     ]
     bad = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]

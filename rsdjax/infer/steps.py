@@ -45,10 +45,17 @@ def empty_state(cfg: ModelConfig, max_slots: int, max_context: int) -> SlotState
                      params, np.zeros((s, v), bool), np.zeros((s, v), np.int32))
 
 
-def prefill_step(cfg: ModelConfig, mesh, weights, tokens, lengths, params, seeds, top_k: int):
-    """Padded prompts [rows, bucket] -> their K/V, PRNG keys, prompt masks, first tokens (+ logprobs)."""
+def prefill_step(cfg: ModelConfig, mesh, weights, tokens, lengths, params, seeds, top_k: int,
+                 prompt_top_k: int = 0):
+    """Padded prompts [rows, bucket] -> their K/V, PRNG keys, prompt masks, first tokens (+ logprobs),
+    and with `prompt_top_k` the logprobs of every prompt token (`forward.prompt_logprobs`)."""
     with activation_sharding(mesh, INFER_RULES):
-        logits, cache = forward.prefill(cfg, weights, tokens, lengths)
+        if prompt_top_k:
+            logits, cache, hidden = forward.prefill(cfg, weights, tokens, lengths, return_hidden=True)
+            prompt = forward.prompt_logprobs(cfg, weights, hidden, tokens, prompt_top_k)
+        else:
+            logits, cache = forward.prefill(cfg, weights, tokens, lengths)
+            prompt = None
         rows, vocab = tokens.shape[0], cfg.vocab_size
         real = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
         prompt_mask = jnp.zeros((rows, vocab), bool).at[
@@ -57,7 +64,7 @@ def prefill_step(cfg: ModelConfig, mesh, weights, tokens, lengths, params, seeds
         first = sample(logits, params, keys, jnp.zeros(rows, jnp.int32), prompt_mask,
                        jnp.zeros((rows, vocab), jnp.int32))
         logprobs = token_logprobs(logits, first, top_k) if top_k else None
-    return cache, keys, prompt_mask, first, logprobs
+    return cache, keys, prompt_mask, first, logprobs, prompt
 
 
 def insert_step(cfg: ModelConfig, cache, state: SlotState, prefilled_cache, keys, prompt_mask, row, slot, token,
@@ -90,7 +97,7 @@ def decode_step(cfg: ModelConfig, mesh, weights, cache, state: SlotState, attend
 
 @dataclasses.dataclass(frozen=True)
 class CompiledSteps:
-    prefill: object  # (weights, tokens, lengths, params, seeds, top_k) -> prefill_step outputs
+    prefill: object  # (weights, tokens, lengths, params, seeds, top_k, prompt_top_k) -> prefill_step outputs
     insert: object  # (cache, state, prefilled_cache, keys, prompt_mask, row, slot, token, length, params)
     decode: object  # (weights, cache, state, attend, top_k) -> (cache, state, (tokens, logprobs))
     cache_sharding: NamedSharding
@@ -108,7 +115,7 @@ def compiled_steps(cfg: ModelConfig, mesh, max_slots: int, max_context: int) -> 
         replicated = NamedSharding(mesh, PartitionSpec())
         state_shardings = jax.tree.map(lambda _: replicated, empty_state(cfg, 1, 1))
         _COMPILED[key] = CompiledSteps(
-            prefill=jax.jit(functools.partial(prefill_step, cfg, mesh), static_argnums=(5,)),
+            prefill=jax.jit(functools.partial(prefill_step, cfg, mesh), static_argnums=(5, 6)),
             insert=jax.jit(functools.partial(insert_step, cfg), donate_argnums=(0, 1),
                            out_shardings=(cache_shardings, state_shardings)),
             decode=jax.jit(functools.partial(decode_step, cfg, mesh), static_argnums=(3, 4), donate_argnums=(1, 2),

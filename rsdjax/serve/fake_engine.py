@@ -5,7 +5,7 @@ same prompt always gives the same greedy continuation, whatever else shares the 
 that mixes up slots, drops tokens or reorders them is caught. It honours the same contract as
 `rsdjax.infer.engine.SlotEngine` (see `rsdjax.infer.interface`): `PromptTooLongError` from
 `prefill`, EOS / stop token ids / max_tokens, temperature / top-k / top-p / min-p, penalties,
-per-request seeds and logprobs. Optional delays make a decode step cost time, like a real model
+per-request seeds, logprobs and prompt logprobs. Optional delays make a decode step cost time, like a real model
 whose step cost barely depends on how many slots are busy, which is what continuous batching exploits.
 """
 from __future__ import annotations
@@ -100,12 +100,21 @@ class FakeEngine:
             raise ValueError(f"request {request.id}: token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
         if self.prefill_delay_per_token:
             time.sleep(self.prefill_delay_per_token * len(ids))
-        h = 0
-        for t in ids:
+        h, scored = 0, [None]
+        for i, t in enumerate(ids):
+            if i and p.prompt_logprobs is not None:  # the raw distribution after ids[:i] scores ids[i]
+                logits = self._logits(h).astype(np.float64)  # as `_sample` computes them (float64 after penalties)
+                logprobs = logits - np.logaddexp.reduce(logits)
+                top = {int(j): float(logprobs[j]) for j in np.argsort(-logprobs, kind="stable")[:p.prompt_logprobs]}
+                top.setdefault(int(t), float(logprobs[t]))
+                scored.append((float(logprobs[t]), top, 1 + int(np.sum(logprobs > logprobs[t]))))
             h = _mix(h, t)
         state = _SlotState(request, h, np.bincount(ids, minlength=self.vocab_size).astype(np.float32),
                            np.zeros(self.vocab_size, np.float32), np.random.default_rng(p.seed))
-        return Prefix(request, self._sample(state), state)
+        first = self._sample(state)
+        if p.prompt_logprobs is not None:
+            first.prompt_logprobs = scored
+        return Prefix(request, first, state)
 
     def insert(self, prefix: Prefix, slot: int) -> None:
         if self._slots[slot] is not None:

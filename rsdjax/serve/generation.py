@@ -195,6 +195,52 @@ def completion_logprobs(ctx: GenContext, pieces: list[Piece], offset: int) -> di
     return out
 
 
+def echo_logprobs(ctx: GenContext, prompt_ids: list[int], scored: list, top_n: int) -> dict:
+    """The prompt's part of legacy-completions logprobs (echo): OpenAI's shape, None for the first token,
+    each top dict the top `top_n` plus the prompt token itself. `scored` is `TokenEvent.prompt_logprobs`."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for token_id, entry in zip(prompt_ids, scored):
+        text = token_text(ctx, token_id)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        if entry is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        lp, top, _ = entry
+        kept = dict(list(top.items())[:top_n])
+        kept.setdefault(token_id, lp)
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append({token_text(ctx, t): v for t, v in kept.items()})
+    return out
+
+
+def join_logprobs(first: dict, second: dict, offset: int) -> dict:
+    """Two legacy-completions logprobs dicts end to end, `second`'s text offsets shifted by `offset`."""
+    return {"tokens": first["tokens"] + second["tokens"],
+            "token_logprobs": first["token_logprobs"] + second["token_logprobs"],
+            "top_logprobs": first["top_logprobs"] + second["top_logprobs"],
+            "text_offset": first["text_offset"] + [o + offset for o in second["text_offset"]]}
+
+
+def vllm_prompt_logprobs(ctx: GenContext, prompt_ids: list[int], scored: list, top_n: int) -> list:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {"<id>": {logprob, rank, decoded_token}},
+    the prompt token first, then the top ones by rank (1 = most likely)."""
+    out: list = []
+    for token_id, entry in zip(prompt_ids, scored):
+        if entry is None:
+            out.append(None)
+            continue
+        lp, top, rank = entry
+        item = {str(token_id): {"logprob": lp, "rank": rank, "decoded_token": token_text(ctx, token_id)}}
+        for r, (t, v) in enumerate(sorted(top.items(), key=lambda kv: -kv[1])[:top_n], start=1):
+            item.setdefault(str(t), {"logprob": v, "rank": r, "decoded_token": token_text(ctx, t)})
+        out.append(item)
+    return out
+
+
 def chat_logprobs(ctx: GenContext, pieces: list[Piece]) -> dict:
     def entry(token_id, logprob):
         s = token_text(ctx, token_id)

@@ -2,8 +2,10 @@
 
 Requests are strict: an unknown field or an out-of-range value is a 400 naming the field, rather
 than being silently ignored. Fields of the OpenAI API we do not implement are accepted only at
-their neutral value (echo=false, best_of=n, no suffix, no logit_bias), so clients that always send
-them keep working. vLLM extensions: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids.
+their neutral value (best_of=n, no suffix, no logit_bias), so clients that always send them keep
+working. vLLM extensions: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
+prompt_logprobs. Legacy completions take `echo` and `max_tokens: 0` (score the prompt, generate
+nothing), which is how lm-evaluation-harness asks for loglikelihoods.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class _GenerationRequest(BaseModel):
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM: top-N per prompt token")
 
     # field validators (not model validators) so that a 400 names the offending field as its `param`
     @field_validator("stream_options")
@@ -68,7 +71,8 @@ class _GenerationRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=max(self.top_k, 0), min_p=self.min_p, repetition_penalty=self.repetition_penalty,
@@ -76,11 +80,12 @@ class _GenerationRequest(BaseModel):
             # n samples from one seeded request must differ from each other yet be reproducible
             seed=None if self.seed is None else self.seed + choice,
             stop_token_ids=list(self.stop_token_ids or []), stop=self.stop_list,
-            ignore_eos=self.ignore_eos, logprobs=logprobs)
+            ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, description="0 only with echo or prompt_logprobs")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
@@ -94,7 +99,7 @@ class CompletionRequest(_GenerationRequest):
             raise ValueError("must not be empty")
         return v
 
-    @field_validator("echo", "suffix", "logit_bias")
+    @field_validator("suffix", "logit_bias")
     @classmethod
     def _unsupported(cls, v):
         if v:
