@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # Command modules, in the order `rsdjax --help` lists them. Add a module here to add a command.
-COMMANDS = ("convert", "shard_report", "plan", "tokenizer", "train", "finetune", "lora", "generate", "serve", "route")
+COMMANDS = ("convert", "shard_report", "plan", "tokenizer", "train", "finetune", "lora", "generate", "eval", "serve", "route")
 
 
 def build_parser() -> argparse.ArgumentParser:

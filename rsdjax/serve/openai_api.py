@@ -6,6 +6,7 @@ one SSE chunk per generated token, an optional usage chunk, then `data: [DONE]`.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import AsyncIterator, Callable
@@ -85,7 +86,7 @@ def _prompt_texts(ctx: g.GenContext, body: CompletionRequest, prompts: list[list
 
 
 async def create_completion(ctx: g.GenContext, model: str, body: CompletionRequest, request: Request):
-    prompts = _encode_prompts(ctx, body)
+    prompts = await asyncio.to_thread(_encode_prompts, ctx, body)  # off the event loop
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not (body.echo or body.prompt_logprobs is not None):
         raise bad_request("max_tokens: 0 generates nothing; it is only allowed with echo or prompt_logprobs "
@@ -162,9 +163,11 @@ async def create_completion(ctx: g.GenContext, model: str, body: CompletionReque
 
 
 async def create_chat_completion(ctx: g.GenContext, model: str, body: ChatCompletionRequest, request: Request):
-    ids = _chat_prompt(ctx, body)
-    # no max_tokens: whatever room the context leaves (at least 1, so an over-long prompt is still a 400)
-    max_tokens = body.requested_max_tokens or max(1, ctx.max_context - len(ids))
+    ids = await asyncio.to_thread(_chat_prompt, ctx, body)  # off the event loop
+    # no max_tokens: whatever room the context leaves, capped by the server's default (at least 1, so
+    # an over-long prompt is still a 400)
+    room = ctx.max_context - len(ids)
+    max_tokens = body.requested_max_tokens or max(1, min(room, ctx.max_tokens_default or room))
     g.check_prompt(ctx, ids, max_tokens, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
     choices = g.start_choices(ctx, [ids], [body.sampling_params(max_tokens, top, j, body.prompt_logprobs)
