@@ -27,8 +27,10 @@ import numpy as np
 
 from rsdjax.config import ConfigError
 from rsdjax.infer import forward
+from rsdjax.infer.adapters import AdapterPool
 from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, TokenEvent
-from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, seed_pair, validate
+from rsdjax.infer.sampling import (MAX_TOP_LOGPROBS, SamplingArrays, fill_bitmasks, no_constraint, seed_pair,
+                                   validate)
 from rsdjax.infer.steps import compiled_steps, empty_state
 from rsdjax.parallel.mesh import make_mesh
 
@@ -73,7 +75,7 @@ def _bucket(n: int, sizes: Sequence[int]) -> int:
 class SlotEngine:
     def __init__(self, model, max_slots: int = 8, max_context: int | None = None,
                  eos_token_ids: list[int] | None = None, mesh=None,
-                 prefill_buckets: tuple[int, ...] | None = None):
+                 prefill_buckets: tuple[int, ...] | None = None, max_loras: int = 0, max_lora_rank: int = 16):
         cfg = self.cfg = model.cfg
         self.max_slots = int(max_slots)
         self.max_context = int(max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT))
@@ -97,6 +99,9 @@ class SlotEngine:
         self._cache = forward.empty_cache(cfg, self.mesh, self.max_slots, self.max_context)
         self._state = jax.device_put(empty_state(cfg, self.max_slots, self.max_context), self._steps.state_sharding)
         self._slots: list[_Slot | None] = [None] * self.max_slots
+        # multi-LoRA: adapters stacked on the device, one entry per batch row (rsdjax.infer.adapters)
+        self.adapters = AdapterPool(cfg, self.mesh, max_loras, max_lora_rank) if max_loras else None
+        self._no_constraint = jax.device_put(no_constraint(self.max_slots, cfg.vocab_size), self._steps.state_sharding)
         self._rng = np.random.default_rng()  # seeds for requests that bring none
 
     # ------------------------------------------------------------ the Engine protocol
@@ -140,8 +145,12 @@ class SlotEngine:
             seeds[i] = seed_pair(seed)
         top_k = MAX_TOP_LOGPROBS if any(r.params.logprobs is not None for r in requests) else 0
         prompt_top_k = MAX_TOP_LOGPROBS if any(r.params.prompt_logprobs is not None for r in requests) else 0
+        bitmask = fill_bitmasks([r.params.guide for r in requests] + [None] * (rows - len(requests)),
+                                self.cfg.vocab_size)
+        lora = self._lora([r.adapter for r in requests] + [0] * (rows - len(requests)))
         cache, keys, prompt_mask, first, logprobs, prompt = self._steps.prefill(
-            self.weights, tokens, lengths, SamplingArrays.from_params(params), seeds, top_k, prompt_top_k)
+            self.weights, tokens, lengths, SamplingArrays.from_params(params), seeds, bitmask, lora, top_k,
+            prompt_top_k)
         first = np.asarray(first)
         logprobs = None if logprobs is None else tuple(np.asarray(a) for a in logprobs)
         prompt = None if prompt is None else tuple(np.asarray(a) for a in prompt)
@@ -174,8 +183,14 @@ class SlotEngine:
             return []
         attend = _bucket(max(s.length for _, s in active) + 1, self.attend_buckets)
         top_k = MAX_TOP_LOGPROBS if any(s.request.params.logprobs is not None for _, s in active) else 0
+        guides = [None] * self.max_slots
+        for i, s in active:
+            guides[i] = s.request.params.guide
+        # no grammar in the batch: the all-ones mask already on the device (no transfer per step)
+        bitmask = fill_bitmasks(guides, self.cfg.vocab_size) if any(guides) else self._no_constraint
+        lora = self._lora([s.request.adapter if s is not None else 0 for s in self._slots])
         self._cache, self._state, (tokens, logprobs) = self._steps.decode(
-            self.weights, self._cache, self._state, attend, top_k)
+            self.weights, self._cache, self._state, bitmask, lora, attend, top_k)
         tokens = np.asarray(tokens)
         logprobs = None if logprobs is None else tuple(np.asarray(a) for a in logprobs)
         events = []
@@ -200,10 +215,20 @@ class SlotEngine:
 
     # ------------------------------------------------------------ helpers
 
+    def _lora(self, adapters: list[int]):
+        """The steps' `lora` argument: None without an adapter pool, else (pool arrays, index per row)."""
+        if self.adapters is None:
+            return None
+        bad = [a for a in adapters if not 0 <= a <= self.adapters.max_loras]
+        if bad:
+            raise ValueError(f"adapter entry {bad[0]} does not exist (max_loras={self.adapters.max_loras})")
+        return self.adapters.layers, np.asarray(adapters, np.int32)
+
     def _event(self, s: _Slot, slot: int, token: int, logprobs, row: int) -> TokenEvent:
         p = s.request.params
         finish = None
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        grammar_done = p.guide is not None and p.guide.consume(token)
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids or grammar_done:
             finish = "stop"
         elif s.generated >= p.max_tokens:
             finish = "length"

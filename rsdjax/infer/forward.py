@@ -174,7 +174,17 @@ def _logits(cfg: ModelConfig, w: ServingWeights, x):
     return lm_logits(cfg, x, w.final_norm, w.embed if w.lm_head is None else w.lm_head)
 
 
-def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths, return_hidden: bool = False):
+def with_adapters(p: dict, lora, i: int) -> dict:
+    """Layer i's weights in the model's layout, plus its rows of the adapter pool when serving many
+    LoRA adapters (`lora` = (per-layer pool arrays, adapter index per batch row); see `rsdjax.infer.adapters`)."""
+    p = layer_view(p)
+    if lora is not None:
+        layers, index = lora
+        p["lora_rows"] = {**layers[i], "index": index}
+    return p
+
+
+def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths, return_hidden: bool = False, lora=None):
     """Run padded prompts. tokens [B, T] (real tokens first, padding after), lengths [B].
 
     Returns the logits of each prompt's last real token [B, V] and the K/V of all T positions
@@ -187,13 +197,13 @@ def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths, return_hidden:
     mask = causal_mask(b, t)
     x = embed_tokens(cfg, w.embed, tokens)
     ks, vs = [], []
-    for p in w.layers:
+    for i, p in enumerate(w.layers):
         def keep(k, v):  # [B, T, KV, D] -> the cache layout [B, KV, T, D]
             ks.append(constrain(jnp.swapaxes(k, 1, 2), CACHE_LAYER_AXES))
             vs.append(constrain(jnp.swapaxes(v, 1, 2), CACHE_LAYER_AXES))
             return k, v
 
-        x = decoder_layer(cfg, x, layer_view(p), rope, attend_with(mask, keep))
+        x = decoder_layer(cfg, x, with_adapters(p, lora, i), rope, attend_with(mask, keep))
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
     if return_hidden:
         return _logits(cfg, w, last), LayerCache(ks, vs), x
@@ -234,7 +244,7 @@ def prompt_logprobs(cfg: ModelConfig, w: ServingWeights, hidden, tokens, k: int)
     return tuple(join(a) for a in out)
 
 
-def decode(cfg: ModelConfig, w: ServingWeights, cache: LayerCache, tokens, positions, attend: int):
+def decode(cfg: ModelConfig, w: ServingWeights, cache: LayerCache, tokens, positions, attend: int, lora=None):
     """One token per slot. tokens, positions [B]; writes K/V at `positions` (dropped when >= the cache
     length, which is how idle slots are ignored) and attends to cache positions [0, attend) that are
     <= the slot's own. `attend` (static) is a bucket >= every active slot's position + 1, so short
@@ -257,6 +267,6 @@ def decode(cfg: ModelConfig, w: ServingWeights, cache: LayerCache, tokens, posit
             # the layer wants [B, S, KV, D]: XLA folds this transpose into the attention matmuls
             return jnp.swapaxes(new_k[-1][:, :, :attend], 1, 2), jnp.swapaxes(new_v[-1][:, :, :attend], 1, 2)
 
-        x = decoder_layer(cfg, x, layer_view(p), rope, attend_with(mask, write))
+        x = decoder_layer(cfg, x, with_adapters(p, lora, i), rope, attend_with(mask, write))
     return _logits(cfg, w, x[:, 0]), LayerCache(new_k, new_v)
 

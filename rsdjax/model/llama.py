@@ -114,6 +114,10 @@ def linear(x, p: dict, name: str, equation: str):
         from rsdjax.model.lora import lora_delta  # lazy: lora.py imports this module
 
         y = y + lora_delta(x, p["lora"], name, equation)
+    if name in p.get("lora_rows", {}):  # multi-LoRA serving: each batch row its own adapter (rsdjax.infer.adapters)
+        from rsdjax.model.lora import lora_rows_delta
+
+        y = y + lora_rows_delta(x, p["lora_rows"], name, equation)
     return y
 
 

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, SamplingParams, TokenEvent
+from rsdjax.infer.sampling import fill_bitmasks, unpack_bitmask
 
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant: a cheap, well-spread context hash
 _MASK = (1 << 64) - 1
@@ -67,6 +68,9 @@ class FakeEngine:
         logits = (logits - p.presence_penalty * (state.output_counts > 0)
                   - p.frequency_penalty * state.output_counts)
         logprobs = logits - np.logaddexp.reduce(logits)
+        if p.guide is not None:  # structured output: only what the grammar allows may be drawn
+            allowed = unpack_bitmask(fill_bitmasks([p.guide], self.vocab_size), self.vocab_size)[0]
+            logits = np.where(allowed, logits, -np.inf)
         if p.temperature == 0.0:
             token = int(np.argmax(logits))
         else:
@@ -79,7 +83,8 @@ class FakeEngine:
         state.output_counts[token] += 1
         state.context_hash = _mix(state.context_hash, token)
         finish = None
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        grammar_done = p.guide is not None and p.guide.consume(token)
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids or grammar_done:
             finish = "stop"
         elif state.generated >= p.max_tokens or len(state.request.prompt_ids) + state.generated >= self.max_context:
             finish = "length"

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from rsdjax.serve import generation as g
 from rsdjax.serve.asgi import wait_or_disconnect
+from rsdjax.serve.constraints import guides_for
 from rsdjax.serve.errors import APIError, bad_request
 from rsdjax.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -85,7 +86,8 @@ def _prompt_texts(ctx: g.GenContext, body: CompletionRequest, prompts: list[list
             else ctx.tokenizer.decode(ids, skip_special_tokens=False) for p, ids in zip(body.prompts(), prompts)]
 
 
-async def create_completion(ctx: g.GenContext, model: str, body: CompletionRequest, request: Request):
+async def create_completion(ctx: g.GenContext, model: str, body: CompletionRequest, request: Request,
+                            adapter: str | None = None):
     prompts = await asyncio.to_thread(_encode_prompts, ctx, body)  # off the event loop
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not (body.echo or body.prompt_logprobs is not None):
@@ -98,8 +100,10 @@ async def create_completion(ctx: g.GenContext, model: str, body: CompletionReque
     echo_top = body.logprobs if body.echo else None
     wanted = [k for k in (echo_top, body.prompt_logprobs) if k is not None]
     prompt_k = max(wanted) if wanted else None
-    params = [body.sampling_params(engine_max_tokens, body.logprobs, j, prompt_k) for j in range(body.n)]
-    choices = g.start_choices(ctx, prompts, params)
+    guides = await guides_for(ctx, body, len(prompts) * body.n)
+    params = [[body.sampling_params(engine_max_tokens, body.logprobs, j, prompt_k, guides[i * body.n + j])
+               for j in range(body.n)] for i in range(len(prompts))]
+    choices = g.start_choices(ctx, prompts, params, adapter)
     rid, created = g.new_id("cmpl"), int(time.time())
     prompt_tokens = sum(len(ids) for ids in prompts)
     prompt_of = [prompts[i // body.n] for i in range(len(choices))]  # choices go n per prompt
@@ -162,7 +166,8 @@ async def create_completion(ctx: g.GenContext, model: str, body: CompletionReque
     return await _respond(request, choices, body.stream, body_fn, chunks_fn, tail_fn)
 
 
-async def create_chat_completion(ctx: g.GenContext, model: str, body: ChatCompletionRequest, request: Request):
+async def create_chat_completion(ctx: g.GenContext, model: str, body: ChatCompletionRequest, request: Request,
+                                 adapter: str | None = None):
     ids = await asyncio.to_thread(_chat_prompt, ctx, body)  # off the event loop
     # no max_tokens: whatever room the context leaves, capped by the server's default (at least 1, so
     # an over-long prompt is still a 400)
@@ -170,8 +175,9 @@ async def create_chat_completion(ctx: g.GenContext, model: str, body: ChatComple
     max_tokens = body.requested_max_tokens or max(1, min(room, ctx.max_tokens_default or room))
     g.check_prompt(ctx, ids, max_tokens, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    choices = g.start_choices(ctx, [ids], [body.sampling_params(max_tokens, top, j, body.prompt_logprobs)
-                                           for j in range(body.n)])
+    guides = await guides_for(ctx, body, body.n)
+    choices = g.start_choices(ctx, [ids], [[body.sampling_params(max_tokens, top, j, body.prompt_logprobs, guides[j])
+                                            for j in range(body.n)]], adapter)
     rid, created = g.new_id("chatcmpl"), int(time.time())
     completion_tokens = [0] * len(choices)
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
