@@ -17,7 +17,8 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append", default=[], help="text prompt (needs tokenizer.json); repeat for a batch")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                    help="comma-separated token ids, e.g. 1,2,3; repeat for a batch")
-    p.add_argument("--lora", type=Path, default=None, help="PEFT LoRA adapter directory to apply to the model")
+    p.add_argument("--lora", action="append", default=[], metavar="[NAME=]DIR",
+                   help="PEFT LoRA adapter directory to apply to the model (serve's syntax; one adapter)")
     p.add_argument("--chat", action="store_true", help="send each --prompt as a user message in the Llama-3 chat format")
     p.add_argument("--no-bos", action="store_true", help="do not prepend <|begin_of_text|> to text prompts")
     s = p.add_argument_group("sampling")
@@ -97,8 +98,13 @@ def run(args) -> int:
         data = int(mesh.shape["data"])
         slots = -(-slots // data) * data
     t0 = time.perf_counter()
+    from rsdjax.infer.engine import parse_lora_args
+
+    adapters = list(parse_lora_args(args.lora).values())
+    if len(adapters) > 1:
+        raise ValueError("generate: give one --lora (serve one adapter per request with rsdjax serve)")
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=slots, max_context=max_context,
-                            overrides=split_overrides(args.overrides, "model"), lora=args.lora)
+                            overrides=split_overrides(args.overrides, "model"), lora=adapters[0] if adapters else None)
     load_s = time.perf_counter() - t0
 
     stream = not args.json and len(prompts) == 1

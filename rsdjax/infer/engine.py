@@ -275,12 +275,30 @@ def eos_ids_for(path: Path, cfg, tokenizer) -> list[int]:
     return ids
 
 
+def parse_lora_args(values: Sequence[str]) -> dict[str, str]:
+    """`--lora NAME=DIR` (or a bare DIR, named after its folder), repeatable -> {name: dir}."""
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, directory = v.partition("=")
+        if not sep:
+            name, directory = Path(v).resolve().name, v
+        if not name or not directory:
+            raise ConfigError(f"--lora {v!r}: expected NAME=DIR")
+        if name in out:
+            raise ConfigError(f"--lora {v!r}: the name {name!r} is given twice")
+        out[name] = directory
+    return out
+
+
 def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | None = None,
-                overrides: Sequence[str] = (), lora=None):
+                overrides: Sequence[str] = (), lora=None, adapters: dict[str, str] | None = None,
+                max_loras: int = 0, max_lora_rank: int = 16):
     """An HF Llama directory or rsdjax checkpoint -> (SlotEngine, Tokenizer | None).
 
     The tokenizer is `tokenizer.json` in the model directory when there is one. `lora`: a PEFT adapter
-    directory, applied (unmerged) before the engine splits the weights per layer.
+    directory, applied (unmerged) before the engine splits the weights per layer: every request gets it.
+    `adapters` {name: directory}: served side by side, chosen per request, in a pool of
+    `max(max_loras, len(adapters))` entries of rank up to `max_lora_rank` (more can be loaded later).
     """
     from rsdjax.loading import load_model
     from rsdjax.tokenizer import Tokenizer
@@ -292,8 +310,12 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
 
         model = apply_adapter(model, lora)
     tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
+    adapters = dict(adapters or {})
     engine = SlotEngine(model, max_slots=max_slots, max_context=max_context,
-                        eos_token_ids=eos_ids_for(path, model.cfg, tokenizer), mesh=mesh)
+                        eos_token_ids=eos_ids_for(path, model.cfg, tokenizer), mesh=mesh,
+                        max_loras=max(max_loras, len(adapters)), max_lora_rank=max_lora_rank)
+    for name, directory in adapters.items():
+        engine.adapters.load(name, directory)
     return engine, tokenizer
 
 
