@@ -59,12 +59,10 @@ def build_engine(args):
         return engine, tokenizer, "fake"
     if args.model is None:
         raise ValueError("serve: give --model PATH (or --fake-engine)")
-    from rsdjax.cli.common import mesh_from_args
-    from rsdjax.infer.engine import load_engine
+    from rsdjax.cli.common import serving_mesh
+    from rsdjax.infer.engine import load_engine, parse_lora_args
 
-    mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
-    from rsdjax.infer.engine import parse_lora_args
-
+    mesh = serving_mesh(args, args.max_slots, args.max_context)
     engine, model_tokenizer = load_engine(args.model, mesh=mesh, max_slots=args.max_slots,
                                           max_context=args.max_context, adapters=parse_lora_args(args.lora),
                                           max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)

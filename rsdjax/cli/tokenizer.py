@@ -69,7 +69,7 @@ def run_resize(args) -> int:
 
     from rsdjax.loading import abstract_model, load_model, save_model
     from rsdjax.tokenizer import Tokenizer
-    from rsdjax.vocab import resize_vocab
+    from rsdjax.model.resize import resize_vocab
 
     _refuse_nonempty(args.output)
     old, new = Tokenizer.load(args.old_tokenizer), Tokenizer.load(args.new_tokenizer)

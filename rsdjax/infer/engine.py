@@ -187,7 +187,8 @@ class SlotEngine:
         for i, s in active:
             guides[i] = s.request.params.guide
         # no grammar in the batch: the all-ones mask already on the device (no transfer per step)
-        bitmask = fill_bitmasks(guides, self.cfg.vocab_size) if any(guides) else self._no_constraint
+        bitmask = (jax.device_put(fill_bitmasks(guides, self.cfg.vocab_size), self._steps.state_sharding)
+                   if any(guides) else self._no_constraint)  # the same sharding either way: one compiled step
         lora = self._lora([s.request.adapter if s is not None else 0 for s in self._slots])
         self._cache, self._state, (tokens, logprobs) = self._steps.decode(
             self.weights, self._cache, self._state, bitmask, lora, attend, top_k)
@@ -306,7 +307,7 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
     path = Path(model_path)
     model = load_model(path, mesh=mesh, overrides=overrides)
     if lora is not None:
-        from rsdjax.model.lora import apply_adapter
+        from rsdjax.checkpoint.peft import apply_adapter
 
         model = apply_adapter(model, lora)
     tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None

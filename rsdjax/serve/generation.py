@@ -15,10 +15,10 @@ import uuid
 from typing import Any, AsyncIterator
 
 from rsdjax.infer.interface import PromptTooLongError, Request, SamplingParams, TokenEvent
+from rsdjax.infer.text import StopStringMatcher
 from rsdjax.serve.errors import APIError, bad_request, model_not_found, server_busy, unavailable
 from rsdjax.serve.metrics import ServerMetrics
 from rsdjax.serve.scheduler import EngineDeadError, QueueFullError, Scheduler
-from rsdjax.serve.text import IncrementalDetokenizer, StopStringFilter
 from rsdjax.tokenizer import Tokenizer
 
 
@@ -109,8 +109,8 @@ class Choice:
     async def pieces(self) -> AsyncIterator[Piece]:
         """A Piece per generated token; raises APIError if the engine refuses or fails."""
         ctx, job = self.ctx, self.job
-        detok = IncrementalDetokenizer(ctx.tokenizer, self.prompt_ids) if ctx.tokenizer else None
-        stopper = StopStringFilter(self.params.stop)
+        # the CLI's text path (rsdjax.infer.generate), so both give the same text for the same request
+        matcher = StopStringMatcher(ctx.tokenizer, self.params.stop, self.prompt_ids) if ctx.tokenizer else None
         finish = None
         try:
             while finish is None:
@@ -124,13 +124,8 @@ class Choice:
                 if isinstance(item, BaseException):  # shutting down
                     raise unavailable(str(item))
                 for event in item:
-                    text = detok.push(event.token_id) if detok else ""
-                    if event.finish_reason is not None and detok:
-                        text += detok.flush()
-                    text, stopped = stopper.push(text)
-                    finish = "stop" if stopped else event.finish_reason
-                    if finish is not None and not stopped:
-                        text += stopper.flush()
+                    text, finish = matcher.feed(event.token_id, event.finish_reason) if matcher else (
+                        "", event.finish_reason)
                     yield Piece(text, event, finish)
                     if finish is not None:
                         break
