@@ -228,8 +228,9 @@ class SlotEngine:
     def _event(self, s: _Slot, slot: int, token: int, logprobs, row: int) -> TokenEvent:
         p = s.request.params
         finish = None
-        grammar_done = p.guide is not None and p.guide.consume(token)
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids or grammar_done:
+        if p.guide is not None:  # once its grammar is complete, the guide allows only EOS: that ends it
+            p.guide.consume(token)
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             finish = "stop"
         elif s.generated >= p.max_tokens:
             finish = "length"

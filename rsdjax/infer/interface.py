@@ -30,8 +30,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token (0 = only the chosen one)
     prompt_logprobs: int | None = None  # the same for every prompt token but the first (echo, lm-eval scoring)
-    # structured output: an object with fill_bitmask(int32 row) and consume(token) -> grammar finished
-    # (`rsdjax.infer.structured.Guide`), one per request; the engine masks every sampled token with it
+    # structured output: an object with fill_bitmask(int32 row) and consume(token) (`rsdjax.infer.
+    # structured.Guide`), one per request; the engine masks every sampled token with it (a complete
+    # grammar allows only EOS, which ends the request as usual)
     guide: Any = None
 
 

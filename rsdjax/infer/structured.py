@@ -6,7 +6,7 @@ packed row per slot, so any mix of schemas and unconstrained rows runs in the sa
 
 A `Guide` is one request's grammar state. The engine calls, for each sampled token of that request:
     guide.fill_bitmask(row)   # int32 [ceil(vocab / 32)]: bit j of word i allows token 32 i + j
-    guide.consume(token)      # -> True once the grammar is complete and nothing may follow
+    guide.consume(token)      # advance; once the grammar is complete only EOS is allowed
 `GrammarCompiler` is made once per server (building the token trie takes ~1 s for a 128K vocab).
 """
 from __future__ import annotations
@@ -44,9 +44,8 @@ class Guide:
     def fill_bitmask(self, row: np.ndarray) -> None:
         llg_numpy.fill_next_token_bitmask(self.matcher, row[None])
 
-    def consume(self, token: int) -> bool:
+    def consume(self, token: int) -> None:
         self.matcher.consume_token(int(token))
-        return self.matcher.is_stopped()
 
 
 class GrammarCompiler:

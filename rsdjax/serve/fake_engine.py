@@ -83,8 +83,9 @@ class FakeEngine:
         state.output_counts[token] += 1
         state.context_hash = _mix(state.context_hash, token)
         finish = None
-        grammar_done = p.guide is not None and p.guide.consume(token)
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids or grammar_done:
+        if p.guide is not None:  # once its grammar is complete, the guide allows only EOS: that ends it
+            p.guide.consume(token)
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             finish = "stop"
         elif state.generated >= p.max_tokens or len(state.request.prompt_ids) + state.generated >= self.max_context:
             finish = "length"
