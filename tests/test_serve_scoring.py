@@ -2,7 +2,7 @@
 
 The reference is the engine's own generation: a prompt P continued greedily by G, with the logprob
 of each generated token, must score those same logprobs when P + G is sent back with echo (what
-lm-evaluation-harness relies on). The real model against transformers is in test_lm_eval.py.
+lm-evaluation-harness relies on). The real model against transformers is in test_lm_eval_serve.py.
 """
 import json
 

@@ -22,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--chat", action="store_true", help="send each --prompt as a user message in the Llama-3 chat format")
     p.add_argument("--no-bos", action="store_true", help="do not prepend <|begin_of_text|> to text prompts")
     s = p.add_argument_group("sampling")
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    # named like the API fields (max_tokens, stop_token_ids); the first spellings still work
+    s.add_argument("--max-tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -32,7 +33,7 @@ def register(sub) -> None:
     s.add_argument("--frequency-penalty", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    s.add_argument("--stop-ids", default="", help="comma-separated stop token ids")
+    s.add_argument("--stop-token-ids", "--stop-ids", dest="stop_ids", default="", help="comma-separated stop token ids")
     s.add_argument("--ignore-eos", action="store_true")
     s.add_argument("--logprobs", type=int, default=None, help="return the top-N logprobs of each token (--json)")
     e = p.add_argument_group("engine")
@@ -73,9 +74,9 @@ def run(args) -> int:
     from rsdjax.loading import read_model_config
     from rsdjax.tokenizer import Tokenizer
 
-    others = [o for o in args.overrides if not o.startswith("model.")]
-    if others:
-        raise ValueError(f"generate: override '{others[0]}' is not a model.* key")
+    from rsdjax.cli.common import MODEL, check_overrides
+
+    check_overrides(args.overrides, MODEL)
     if not args.prompt and not args.prompt_ids:
         raise ValueError("generate: give at least one --prompt or --prompt-ids")
     if args.chat and not args.prompt:
