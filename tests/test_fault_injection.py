@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from rsdjax.serve.fake_engine import FakeEngine
-from rsdjax.serve.launch import ServerThread, spawn, stop_process
+from rsdjax.serve.launch import ServerThread
 from rsdjax.serve.router import create_router_app
 from rsdjax.tokenizer import Tokenizer
-from serve_support import HTTP, reference, wait_until
+from serve_support import HTTP, fake_server_processes, reference, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -28,16 +28,9 @@ REQUEST_TIMEOUT = 30.0  # the servers' --request-timeout: the deadline of every 
 
 @pytest.fixture
 def backends(tiny_tokenizer_dir, tmp_path):
-    args = ["--fake-engine", "--tokenizer", str(tiny_tokenizer_dir), "--max-context", "256", "--max-slots", "16",
-            "--fake-step-ms", "10", "--request-timeout", str(REQUEST_TIMEOUT), "--log-level", "warning"]
-    procs = []
-    try:
-        for i in range(2):
-            procs.append(spawn("serve", args, log_file=tmp_path / f"backend{i}.log", timeout=120))
+    with fake_server_processes(tiny_tokenizer_dir, tmp_path, 2, "--max-slots", "16", "--fake-step-ms", "10",
+                               "--request-timeout", str(REQUEST_TIMEOUT)) as procs:
         yield procs
-    finally:
-        for proc, _ in procs:
-            stop_process(proc)
 
 
 def body(i, stream):
