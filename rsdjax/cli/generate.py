@@ -17,7 +17,8 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append", default=[], help="text prompt (needs tokenizer.json); repeat for a batch")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                    help="comma-separated token ids, e.g. 1,2,3; repeat for a batch")
-    p.add_argument("--lora", type=Path, default=None, help="PEFT LoRA adapter directory to apply to the model")
+    p.add_argument("--lora", action="append", default=[], metavar="[NAME=]DIR",
+                   help="PEFT LoRA adapter directory to apply to the model (serve's syntax; one adapter)")
     p.add_argument("--chat", action="store_true", help="send each --prompt as a user message in the Llama-3 chat format")
     p.add_argument("--no-bos", action="store_true", help="do not prepend <|begin_of_text|> to text prompts")
     s = p.add_argument_group("sampling")
@@ -65,7 +66,7 @@ def run(args) -> int:
     from rsdjax import compile_cache
     from rsdjax.cli.common import engine_runnable, mesh_from_args
     from rsdjax.plan.cost_model import Workload
-    from rsdjax.infer.engine import load_engine
+    from rsdjax.infer.engine import load_engine, parse_lora_args
     from rsdjax.infer.generate import checked_requests, generate
     from rsdjax.infer.interface import SamplingParams
     from rsdjax.infer.warmup import compile_for_prompts
@@ -108,9 +109,12 @@ def run(args) -> int:
     if mesh is not None:  # slots shard over `data`: round up so they divide it
         data = int(mesh.shape["data"])
         slots = -(-slots // data) * data
+    adapters = list(parse_lora_args(args.lora).values())
+    if len(adapters) > 1:
+        raise ValueError("generate: give one --lora (serve one adapter per request with rsdjax serve)")
     t0 = time.perf_counter()
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=slots, max_context=max_context,
-                            overrides=split_overrides(args.overrides, "model"), lora=args.lora)
+                            overrides=split_overrides(args.overrides, "model"), lora=adapters[0] if adapters else None)
     checked_requests(engine, prompts, params, tokenizer)  # a bad request fails before minutes of compiling
     # every shape the generation can reach, before the first token: nothing compiles mid-stream
     compile_for_prompts(engine, prompts, args.max_new_tokens, logprobs=args.logprobs is not None)

@@ -11,7 +11,13 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     p.add_argument("--model", type=Path, help="HF Llama directory or rsdjax checkpoint")
     p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (default: the model's)")
-    p.add_argument("--lora", type=Path, default=None, help="PEFT LoRA adapter directory to serve on top of the model")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="a PEFT LoRA adapter served as model NAME beside the base (repeatable; a bare DIR is "
+                        "named after its folder); requests choose it with \"model\": NAME")
+    p.add_argument("--max-loras", type=int, default=0,
+                   help="adapter entries on the device (default: as many as --lora gives); more can be loaded "
+                        "at run time with POST /v1/load_lora_adapter")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank the pool holds")
     p.add_argument("--served-model-name", action="append", dest="names",
                    help="name(s) clients use in 'model' (default: the model directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -55,12 +61,14 @@ def build_engine(args):
     if args.model is None:
         raise ValueError("serve: give --model PATH (or --fake-engine)")
     from rsdjax.cli.common import serving_mesh, split_overrides
-    from rsdjax.infer.engine import load_engine
+    from rsdjax.infer.engine import load_engine, parse_lora_args
 
     model_over = split_overrides(args.overrides, "model")
     mesh = serving_mesh(args, args.max_slots, args.max_context, model_over)
     engine, model_tokenizer = load_engine(args.model, mesh=mesh, max_slots=args.max_slots,
-                                          max_context=args.max_context, lora=args.lora, overrides=model_over)
+                                          max_context=args.max_context, adapters=parse_lora_args(args.lora),
+                                          max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                                          overrides=model_over)
     return engine, tokenizer or model_tokenizer, args.model.resolve().name
 
 
