@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 OBJECTIVES = ("throughput", "latency", "tps-per-watt")  # rsdjax.plan.planner.OBJECTIVES (imported lazily there)
 
@@ -19,6 +20,40 @@ def add_mesh_args(parser: argparse.ArgumentParser, default_hardware: str | None 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.num_layers=4")
+
+
+# the config sections a command's `key=value` overrides may name (check_overrides)
+MODEL = ("model", "rsdjax.config:ModelConfig")
+HARDWARE = ("hardware", "rsdjax.hardware:HardwareSpec")
+COST = ("cost", "rsdjax.plan.cost_model:Assumptions")
+
+
+def check_overrides(overrides: list[str], *sections: tuple[str, str]) -> None:
+    """Refuse the first override whose key no section has, naming the nearest valid key."""
+    import importlib
+
+    from rsdjax.config import check_keys, config_keys
+
+    valid = []
+    for prefix, where in sections:
+        module, name = where.split(":")
+        valid += config_keys(getattr(importlib.import_module(module), name), prefix + ".")
+    check_keys(list(overrides), valid)
+
+
+def add_path_arg(parser: argparse.ArgumentParser, dest: str, flags: tuple[str, ...], help: str) -> None:
+    """A path given as `--model X` / `-o X` (the grammar every command shares) or, as first written,
+    positionally; `path_arg(args, dest)` reads whichever was given."""
+    parser.add_argument(f"{dest}_pos", nargs="?", type=Path, metavar=dest.upper(), help=f"{help} (or {flags[-1]})")
+    parser.add_argument(*flags, dest=dest, type=Path, default=None, help=help)
+
+
+def path_arg(args, dest: str) -> Path:
+    given = [p for p in (getattr(args, dest), getattr(args, f"{dest}_pos")) if p is not None]
+    flag = "--model" if dest == "model" else f"--{dest}"
+    if len(given) != 1:
+        raise ValueError(f"{args.command}: give {dest.upper()} once ({flag} PATH or positionally)")
+    return given[0]
 
 
 def split_overrides(overrides: list[str], prefix: str) -> list[str]:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rsdjax.config import ModelConfig
+from rsdjax.config import ConfigError, ModelConfig
 from rsdjax.model.llama import (CACHE_AXES, PARAM_AXES, KVCache, cache_mask, embed_tokens, layer_scan, lm_logits,
                                 resolve_dtype, rope_tables)
 from rsdjax.parallel import layer_stack
@@ -99,8 +99,16 @@ def _logits(cfg: ModelConfig, w: StackedWeights, x):
     return lm_logits(cfg, x, w.final_norm, w.embed if w.lm_head is None else w.lm_head)
 
 
-def prefill(cfg: ModelConfig, w: StackedWeights, tokens, lengths):
-    """Padded prompts [B, T] -> last real token's logits [B, V] and the K/V of all T positions."""
+def _no_adapters(lora) -> None:
+    if lora is not None:
+        raise ConfigError("per-request LoRA adapters are not served on a mesh with stage > 1 yet; use stage=1 "
+                          "(or merge the adapter: rsdjax lora merge)")
+
+
+def prefill(cfg: ModelConfig, w: StackedWeights, tokens, lengths, return_hidden: bool = False, lora=None):
+    """Padded prompts [B, T] -> last real token's logits [B, V] and the K/V of all T positions (and the
+    final hidden states [B, T, E] with `return_hidden`, for forward.prompt_logprobs)."""
+    _no_adapters(lora)
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     dtype = resolve_dtype(cfg.dtype)
@@ -108,12 +116,13 @@ def prefill(cfg: ModelConfig, w: StackedWeights, tokens, lengths):
     x, cache = _layers(cfg, w, embed_tokens(cfg, w.embed, tokens), positions,
                        KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return _logits(cfg, w, last), cache
+    return (_logits(cfg, w, last), cache, x) if return_hidden else (_logits(cfg, w, last), cache)
 
 
-def decode(cfg: ModelConfig, w: StackedWeights, cache: KVCache, tokens, positions, attend: int):
+def decode(cfg: ModelConfig, w: StackedWeights, cache: KVCache, tokens, positions, attend: int, lora=None):
     """One token per slot (writes past the cache end are dropped: idle slots). `attend` is accepted for
     forward.decode's signature; the cache mask already limits each slot to positions <= its own."""
     del attend
+    _no_adapters(lora)
     x, cache = _layers(cfg, w, embed_tokens(cfg, w.embed, tokens[:, None]), positions[:, None], cache)
     return _logits(cfg, w, x[:, 0]), cache
