@@ -100,7 +100,8 @@ def vllm_python() -> Path:
 
 def start_rsdjax(args, model: Path, logs: Path, prefix_caching: bool = True):
     extra = [] if prefix_caching else ["--no-prefix-caching"]
-    return spawn("serve", ["--model", str(model), "--served-model-name", "bench", "--max-slots", str(args.max_slots),
+    return spawn("serve", ["--model", str(model), "--served-model-name", "bench", "--engine", "paged",
+                           "--max-slots", str(args.max_slots),
                            "--max-context", str(args.max_context), "--kv-cache-gb", str(args.kv_cache_gb),
                            "--log-level", "warning", *extra],
                  log_file=logs / f"rsdjax{'' if prefix_caching else '_noprefix'}.log", timeout=1800)

@@ -38,7 +38,7 @@ def test_warmup_then_generate_loads_everything_from_the_cache_and_a_corrupt_entr
     shape = ("--max-slots", "1", "--max-context", "128")
     filled = warmup(tiny_hf_dir, cache, *shape)
     assert filled["cache_dir"] == str(cache) and filled["cache_hits"] == 0
-    assert filled["step_shapes"] == 5  # the paged engine: decode of 1 row, prompt chunks of 16..128, 8 pages
+    assert filled["decode_shapes"] == 2 and filled["prefill_shapes"] == 4  # attend 64, 128; prefill 16..128
     assert filled["compiled"] > 0
 
     after_warmup = generate(tiny_hf_dir, cache, *shape)["compile"]

@@ -11,7 +11,7 @@ from rsdjax.cli.common import add_engine_args, add_mesh_args, add_overrides, spl
 def register(sub) -> None:
     p = sub.add_parser("warmup", help="compile the inference engine's shapes ahead (fills the compile cache)")
     p.add_argument("--model", type=Path, required=True, help="HF Llama directory or rsdjax checkpoint")
-    p.add_argument("--max-slots", type=int, default=32, help="decode slots, as `rsdjax serve` will use")
+    p.add_argument("--max-slots", type=int, default=8, help="decode slots, as `rsdjax serve` will use")
     p.add_argument("--max-context", type=int, default=None, help="tokens per slot, as `rsdjax serve` will use")
     p.add_argument("--rows", default="1", help="slot engine: prefill batch sizes to compile, comma-separated (default 1)")
     p.add_argument("--logprobs", action="store_true", help="slot engine: also the variants that return logprobs")
@@ -28,9 +28,9 @@ def run(args) -> int:
     from rsdjax.infer.engine import load_engine
     from rsdjax.infer.warmup import compile_all
 
-    others = [o for o in args.overrides if not o.startswith("model.")]
-    if others:
-        raise ValueError(f"warmup: override '{others[0]}' is not a model.* key")
+    from rsdjax.cli.common import MODEL, check_overrides
+
+    check_overrides(args.overrides, MODEL)
     rows = parse_ids(args.rows, "--rows")
     if not rows or min(rows) < 1:
         raise ValueError(f"--rows: '{args.rows}' must list batch sizes >= 1")
