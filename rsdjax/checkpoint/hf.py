@@ -155,9 +155,10 @@ class _Source:
         return _from_hf(kind, self.refs[GLOBAL_TENSORS[name]].load(), self.cfg)[index]
 
 
-def load_hf_state(directory: Path, cfg: ModelConfig, abstract_state, shardings, param_dtype=None):
-    """Arrays for every variable of `abstract_state`, each created shard by shard on its devices."""
-    source = _Source(index_directory(directory), cfg, abstract_state, Path(directory))
+def load_hf_state(directory: Path, cfg: ModelConfig, abstract_state, shardings, param_dtype=None, refs=None):
+    """Arrays for every variable of `abstract_state`, each created shard by shard on its devices.
+    `refs`: tensors by HF name (default: the directory's safetensors; a GGUF passes its own)."""
+    source = _Source(index_directory(directory) if refs is None else refs, cfg, abstract_state, Path(directory))
 
     def make(name, var, sharding):
         dtype = param_dtype or var.dtype
