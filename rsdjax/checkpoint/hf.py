@@ -181,8 +181,10 @@ def file_dtype(directory: Path) -> np.dtype:
 # ---------------------------------------------------------------- export
 
 
-def save_hf(model, directory: Path, max_shard_bytes: int = 2 << 30, tokenizer_dir: Path | None = None) -> Path:
-    """Write `model` as an HF Llama directory. Writes into DIR.tmp and renames, so DIR is never half-written."""
+def save_hf(model, directory: Path, max_shard_bytes: int = 2 << 30, tokenizer_dir: Path | None = None,
+            tokenizer=None) -> Path:
+    """Write `model` as an HF Llama directory. Writes into DIR.tmp and renames, so DIR is never half-written.
+    The tokenizer: files copied from `tokenizer_dir`, or a `Tokenizer` saved (`tokenizer`)."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise CheckpointError(f"{directory}: exists and is not empty; refusing to overwrite")
@@ -203,8 +205,10 @@ def save_hf(model, directory: Path, max_shard_bytes: int = 2 << 30, tokenizer_di
         writer.add(GLOBAL_TENSORS["lm_head"], host(state["lm_head"][...]).T)
     writer.close()
     (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, str(np.dtype(dtype).name)), indent=2))
-    if tokenizer_dir is not None:
-        for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    elif tokenizer_dir is not None:
+        for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
             if (Path(tokenizer_dir) / fname).exists():
                 shutil.copy(Path(tokenizer_dir) / fname, tmp / fname)
     if directory.exists():

@@ -9,7 +9,7 @@ from rsdjax.cli.common import add_mesh_args
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
-    p.add_argument("--model", type=Path, help="HF Llama directory or rsdjax checkpoint")
+    p.add_argument("--model", type=Path, help="HF Llama directory, GGUF file or rsdjax checkpoint")
     p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (default: the model's)")
     p.add_argument("--lora", type=Path, default=None, help="PEFT LoRA adapter directory to serve on top of the model")
     p.add_argument("--served-model-name", action="append", dest="names",
@@ -52,7 +52,8 @@ def build_engine(args):
     mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
     engine, model_tokenizer = load_engine(args.model, mesh=mesh, max_slots=args.max_slots,
                                           max_context=args.max_context, lora=args.lora)
-    return engine, tokenizer or model_tokenizer, args.model.resolve().name
+    name = args.model.resolve().name
+    return engine, tokenizer or model_tokenizer, name[:-5] if name.lower().endswith(".gguf") else name
 
 
 def run(args) -> int:
@@ -62,9 +63,14 @@ def run(args) -> int:
 
     if args.max_slots < 1 or args.max_waiting < 0 or args.max_body_bytes < 1:
         raise ValueError("serve: --max-slots and --max-body-bytes must be >= 1, --max-waiting >= 0")
+    from rsdjax.checkpoint.generation_config import sampling_defaults
+
     engine, tokenizer, default_name = build_engine(args)
+    defaults = sampling_defaults(args.model) if args.model is not None and not args.fake_engine else {}
     app = create_app(engine, tokenizer, args.names or [default_name], api_key=args.api_key,
-                     max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
+                     max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes, sampling_defaults=defaults)
+    if defaults:
+        print(f"serve: sampling defaults from generation_config.json: {defaults}")
     if tokenizer is None:
         print("serve: no tokenizer.json found: only token-id prompts on /v1/completions will work")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

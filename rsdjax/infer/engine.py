@@ -18,7 +18,6 @@ length therefore does not recompile. Use from one thread.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -207,29 +206,18 @@ class SlotEngine:
 
 def eos_ids_for(path: Path, cfg, tokenizer) -> list[int]:
     """EOS ids from the model config, generation_config.json and the tokenizer (chat models end turns
-    with <|eot_id|>, which only the tokenizer or generation config knows)."""
-    ids: list[int] = []
-    sources = [cfg.eos_token_id]
-    gen = Path(path) / "generation_config.json"
-    if gen.exists():
-        try:
-            sources.append(json.loads(gen.read_text()).get("eos_token_id"))
-        except json.JSONDecodeError:
-            pass  # an unreadable generation config only loses extra EOS ids
-    if tokenizer is not None:
-        sources.append(tokenizer.eos_ids)
-    for src in sources:
-        for t in src if isinstance(src, list) else [src]:
-            if t is not None and int(t) not in ids and 0 <= int(t) < cfg.vocab_size:
-                ids.append(int(t))
-    return ids
+    with a token only the tokenizer or generation config knows). An unreadable generation_config.json
+    is an error, not a silent loss of EOS ids."""
+    from rsdjax.checkpoint.generation_config import eos_ids
+
+    return eos_ids(path, cfg, tokenizer)
 
 
 def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | None = None,
                 overrides: Sequence[str] = (), lora=None):
-    """An HF Llama directory or rsdjax checkpoint -> (SlotEngine, Tokenizer | None).
+    """An HF Llama directory, GGUF file or rsdjax checkpoint -> (SlotEngine, Tokenizer | None).
 
-    The tokenizer is `tokenizer.json` in the model directory when there is one. `lora`: a PEFT adapter
+    The tokenizer is `tokenizer.json` in the model directory (or the GGUF's own) when there is one. `lora`: a PEFT adapter
     directory, applied (unmerged) before the engine splits the weights per layer.
     """
     from rsdjax.loading import load_model
@@ -241,7 +229,7 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
         from rsdjax.model.lora import apply_adapter
 
         model = apply_adapter(model, lora)
-    tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
+    tokenizer = Tokenizer.for_model(path)
     engine = SlotEngine(model, max_slots=max_slots, max_context=max_context,
                         eos_token_ids=eos_ids_for(path, model.cfg, tokenizer), mesh=mesh)
     return engine, tokenizer

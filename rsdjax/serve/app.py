@@ -29,14 +29,15 @@ DEFAULT_MAX_BODY_BYTES = 4 << 20  # 4 MiB: a 128K-token prompt as JSON ids fits,
 
 
 def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[str], api_key: str | None = None,
-               max_waiting: int = 256, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_waiting: int = 256, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               sampling_defaults: dict | None = None) -> FastAPI:
     if not model_names:
         raise ValueError("create_app: need at least one served model name")
     metrics = ServerMetrics(model_names[0])
     scheduler = Scheduler(engine, metrics, max_waiting=max_waiting)
     # token ids are checked against the model's vocabulary if the engine tells it, else the tokenizer's
     vocab = getattr(engine, "vocab_size", None) or (tokenizer.vocab_size if tokenizer is not None else None)
-    ctx = GenContext(scheduler, tokenizer, metrics, engine.max_context, vocab)
+    ctx = GenContext(scheduler, tokenizer, metrics, engine.max_context, vocab, dict(sampling_defaults or {}))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -99,7 +100,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[st
             except ValueError as e:
                 raise bad_request(f"messages: {e}", "messages") from None
         else:
-            ids = tokenizer.encode(body.prompt, add_bos=body.add_special_tokens)
+            ids = tokenizer.encode(body.prompt, add_bos=body.add_special_tokens and tokenizer.add_bos)
         return {"count": len(ids), "max_model_len": engine.max_context, "tokens": ids}
 
     @app.post("/detokenize", dependencies=auth)

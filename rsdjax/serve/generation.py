@@ -40,6 +40,8 @@ class GenContext:
     metrics: ServerMetrics
     max_context: int
     vocab_size: int | None
+    # the checkpoint's generation_config.json sampling settings, for fields a request leaves unset
+    sampling_defaults: dict = dataclasses.field(default_factory=dict)
 
 
 def new_id(prefix: str) -> str:

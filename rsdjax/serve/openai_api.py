@@ -27,7 +27,7 @@ def _encode_prompts(ctx: g.GenContext, body: CompletionRequest) -> list[list[int
         if isinstance(p, str):
             if ctx.tokenizer is None:
                 raise bad_request("prompt: this server has no tokenizer; send the prompt as token ids", "prompt")
-            p = ctx.tokenizer.encode(p, add_bos=True)
+            p = ctx.tokenizer.encode(p, add_bos=ctx.tokenizer.add_bos)
         prompts.append(p)
     return prompts
 
@@ -83,7 +83,7 @@ async def create_completion(ctx: g.GenContext, model: str, body: CompletionReque
     max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
     for ids in prompts:
         g.check_prompt(ctx, ids, max_tokens, "prompt")
-    params = [body.sampling_params(max_tokens, body.logprobs, j) for j in range(body.n)]
+    params = [body.sampling_params(max_tokens, body.logprobs, j, ctx.sampling_defaults) for j in range(body.n)]
     choices = g.start_choices(ctx, prompts, params)
     rid, created = g.new_id("cmpl"), int(time.time())
     prompt_tokens = sum(len(ids) for ids in prompts)
@@ -120,7 +120,7 @@ async def create_chat_completion(ctx: g.GenContext, model: str, body: ChatComple
     max_tokens = body.requested_max_tokens or max(1, ctx.max_context - len(ids))
     g.check_prompt(ctx, ids, max_tokens, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    choices = g.start_choices(ctx, [ids], [body.sampling_params(max_tokens, top, j) for j in range(body.n)])
+    choices = g.start_choices(ctx, [ids], [body.sampling_params(max_tokens, top, j, ctx.sampling_defaults) for j in range(body.n)])
     rid, created = g.new_id("chatcmpl"), int(time.time())
     completion_tokens = [0] * len(choices)
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
