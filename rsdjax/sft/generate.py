@@ -17,7 +17,7 @@ from rsdjax.sft.data import render
 from rsdjax.tokenizer import Tokenizer
 
 
-def answer(model, tokenizer: Tokenizer, questions: Sequence[str], template: str = "llama3",
+def answer(model, tokenizer: Tokenizer, questions: Sequence[str], template: str = "chat",
            max_new_tokens: int = 48) -> list[str]:
     """The model's greedy answer to each question (asked as a single user turn)."""
     if not questions:
@@ -60,7 +60,7 @@ def answer(model, tokenizer: Tokenizer, questions: Sequence[str], template: str 
 
 
 def compare_answers(base: str | Path, adapter: str | Path, questions: Sequence[str],
-                    tokenizer: str | Path | None = None, template: str = "llama3", max_new_tokens: int = 48,
+                    tokenizer: str | Path | None = None, template: str = "chat", max_new_tokens: int = 48,
                     mesh=None) -> list[dict]:
     """[{question, before, after}]: the base model's answers, then with the PEFT adapter applied."""
     from rsdjax.loading import load_model
