@@ -1,6 +1,7 @@
 """`load_model`: an HF Llama directory, a llama.cpp GGUF file or an rsdjax checkpoint -> a sharded `Llama`."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -51,6 +52,8 @@ def load_model(path: str | Path, mesh=None, rules: str | Sequence[Rule] = "infer
         cfg = apply_overrides(cfg, [f"param_dtype={jnp.dtype(dtype).name}"]) if dtype is not None else cfg
     elif param_dtype is not None:
         cfg = apply_overrides(cfg, [f"param_dtype={param_dtype}"])
+    if source is not None or not native.is_native(path):
+        cfg = pad_vocab_for_mesh(cfg, mesh)
     model = abstract_model(cfg)
     graphdef, abs_state = nnx.split(model)
     shardings = state_shardings(abs_state, mesh, rules)
@@ -65,6 +68,16 @@ def load_model(path: str | Path, mesh=None, rules: str | Sequence[Rule] = "infer
                               refs=None if source is None else source.tensor_refs(cfg))
     nnx.replace_by_pure_dict(abs_state, arrays)
     return nnx.merge(graphdef, abs_state)
+
+
+def pad_vocab_for_mesh(cfg: ModelConfig, mesh) -> ModelConfig:
+    """Embedding/LM-head rows padded up to a multiple of the `tensor` axis when it does not divide
+    them (vLLM's fix for e.g. a 517-token vocabulary on tensor=2); the padding is masked and stripped."""
+    tensor = int(mesh.shape.get("tensor", 1))
+    if cfg.vocab_size % tensor == 0:
+        return cfg
+    real = cfg.logical_vocab_size
+    return dataclasses.replace(cfg, vocab_size=-(-cfg.vocab_size // tensor) * tensor, real_vocab_size=real).validate()
 
 
 def save_model(model: Llama, path: str | Path) -> Path:

@@ -39,7 +39,7 @@ def eos_ids(model_path: str | Path, cfg, tokenizer) -> list[int]:
     ids: list[int] = []
     for src in sources:
         for t in src if isinstance(src, list) else [src]:
-            if t is not None and int(t) not in ids and 0 <= int(t) < cfg.vocab_size:
+            if t is not None and int(t) not in ids and 0 <= int(t) < cfg.logical_vocab_size:
                 ids.append(int(t))
     return ids
 

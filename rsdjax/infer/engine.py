@@ -98,6 +98,11 @@ class SlotEngine:
         self._slots: list[_Slot | None] = [None] * self.max_slots
         self._rng = np.random.default_rng()  # seeds for requests that bring none
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model knows (rows padded for the mesh excluded)."""
+        return self.cfg.logical_vocab_size
+
     # ------------------------------------------------------------ the Engine protocol
 
     def check(self, request: Request) -> None:
@@ -106,10 +111,10 @@ class SlotEngine:
         where = f"request {request.id}"
         if not ids:
             raise ValueError(f"{where}: empty prompt")
-        bad = [t for t in ids if not 0 <= int(t) < self.cfg.vocab_size]
+        bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
         if bad:
-            raise ValueError(f"{where}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
-        validate(p, self.cfg.vocab_size, where)
+            raise ValueError(f"{where}: token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        validate(p, self.vocab_size, where)
         if len(ids) + p.max_tokens > self.max_context:
             raise PromptTooLongError(len(ids), p.max_tokens, self.max_context)
 

@@ -27,7 +27,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rsdjax.config import ConfigError, ModelConfig
-from rsdjax.model.llama import Llama, decoder_layer, resolve_dtype, rms_norm, rope_cos_sin, rope_inv_freq
+from rsdjax.model.llama import (Llama, decoder_layer, mask_padded_vocab, resolve_dtype, rms_norm, rope_cos_sin,
+                                rope_inv_freq)
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, constrain, resolve
 
@@ -176,7 +177,7 @@ def _logits(cfg: ModelConfig, w: ServingWeights, x):
     x = rms_norm(x, w.final_norm, cfg.rms_norm_eps)
     head = w.embed if w.lm_head is None else w.lm_head  # [vocab, embed] either way
     logits = jnp.einsum("be,ve->bv", x, head, preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "act_vocab"))
+    return constrain(mask_padded_vocab(cfg, logits), ("batch", "act_vocab"))
 
 
 def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths):

@@ -48,6 +48,13 @@ def resolve_dtype(name: str):
     return jnp.dtype(name)
 
 
+def mask_padded_vocab(cfg: ModelConfig, logits):
+    """-inf for the rows padded on load (ids >= real_vocab_size), so they are never sampled or scored."""
+    if cfg.real_vocab_size is None or cfg.real_vocab_size == cfg.vocab_size:
+        return logits
+    return jnp.where(jnp.arange(cfg.vocab_size) < cfg.real_vocab_size, logits, -jnp.inf)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
@@ -261,5 +268,5 @@ class Llama(nnx.Module):
         x = rms_norm(x, self.final_norm[...].astype(dtype), cfg.rms_norm_eps)
         head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("bte,ev->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "seq", "act_vocab"))
+        logits = constrain(mask_padded_vocab(cfg, logits), ("batch", "seq", "act_vocab"))
         return logits if cache is None else (logits, new_cache)
