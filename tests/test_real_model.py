@@ -16,7 +16,7 @@ CONVERSATIONS = [
      {"role": "user", "content": "And 3 + 3?"}],
     [{"role": "user", "content": "Write a haiku about the sea."}],
 ]
-NEW_TOKENS = 24
+NEW_TOKENS = 16
 TEXTS = ["Hello world! The year 2024 had 366 days; naïve café  tabs\there\n\nnew lines, 日本語 and emoji 🙂.",
          "<|im_start|>user\nspecial tokens stay whole<|im_end|>", "   leading spaces and 1234567890"]
 
