@@ -1,7 +1,17 @@
 """Shared fixtures. Tests run on 8 virtual CPU devices; tiny models; one compile per shape."""
+import atexit
+import hashlib
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The persistent compile cache (rsdjax/compile_cache.py): one per test session, never the user's, so
+# a compile bug cannot hide behind an executable cached by an older version; the suite's subprocess
+# runs of the same shapes still share it.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="rsdjax-test-compile-cache-")
+os.environ["RSDJAX_CACHE_DIR"] = _SESSION_CACHE
+atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -88,6 +98,16 @@ def smollm2_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
     plain.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tree_digest(directory: Path) -> str:
+    """sha256 over a directory's relative paths and file bytes: "nothing saved changed" in one value."""
+    h = hashlib.sha256()
+    for p in sorted(Path(directory).rglob("*")):
+        h.update(str(p.relative_to(directory)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
 
 
 def max_abs(a, b) -> float:

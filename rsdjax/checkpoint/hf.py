@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from rsdjax.config import ModelConfig, RopeScaling
+from rsdjax.checkpoint.durable import publish_dir
 from rsdjax.checkpoint.safetensors_io import CheckpointError, ShardedWriter, TensorRef, index_directory
 
 # our stacked name -> (HF name inside layer i, HF tensor -> our per-layer array, our per-layer -> HF)
@@ -226,7 +227,5 @@ def save_hf(model, directory: Path, max_shard_bytes: int = 2 << 30, tokenizer_di
         for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
             if (Path(tokenizer_dir) / fname).exists():
                 shutil.copy(Path(tokenizer_dir) / fname, tmp / fname)
-    if directory.exists():
-        directory.rmdir()
-    tmp.rename(directory)
+    publish_dir(tmp, directory)
     return directory

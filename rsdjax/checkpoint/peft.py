@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 from safetensors.numpy import save_file
 
+from rsdjax.checkpoint.durable import publish_file
 from rsdjax.checkpoint.safetensors_io import CheckpointError, read_header
 from rsdjax.model.lora import (SHORT_NAMES, IN_DIMS, LoraConfig, LoraError, attach_lora, module_name,
                                resolve_targets)
@@ -93,7 +93,7 @@ def adapter_config(config: LoraConfig, layers: dict[str, tuple[int, ...]], num_l
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
-    os.replace(tmp, path)
+    publish_file(tmp, path)
 
 
 # ---------------------------------------------------------------- import

@@ -10,7 +10,8 @@ import importlib
 import sys
 
 # Command modules, in the order `rsdjax --help` lists them. Add a module here to add a command.
-COMMANDS = ("convert", "shard_report", "plan", "tokenizer", "train", "finetune", "lora", "generate", "serve", "route")
+COMMANDS = ("convert", "shard_report", "plan", "tokenizer", "train", "finetune", "lora", "generate", "eval", "serve",
+            "route", "warmup")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,12 +19,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"rsdjax.cli.{name}").register(sub)
+    _add_to_leaves(parser, "--no-compile-cache", action="store_true",
+                   help="do not use the persistent compilation cache ($RSDJAX_CACHE_DIR, else ~/.cache/rsdjax/jax)")
     return parser
+
+
+def _add_to_leaves(parser: argparse.ArgumentParser, *names, **kw) -> None:
+    """Add an option to every (sub)command that runs something, so it can follow the command's own arguments."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        parser.add_argument(*names, **kw)
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+            _add_to_leaves(child, *names, **kw)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from rsdjax import compile_cache
+
+    if args.no_compile_cache:
+        compile_cache.disable()
+    else:
+        compile_cache.enable()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:

@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+OBJECTIVES = ("throughput", "latency", "tps-per-watt")  # rsdjax.plan.planner.OBJECTIVES (imported lazily there)
 
 
 def add_mesh_args(parser: argparse.ArgumentParser, default_hardware: str | None = None) -> None:
     g = parser.add_argument_group("parallelism")
     g.add_argument("--mesh", help="mesh axis sizes, e.g. data=2,tensor=4 (one axis may be -1 = the rest)")
     g.add_argument("--hardware", default=default_hardware,
-                   help="hardware preset (configs/hardware/*.yaml) whose default mesh to use, e.g. atom-server")
+                   help="hardware preset (configs/hardware/*.yaml): without --mesh, the split is the planner's "
+                        "best for this model and workload on it (printed with the reason)")
+    g.add_argument("--objective", choices=OBJECTIVES, default="throughput",
+                   help="what --hardware's split maximizes: system tokens/s, lowest step latency, or tokens/s per watt")
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +26,50 @@ def split_overrides(overrides: list[str], prefix: str) -> list[str]:
     return [o[len(prefix) + 1:] for o in overrides if o.startswith(prefix + ".")]
 
 
-def mesh_from_args(args, hardware_overrides: list[str] = ()):
-    """Make the mesh the arguments ask for, setting up virtual CPU devices first when needed."""
+def planned_mesh_shape(args, cfg, workload, runnable=None, hardware_overrides: list[str] = ()) -> dict[str, int]:
+    """`--hardware NAME` without `--mesh`: the planner's best split that this command can run, printed with
+    the reason (stderr, so --json output stays clean)."""
+    from rsdjax.hardware import load_hardware
+    from rsdjax.plan.planner import choose
+
+    hw = load_hardware(args.hardware, hardware_overrides)
+    plan, reason = choose(cfg, hw, workload, objective=getattr(args, "objective", "throughput"), runnable=runnable)
+    print(f"--hardware {hw.name}: mesh {plan.mesh_str} for {cfg.name} ({reason}); --mesh overrides it",
+          file=sys.stderr)
+    return plan.mesh
+
+
+def engine_runnable(max_slots: int | None):
+    """What the serving engine can run: one stage (pipelined serving is not built yet), slots split over data."""
+    def check(mesh: dict[str, int]) -> str | None:
+        if mesh["stage"] > 1:
+            return "the serving engine does not run stage > 1 yet"
+        if max_slots and max_slots % mesh["data"]:
+            return f"{max_slots} slots do not split over data={mesh['data']}"
+        return None
+    return check
+
+
+def mesh_from_args(args, hardware_overrides: list[str] = (), cfg=None, workload=None, runnable=None):
+    """Make the mesh the arguments ask for, setting up virtual CPU devices first when needed. With a model
+    config and workload, `--hardware` alone means the planner's best split (planned_mesh_shape)."""
     from rsdjax.parallel.mesh import mesh_from_args as build
 
+    if args.mesh is None and args.hardware and cfg is not None and workload is not None:
+        return build(planned_mesh_shape(args, cfg, workload, runnable, hardware_overrides))
     hardware = args.hardware if args.mesh is None else None
     return build(args.mesh, hardware or ("cpu" if args.mesh is None else None), overrides=hardware_overrides)
+
+
+def serving_mesh(args, max_slots: int | None, max_context: int | None, model_overrides: list[str] = ()):
+    """The mesh `serve` and `warmup` run (so a warmed cache matches): --mesh, else --hardware's planned
+    split for serving this model at this context; None without either (one device)."""
+    if not (args.mesh or args.hardware):
+        return None
+    from rsdjax.config import apply_overrides
+    from rsdjax.loading import read_model_config
+    from rsdjax.plan.cost_model import Workload
+
+    cfg = apply_overrides(read_model_config(args.model), list(model_overrides))
+    context = max_context or cfg.max_position_embeddings
+    return mesh_from_args(args, cfg=cfg, workload=Workload("infer", 0, context), runnable=engine_runnable(max_slots))

@@ -64,10 +64,14 @@ def default_context(longest: int, new_tokens: int, model_max: int) -> int:
 
 
 def run(args) -> int:
-    from rsdjax.cli.common import mesh_from_args
+    from rsdjax import compile_cache
+    from rsdjax.cli.common import engine_runnable, mesh_from_args
+    from rsdjax.plan.cost_model import Workload
     from rsdjax.infer.engine import load_engine
     from rsdjax.infer.generate import generate
     from rsdjax.infer.interface import SamplingParams
+    from rsdjax.infer.warmup import compile_for_prompts
+    from rsdjax.config import apply_overrides
     from rsdjax.loading import read_model_config
     from rsdjax.tokenizer import Tokenizer
 
@@ -92,17 +96,21 @@ def run(args) -> int:
         frequency_penalty=args.frequency_penalty, seed=args.seed, stop_token_ids=parse_ids(args.stop_ids, "--stop-ids"),
         stop=list(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs)
 
-    mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
-    cfg = read_model_config(args.model)
+    cfg = apply_overrides(read_model_config(args.model), split_overrides(args.overrides, "model"))
     max_context = args.max_context or default_context(max(map(len, prompts)), args.max_new_tokens,
                                                       cfg.max_position_embeddings)
     slots = args.max_slots or min(len(prompts), DEFAULT_SLOTS)
+    workload = Workload("infer", 0, max_context, prompt=min(max_context, max(map(len, prompts))))
+    mesh = mesh_from_args(args, cfg=cfg, workload=workload, runnable=engine_runnable(args.max_slots)) \
+        if (args.mesh or args.hardware) else None
     if mesh is not None:  # slots shard over `data`: round up so they divide it
         data = int(mesh.shape["data"])
         slots = -(-slots // data) * data
     t0 = time.perf_counter()
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=slots, max_context=max_context,
                             overrides=split_overrides(args.overrides, "model"), lora=args.lora)
+    # every shape the generation can reach, before the first token: nothing compiles mid-stream
+    compile_for_prompts(engine, prompts, args.max_new_tokens, logprobs=args.logprobs is not None)
     load_s = time.perf_counter() - t0
 
     stream = not args.json and len(prompts) == 1
@@ -111,15 +119,26 @@ def run(args) -> int:
         on_token = None if tokenizer else (lambda i, ev: print(ev.token_id, end=" ", flush=True))
     else:
         on_text = on_token = None
+    marks: dict[str, dict] = {}  # the compile counts at the first and at the latest token
+
+    def on_token_counting(i, event):
+        marks.setdefault("first", compile_cache.stats())
+        marks["last"] = compile_cache.stats()
+        if on_token is not None:
+            on_token(i, event)
+
     start = time.perf_counter()
-    completions = generate(engine, prompts, params, tokenizer=tokenizer, on_text=on_text, on_token=on_token)
+    completions = generate(engine, prompts, params, tokenizer=tokenizer, on_text=on_text, on_token=on_token_counting)
     total_s = time.perf_counter() - start
+    compiles = {**compile_cache.stats(), "at_first_token": marks["first"],
+                "mid_stream": marks["last"]["executables"] - marks["first"]["executables"]}
     generated = sum(len(c.token_ids) for c in completions)
     summary = {"load_s": load_s, "total_s": total_s, "ttft_s": min(c.ttft_s for c in completions),
                "generated_tokens": generated, "tokens_per_s": generated / total_s if total_s > 0 else None}
     if args.json:
         out = {"model": str(args.model), "mesh": {k: int(v) for k, v in engine.mesh.shape.items()},
                "max_slots": engine.max_slots, "max_context": engine.max_context, **summary,
+               "compile": {**compiles, "cache_dir": str(compile_cache.active_dir() or "") or None},
                "completions": [c.to_json() for c in completions]}
         print(json.dumps(out, ensure_ascii=False))
         return 0

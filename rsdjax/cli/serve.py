@@ -20,8 +20,15 @@ def register(sub) -> None:
                    help="require 'Authorization: Bearer KEY' (default: $RSDJAX_API_KEY, else no key)")
     p.add_argument("--max-slots", type=int, default=8, help="requests decoded together (the batch)")
     p.add_argument("--max-context", type=int, help="tokens per slot (default: the model's)")
-    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429 (>= 1)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take from arrival to its last token, then 504 and its slot is "
+                        "freed (0 = no limit; default 600)")
+    p.add_argument("--max-tokens-default", type=int, default=4096,
+                   help="chat requests without max_tokens get the context's remaining room, at most this")
+    p.add_argument("--strict-fields", action="store_true",
+                   help="refuse unknown request fields with 400 (default: ignore them with a warning, as vLLM)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     fake = p.add_argument_group("testing without a model")
     fake.add_argument("--fake-engine", action="store_true",
@@ -46,10 +53,10 @@ def build_engine(args):
         return engine, tokenizer, "fake"
     if args.model is None:
         raise ValueError("serve: give --model PATH (or --fake-engine)")
-    from rsdjax.cli.common import mesh_from_args
+    from rsdjax.cli.common import serving_mesh
     from rsdjax.infer.engine import load_engine
 
-    mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
+    mesh = serving_mesh(args, args.max_slots, args.max_context)
     engine, model_tokenizer = load_engine(args.model, mesh=mesh, max_slots=args.max_slots,
                                           max_context=args.max_context, lora=args.lora)
     name = args.model.resolve().name
@@ -61,14 +68,20 @@ def run(args) -> int:
 
     from rsdjax.serve.app import create_app
 
-    if args.max_slots < 1 or args.max_waiting < 0 or args.max_body_bytes < 1:
-        raise ValueError("serve: --max-slots and --max-body-bytes must be >= 1, --max-waiting >= 0")
+    for flag, value in (("--max-slots", args.max_slots), ("--max-waiting", args.max_waiting),
+                        ("--max-body-bytes", args.max_body_bytes), ("--max-tokens-default", args.max_tokens_default)):
+        if value < 1:
+            raise ValueError(f"serve: {flag} must be >= 1, got {value}")
+    if not args.request_timeout >= 0:
+        raise ValueError(f"serve: --request-timeout must be >= 0 seconds (0 = no limit), got {args.request_timeout}")
     from rsdjax.checkpoint.generation_config import sampling_defaults
 
     engine, tokenizer, default_name = build_engine(args)
     defaults = sampling_defaults(args.model) if args.model is not None and not args.fake_engine else {}
     app = create_app(engine, tokenizer, args.names or [default_name], api_key=args.api_key,
-                     max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes, sampling_defaults=defaults)
+                     max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
+                     request_timeout=args.request_timeout or None, max_tokens_default=args.max_tokens_default,
+                     strict_fields=args.strict_fields, sampling_defaults=defaults)
     if defaults:
         print(f"serve: sampling defaults from generation_config.json: {defaults}")
     if tokenizer is None:

@@ -186,7 +186,14 @@ class SlotEngine:
         return events
 
     def free(self, slot: int) -> None:
+        """The slot may be reused. Its device-side sampling settings go back to neutral (greedy, no
+        penalties), so that a batch whose live requests are all greedy takes the shortcuts again."""
+        if self._slots[slot] is None:
+            return
         self._slots[slot] = None
+        neutral = jax.tree.map(lambda a: a[0], empty_state(self.cfg, 1, 1).params)
+        params = jax.tree.map(lambda a, v: a.at[slot].set(v), self._state.params, neutral)
+        self._state = dataclasses.replace(self._state, params=params)
 
     def free_slots(self) -> list[int]:
         return [i for i, s in enumerate(self._slots) if s is None]

@@ -5,9 +5,10 @@ that layout costs a copy: inside a scan XLA slices each layer's weights out of t
 temporary buffer before the matmul, so every decode step reads the weights twice and writes them
 once (measured ~2x slower on XLA:CPU, where decoding is memory bound). Here the weights are split
 once into one array per layer, the layer loop is unrolled, and each layer's K/V cache is its own
-donated buffer that decode updates in place. The layer itself is the model's `decoder_layer`
-(with its `kv_write` hook), so the math, the LoRA hook in `linear` and the sharding constraints are
-shared with training; `tests/test_infer_forward.py` checks the logits against the model's own
+donated buffer that decode updates in place. Everything else is the model's (`embed_tokens`,
+`rope_tables`, the masks, `decoder_layer` with its `attend` hook, `lm_logits`), so the math, the
+LoRA hook in `linear` and the sharding constraints are shared with training; only the cache layout
+is this module's. `tests/test_infer_forward.py` checks the logits against the model's own
 full forward pass.
 
 Cache layout: a layer is `[slots, kv_heads, max_context, head_dim]` (logical axes `(batch,
@@ -27,8 +28,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rsdjax.config import ConfigError, ModelConfig
-from rsdjax.model.llama import (Llama, decoder_layer, mask_padded_vocab, resolve_dtype, rms_norm, rope_cos_sin,
-                                rope_inv_freq)
+from rsdjax.model.llama import (Llama, attend_with, cache_mask, causal_mask, decoder_layer, embed_tokens, lm_logits,
+                                resolve_dtype, rope_tables)
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, constrain, resolve
 
@@ -167,17 +168,9 @@ def empty_cache(cfg: ModelConfig, mesh, batch: int, length: int) -> LayerCache:
 # ---------------------------------------------------------------- the two passes (pure; the engine jits them)
 
 
-def _embed(cfg: ModelConfig, w: ServingWeights, tokens):
-    x = jnp.take(w.embed, tokens, axis=0).astype(resolve_dtype(cfg.dtype))
-    return constrain(x, ("batch", "seq", "act_embed"))
-
-
 def _logits(cfg: ModelConfig, w: ServingWeights, x):
     """x [B, E] -> float32 logits [B, V]."""
-    x = rms_norm(x, w.final_norm, cfg.rms_norm_eps)
-    head = w.embed if w.lm_head is None else w.lm_head  # [vocab, embed] either way
-    logits = jnp.einsum("be,ve->bv", x, head, preferred_element_type=jnp.float32)
-    return constrain(mask_padded_vocab(cfg, logits), ("batch", "act_vocab"))
+    return lm_logits(cfg, x, w.final_norm, w.embed if w.lm_head is None else w.lm_head)
 
 
 def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths):
@@ -188,11 +181,9 @@ def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths):
     own and overwrites position `length` onwards as it goes).
     """
     b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
-    idx = jnp.arange(t)
-    mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (b, t, t))
-    x = _embed(cfg, w, tokens)
+    rope = rope_tables(cfg, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+    mask = causal_mask(b, t)
+    x = embed_tokens(cfg, w.embed, tokens)
     ks, vs = [], []
     for p in w.layers:
         def keep(k, v):  # [B, T, KV, D] -> the cache layout [B, KV, T, D]
@@ -200,7 +191,7 @@ def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths):
             vs.append(constrain(jnp.swapaxes(v, 1, 2), CACHE_LAYER_AXES))
             return k, v
 
-        x = decoder_layer(cfg, x, layer_view(p), cos, sin, mask, keep)
+        x = decoder_layer(cfg, x, layer_view(p), rope, attend_with(mask, keep))
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return _logits(cfg, w, last), LayerCache(ks, vs)
 
@@ -214,10 +205,10 @@ def decode(cfg: ModelConfig, w: ServingWeights, cache: LayerCache, tokens, posit
     Returns logits [B, V] and the updated cache (update in place when the caller donates it).
     """
     b = tokens.shape[0]
-    cos, sin = rope_cos_sin(positions[:, None], rope_inv_freq(cfg))
-    mask = (jnp.arange(attend)[None, :] <= positions[:, None])[:, None, :]  # [B, 1, attend]
+    rope = rope_tables(cfg, positions[:, None])
+    mask = cache_mask(positions[:, None], attend)  # [B, 1, attend]
     rows = jnp.arange(b)
-    x = _embed(cfg, w, tokens[:, None])
+    x = embed_tokens(cfg, w.embed, tokens[:, None])
     new_k, new_v = [], []
     for i, p in enumerate(w.layers):
         def write(k, v, i=i):  # k, v [B, 1, KV, D]; in place when the cache is donated
@@ -228,6 +219,6 @@ def decode(cfg: ModelConfig, w: ServingWeights, cache: LayerCache, tokens, posit
             # the layer wants [B, S, KV, D]: XLA folds this transpose into the attention matmuls
             return jnp.swapaxes(new_k[-1][:, :, :attend], 1, 2), jnp.swapaxes(new_v[-1][:, :, :attend], 1, 2)
 
-        x = decoder_layer(cfg, x, layer_view(p), cos, sin, mask, write)
+        x = decoder_layer(cfg, x, layer_view(p), rope, attend_with(mask, write))
     return _logits(cfg, w, x[:, 0]), LayerCache(new_k, new_v)
 

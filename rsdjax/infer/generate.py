@@ -82,11 +82,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingP
             c.top_logprobs.append(event.top_logprobs or {})
         finish = event.finish_reason
         if matcher is not None:
-            piece = matcher.push(event.token_id) if finish != "stop" else ""
-            if matcher.stopped:
-                finish = "stop"
-            elif finish is not None:
-                piece += matcher.finish()
+            piece, finish = matcher.feed(event.token_id, finish)
             c.text += piece
             if piece and on_text is not None:
                 on_text(i, piece)

@@ -12,6 +12,7 @@ Reproducibility: a request's key is made from its seed alone, and its n-th token
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
@@ -51,11 +52,17 @@ def validate(params: SamplingParams, vocab_size: int, where: str = "request") ->
     """Raise SamplingError naming the first setting out of range."""
     checks = [
         (params.max_tokens >= 1, f"max_tokens must be >= 1, got {params.max_tokens}"),
-        (params.temperature >= 0, f"temperature must be >= 0, got {params.temperature}"),
+        (math.isfinite(params.temperature) and params.temperature >= 0,
+         f"temperature must be a finite number >= 0, got {params.temperature}"),
         (0 < params.top_p <= 1, f"top_p must be in (0, 1], got {params.top_p}"),
         (params.top_k >= 0, f"top_k must be >= 0 (0 = off), got {params.top_k}"),
         (0 <= params.min_p <= 1, f"min_p must be in [0, 1], got {params.min_p}"),
-        (params.repetition_penalty > 0, f"repetition_penalty must be > 0, got {params.repetition_penalty}"),
+        (math.isfinite(params.repetition_penalty) and params.repetition_penalty > 0,
+         f"repetition_penalty must be a finite number > 0, got {params.repetition_penalty}"),
+        # OpenAI's (and vLLM's) range; NaN fails every comparison, so it is refused here too
+        (-2 <= params.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {params.presence_penalty}"),
+        (-2 <= params.frequency_penalty <= 2,
+         f"frequency_penalty must be in [-2, 2], got {params.frequency_penalty}"),
         (params.logprobs is None or 0 <= params.logprobs <= MAX_TOP_LOGPROBS,
          f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.logprobs}"),
         (params.seed is None or params.seed >= 0, f"seed must be >= 0, got {params.seed}"),
@@ -114,10 +121,14 @@ def filter_logits(logits, sp: SamplingArrays):
 
 def argmax(logits):
     """First index of the maximum along the last axis, as two plain reductions: XLA:CPU runs the
-    (value, index) reduction of `jnp.argmax` 2-3x slower over a 32K vocabulary."""
-    best = jnp.max(logits, axis=-1, keepdims=True)
-    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-    return jnp.min(jnp.where(logits == best, index, logits.shape[-1]), axis=-1)
+    (value, index) reduction of `jnp.argmax` 2-3x slower over a 32K vocabulary.
+
+    NaNs are skipped (`nanmax`), and a row with no number at all gives its last id: the result is
+    always inside the vocabulary, whatever a broken model hands us."""
+    vocab = logits.shape[-1]
+    best = jnp.nanmax(logits, axis=-1, keepdims=True)
+    index = jnp.arange(vocab, dtype=jnp.int32)
+    return jnp.minimum(jnp.min(jnp.where(logits == best, index, vocab), axis=-1), vocab - 1)
 
 
 def sample(logits, sp: SamplingArrays, keys, steps, prompt_mask, counts):

@@ -139,21 +139,35 @@ def attention(q, k, v, mask):
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
 
 
-def decoder_layer(cfg: ModelConfig, x, p: dict, cos, sin, mask, kv_write=None, row_reduce=None):
-    """One pre-norm Llama block. `kv_write(k, v) -> (k_all, v_all)` stores new keys/values in a cache.
+def attend_with(mask, kv=None):
+    """The layer's attention hook, `attend(q, k, v) -> [B, T, H, D]`, in its usual form.
+
+    `kv(k, v)` (optional) first puts this step's keys/values [B, T, KV, D] wherever the caller keeps
+    them (a KV cache, pages) and returns the ones to attend over; then `attention` under `mask`. A
+    paged or fused kernel replaces the whole hook and the layer does not change.
+    """
+    def attend(q, k, v):
+        if kv is not None:
+            k, v = kv(k, v)
+        return attention(q, k, v, mask)
+
+    return attend
+
+
+def decoder_layer(cfg: ModelConfig, x, p: dict, rope: tuple, attend, row_reduce=None):
+    """One pre-norm Llama block. rope = (cos, sin) tables; `attend(q, k, v)` (see `attend_with`).
 
     `row_reduce` completes the row-parallel projections (wo, w_down): None when XLA partitions the
     layer from shardings; a psum over `tensor` in the shard_map path (rsdjax/parallel/tensor_parallel.py).
     """
     row_reduce = row_reduce or (lambda y: y)
+    cos, sin = rope
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     q = apply_rope(linear(h, p, "wq", "bte,ehd->bthd"), cos, sin)
     k = apply_rope(linear(h, p, "wk", "bte,ehd->bthd"), cos, sin)
     v = linear(h, p, "wv", "bte,ehd->bthd")
     q = constrain(q, ("batch", "seq", "act_heads", None))
-    if kv_write is not None:
-        k, v = kv_write(k, v)
-    attn = attention(q, k, v, mask)
+    attn = attend(q, k, v)
     x = x + row_reduce(linear(attn, p, "wo", "bthd,hde->bte"))
     x = constrain(x, ("batch", "seq", "act_embed"))
 
@@ -163,6 +177,80 @@ def decoder_layer(cfg: ModelConfig, x, p: dict, cos, sin, mask, kv_write=None, r
     act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
     x = x + row_reduce(linear(act, p, "w_down", "btm,me->bte"))
     return constrain(x, ("batch", "seq", "act_embed"))
+
+
+# ---------------------------------------------------------------- around the layers (every runner uses these)
+
+
+def embed_tokens(cfg: ModelConfig, table, tokens):
+    """tokens [B, T] -> activations [B, T, E] in the compute dtype."""
+    x = jnp.take(table, tokens, axis=0).astype(resolve_dtype(cfg.dtype))
+    return constrain(x, ("batch", "seq", "act_embed"))
+
+
+def rope_tables(cfg: ModelConfig, positions) -> tuple:
+    """(cos, sin) [B, T, head_dim] for integer positions [B, T]."""
+    return rope_cos_sin(positions, rope_inv_freq(cfg))
+
+
+def causal_mask(batch: int, length: int, segment_ids=None):
+    """[B, T, T]: each token sees itself and earlier ones (of its own packed segment, if given)."""
+    idx = jnp.arange(length)
+    mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (batch, length, length))
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask
+
+
+def cache_mask(positions, length: int):
+    """[B, T, S]: a token at `positions` [B, T] sees cache positions [0, length) up to its own."""
+    return jnp.arange(length)[None, None, :] <= positions[:, :, None]
+
+
+def lm_logits(cfg: ModelConfig, x, final_norm, head):
+    """x [B, (T,) E] -> float32 logits [B, (T,) V]. head [vocab, embed] (the embedding when tied)."""
+    x = rms_norm(x, final_norm.astype(x.dtype), cfg.rms_norm_eps)
+    logits = jnp.einsum("...e,ve->...v", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    return constrain(mask_padded_vocab(cfg, logits), ("batch",) + ("seq",) * (x.ndim - 2) + ("act_vocab",))
+
+
+def layer_scan(cfg: ModelConfig, params: dict, x, aux: tuple, cache: tuple = (), tp=None):
+    """x [B, T, E] through the stacked layers `params` with `jax.lax.scan`: the model's own loop, and
+    what each stage (or tensor shard) runs inside `rsdjax.parallel.layer_stack`.
+
+    aux = (cos, sin, mask) plus `positions` [B, T] when `cache` = (k, v) [L, B, S, KV, D] is given:
+    each layer writes its keys/values there at `positions` (dropped past the end) and attends to
+    them. `tp`: the tensor-parallel hooks inside a tensor-manual shard_map. Returns (x, cache).
+    """
+    cos, sin, mask = aux[:3]
+    select = tp.select_kv_heads if tp else None
+    row_reduce = tp.row_reduce if tp else None
+    if not cache:
+        def body(x, p):
+            return decoder_layer(cfg, x, p, (cos, sin), attend_with(mask, select), row_reduce), None
+
+        body = jax.checkpoint(body) if cfg.remat else body
+        return jax.lax.scan(body, x, params)[0], ()
+
+    positions = aux[3]
+    rows = jnp.arange(x.shape[0])[:, None]
+
+    def cached_body(carry, layer):
+        x, k_all, v_all = carry
+        p, i = layer
+
+        def store(k, v):
+            nonlocal k_all, v_all
+            k_all = k_all.at[i, rows, positions].set(k.astype(k_all.dtype), mode="drop")
+            v_all = v_all.at[i, rows, positions].set(v.astype(v_all.dtype), mode="drop")
+            return select(k_all[i], v_all[i]) if select else (k_all[i], v_all[i])
+
+        x = decoder_layer(cfg, x, p, (cos, sin), attend_with(mask, store), row_reduce)
+        return (x, k_all, v_all), None
+
+    k_all, v_all = cache
+    (x, k_all, v_all), _ = jax.lax.scan(cached_body, (x, k_all, v_all), (params, jnp.arange(k_all.shape[0])))
+    return x, (k_all, v_all)
 
 
 # ---------------------------------------------------------------- the model
@@ -214,59 +302,22 @@ class Llama(nnx.Module):
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
-
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
-        x = constrain(x, ("batch", "seq", "act_embed"))
+        x = embed_tokens(cfg, self.embed[...], tokens)
         params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
                               self.layer_params())
-        # None: the plain scans below. On a mesh with stage > 1 (pipeline) or with
-        # tensor_parallel=shard_map, rsdjax/parallel/layer_stack.py runs the same layer function instead.
-        stack = layer_stack.custom_runner(cfg)
-        layer = functools.partial(decoder_layer, cfg)
-
         if cache is None:
-            idx = jnp.arange(t)
-            mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (b, t, t))
-            if segment_ids is not None:
-                mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-
-            def body(x, p):
-                return decoder_layer(cfg, x, p, cos, sin, mask), None
-
-            body = jax.checkpoint(body) if cfg.remat else body
-            if stack is None:
-                x, _ = jax.lax.scan(body, x, params)
-            else:
-                x = stack.forward(layer, x, params, (cos, sin, mask), PARAM_AXES)
-            new_cache = None
+            aux, kv = (*rope_tables(cfg, positions), causal_mask(b, t, segment_ids)), ()
         else:
-            s = cache.k.shape[2]
-            mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]
-            batch_idx = jnp.arange(b)[:, None]
+            aux, kv = (*rope_tables(cfg, positions), cache_mask(positions, cache.k.shape[2]), positions), (cache.k, cache.v)
+        # None: the plain scan. On a mesh with stage > 1 (pipeline) or with tensor_parallel=shard_map,
+        # rsdjax/parallel/layer_stack.py runs the same `layer_scan` per stage / tensor shard instead.
+        stack = layer_stack.custom_runner(cfg)
+        run = functools.partial(layer_scan, cfg)
+        if stack is None:
+            x, kv = run(params, x, aux, kv)
+        else:
+            x, kv = stack.run(run, x, params, aux, PARAM_AXES, kv, CACHE_AXES)
 
-            def body(carry, layer):
-                x, k_all, v_all = carry
-                p, i = layer
-
-                def kv_write(k, v):
-                    nonlocal k_all, v_all
-                    k_all = k_all.at[i, batch_idx, positions].set(k.astype(k_all.dtype), mode="drop")
-                    v_all = v_all.at[i, batch_idx, positions].set(v.astype(v_all.dtype), mode="drop")
-                    return k_all[i], v_all[i]
-
-                x = decoder_layer(cfg, x, p, cos, sin, mask, kv_write)
-                return (x, k_all, v_all), None
-
-            if stack is None:
-                (x, k_all, v_all), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params, jnp.arange(cfg.num_layers)))
-            else:
-                x, k_all, v_all = stack.cached(layer, x, params, (cos, sin, mask), PARAM_AXES,
-                                               cache.k, cache.v, positions, CACHE_AXES)
-            new_cache = KVCache(k_all, v_all)
-
-        x = rms_norm(x, self.final_norm[...].astype(dtype), cfg.rms_norm_eps)
-        head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("bte,ev->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
-        logits = constrain(mask_padded_vocab(cfg, logits), ("batch", "seq", "act_vocab"))
-        return logits if cache is None else (logits, new_cache)
+        head = self.embed[...] if cfg.tie_word_embeddings else self.lm_head[...].T
+        logits = lm_logits(cfg, x, self.final_norm[...], head)
+        return logits if cache is None else (logits, KVCache(*kv))

@@ -1,17 +1,17 @@
 """How the stacked decoder layers run on a mesh: plain scan, pipeline over `stage`, explicit TP, or both.
 
 llama.py asks `custom_runner(cfg)` once per call. None means its own `jax.lax.scan` (XLA partitions
-everything from the shardings). Otherwise a `StackRunner` runs the same per-layer function
-(`decoder_layer`) inside ONE `jax.shard_map` that is manual over
+everything from the shardings). Otherwise a `StackRunner` runs the model's own layer loop
+(`layer_scan`, handed in as a function) inside ONE `jax.shard_map` that is manual over
 
   `stage`   when the mesh has stage > 1 and cfg.pipeline (default): a GPipe schedule (pipeline.py),
             and then also `data` (each replica pipelines its own rows; this also keeps XLA's SPMD
             partitioner away from the cache scatter under two automatic axes, which it cannot split);
   `tensor`  when cfg.tensor_parallel == "shard_map": explicit psums (tensor_parallel.py);
 
-and leaves every other axis (fsdp; data and tensor when not manual) to the compiler. Only the layer
-function crosses this boundary, so this module knows nothing about Llama beyond the argument order of
-that function: layer(x, p, cos, sin, mask, kv_write=None, row_reduce=None).
+and leaves every other axis (fsdp; data and tensor when not manual) to the compiler. Only that
+function crosses this boundary, so this module knows nothing about Llama: it places the arrays,
+schedules the stages and hands the layer loop the tensor-parallel hooks.
 
 The mesh comes from the `activation_sharding` block around the call, or else from `jax.set_mesh`;
 without either the model runs its plain scan (so a config saved with these settings still loads
@@ -25,7 +25,6 @@ import math
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from rsdjax.config import ConfigError, ModelConfig
@@ -119,52 +118,32 @@ class StackRunner:
         if self.pipelined and layers % stages:
             raise ConfigError(f"pipeline: {layers} layers do not split into {stages} equal stages")
 
-    # ------------------------------------------------------------ entry points
+    # ------------------------------------------------------------ the entry point
 
-    def forward(self, layer: Callable, x, params: dict, aux: tuple, param_axes: dict):
-        """x [B, T, E] through every layer (no cache). aux = (cos, sin, mask), each batch-leading."""
+    def run(self, layers_fn: Callable, x, params: dict, aux: tuple, param_axes: dict,
+            cache: tuple = (), cache_axes: Sequence[str] = ()):
+        """x [B, T, E] through every layer. `layers_fn(params, x, aux, cache, tp) -> (x, cache)` runs a
+        group of stacked layers (the model's `layer_scan`); here it runs per stage and tensor shard,
+        with `tp` the tensor-parallel hooks (or None). aux: batch-leading arrays (RoPE tables, mask,
+        positions) that travel with their microbatch; cache: () or stacked (k, v) [L, B, S, KV, D]."""
         self._check_layers(params)
         specs = self._param_specs(params, param_axes)
         hooks = self._hooks(specs)
-        remat = self.cfg.remat
-
-        kv_write = hooks.select_kv_heads if hooks else None
-        row_reduce = hooks.row_reduce if hooks else None
-
-        def stage_fn(p, x, aux, state):
-            def body(x, p_layer):
-                return layer(x, p_layer, *aux, kv_write=kv_write, row_reduce=row_reduce), None
-
-            body = jax.checkpoint(body) if remat else body
-            return jax.lax.scan(body, x, p)[0], state
-
-        def run(x, p, aux):
-            return self._schedule(functools.partial(stage_fn, p), x, aux, ())[0]
-
-        rows = self._batch_spec(x.shape[0])
-        return self._shard_map(run, (rows, specs, rows), rows)(x, params, aux)
-
-    def cached(self, layer: Callable, x, params: dict, aux: tuple, param_axes: dict,
-               k, v, positions, cache_axes: Sequence[str]):
-        """x [B, T, E] through every layer, writing keys/values at `positions` into the cache k, v
-        [L, B, S, KV, D] (the semantics of llama.py's cache path). Returns (x, k, v)."""
-        self._check_layers(params)
-        specs = self._param_specs(params, param_axes)
-        hooks = self._hooks(specs)
-        cache_spec = self._cache_spec(cache_axes, k.shape)
-        if hooks and hooks.kv_sharded != (TENSOR in tuple(cache_spec)):
-            raise ConfigError("tensor_parallel=shard_map: KV cache and wk/wv must be split over tensor alike")
+        cache_specs = ()
+        if cache:
+            cache_spec = self._cache_spec(cache_axes, cache[0].shape)
+            if hooks and hooks.kv_sharded != (TENSOR in tuple(cache_spec)):
+                raise ConfigError("tensor_parallel=shard_map: KV cache and wk/wv must be split over tensor alike")
+            cache_specs = (cache_spec,) * len(cache)
 
         def stage_fn(p, x, aux, state):
-            return _cached_layers(layer, x, p, aux, state, hooks)
+            return layers_fn(p, x, aux, state, hooks)
 
-        def run(x, p, aux, kv):
-            return self._schedule(functools.partial(stage_fn, p), x, aux, kv)
+        def run(x, p, aux, state):
+            return self._schedule(functools.partial(stage_fn, p), x, aux, state)
 
         rows = self._batch_spec(x.shape[0])
-        out = self._shard_map(run, (rows, specs, rows, (cache_spec, cache_spec)), (rows, (cache_spec, cache_spec)))
-        y, (k, v) = out(x, params, (*aux, positions), (k, v))
-        return y, k, v
+        return self._shard_map(run, (rows, specs, rows, cache_specs), (rows, cache_specs))(x, params, aux, cache)
 
     # ------------------------------------------------------------ machinery
 
@@ -193,27 +172,3 @@ def _batch_axes(rules: Sequence[Rule]) -> tuple[str, ...]:
         if name == "batch":
             return (target,) if isinstance(target, str) else tuple(target or ())
     return ()
-
-
-def _cached_layers(layer, x, params, aux, kv, hooks):
-    """This device's layers with a KV cache; mirrors the cache path of llama.py (write at `positions`,
-    attend to everything cached up to each token's own position)."""
-    cos, sin, mask, positions = aux
-    k_all, v_all = kv
-    batch_idx = jnp.arange(x.shape[0])[:, None]
-
-    def body(carry, layer_in):
-        x, k_all, v_all = carry
-        p, i = layer_in
-
-        def kv_write(k, v):
-            nonlocal k_all, v_all
-            k_all = k_all.at[i, batch_idx, positions].set(k.astype(k_all.dtype), mode="drop")
-            v_all = v_all.at[i, batch_idx, positions].set(v.astype(v_all.dtype), mode="drop")
-            return hooks.select_kv_heads(k_all[i], v_all[i]) if hooks else (k_all[i], v_all[i])
-
-        x = layer(x, p, cos, sin, mask, kv_write=kv_write, row_reduce=hooks.row_reduce if hooks else None)
-        return (x, k_all, v_all), None
-
-    (x, k_all, v_all), _ = jax.lax.scan(body, (x, k_all, v_all), (params, jnp.arange(k_all.shape[0])))
-    return x, (k_all, v_all)

@@ -1,13 +1,18 @@
 """The OpenAI-compatible server: `create_app(engine, tokenizer, ...)` -> a FastAPI app.
 
 Routes: POST /v1/completions, /v1/chat/completions, /tokenize, /detokenize; GET /v1/models,
-/health, /metrics. With an API key, every route but /health and /metrics needs
-`Authorization: Bearer KEY` (health checks and Prometheus scrapes stay keyless, as in vLLM).
+/health, /metrics, /get_load and /load (the request load, for routers). With an API key, every
+route but the last four needs `Authorization: Bearer KEY` (health checks, load polls and
+Prometheus scrapes stay keyless, as in vLLM).
 The engine runs in the scheduler's thread, started and stopped with the app (lifespan).
+Unknown request fields are ignored with a warning and named in `x-ignored-fields` (vLLM's
+behaviour), or refused with 400 when `strict_fields`.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import secrets
 
 from fastapi import Depends, FastAPI, Request
@@ -21,23 +26,47 @@ from rsdjax.serve.errors import APIError, bad_request, install_error_handlers
 from rsdjax.serve.generation import GenContext
 from rsdjax.serve.metrics import ServerMetrics
 from rsdjax.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
-                                   ModelList, TokenizeRequest)
+                                   ModelList, TokenizeRequest, ignored_fields)
 from rsdjax.serve.scheduler import Scheduler
 from rsdjax.tokenizer import Tokenizer
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # 4 MiB: a 128K-token prompt as JSON ids fits, a runaway upload does not
+DEFAULT_REQUEST_TIMEOUT = 600.0  # seconds from arrival to the last token
+DEFAULT_MAX_TOKENS = 4096  # chat without max_tokens: the context's remaining room, but at most this
+log = logging.getLogger("rsdjax.serve")
 
 
 def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[str], api_key: str | None = None,
                max_waiting: int = 256, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+               max_tokens_default: int | None = DEFAULT_MAX_TOKENS, strict_fields: bool = False,
                sampling_defaults: dict | None = None) -> FastAPI:
     if not model_names:
         raise ValueError("create_app: need at least one served model name")
+    if request_timeout is not None and not request_timeout > 0:
+        raise ValueError(f"request_timeout must be > 0 seconds (or None for no limit), got {request_timeout}")
+    if max_tokens_default is not None and max_tokens_default < 1:
+        raise ValueError(f"max_tokens_default must be >= 1, got {max_tokens_default}")
     metrics = ServerMetrics(model_names[0])
     scheduler = Scheduler(engine, metrics, max_waiting=max_waiting)
     # token ids are checked against the model's vocabulary if the engine tells it, else the tokenizer's
     vocab = getattr(engine, "vocab_size", None) or (tokenizer.vocab_size if tokenizer is not None else None)
-    ctx = GenContext(scheduler, tokenizer, metrics, engine.max_context, vocab, dict(sampling_defaults or {}))
+    ctx = GenContext(scheduler, tokenizer, metrics, engine.max_context, vocab, request_timeout, max_tokens_default,
+                     dict(sampling_defaults or {}))
+
+    def unknown_fields(body, request: Request) -> list[str]:
+        """vLLM's leniency: log the fields we ignore (or refuse them when strict)."""
+        fields = ignored_fields(body)
+        if fields and strict_fields:
+            raise bad_request(f"{fields[0]}: unknown field", fields[0])
+        if fields:
+            log.warning("%s: ignored unknown request fields: %s", request.url.path, ", ".join(fields))
+        return fields
+
+    def tag(response, fields: list[str]):
+        if fields:
+            response.headers["x-ignored-fields"] = ",".join(fields)
+        return response
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -73,6 +102,18 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[st
             return JSONResponse({"status": "error", "error": repr(scheduler.dead)}, status_code=503)
         return {"status": "ok", "models": model_names, **scheduler.load()}  # the router reads both
 
+    # what load-aware routers poll (keyless, like /health): vllm-router's power_of_two reads
+    # /get_load's "load", vLLM's own server-load tracking answers /load with "server_load"
+    @app.get("/get_load")
+    async def get_load():
+        load = scheduler.load()
+        return {"load": load["running"] + load["waiting"], **load}
+
+    @app.get("/load")
+    async def server_load():
+        load = scheduler.load()
+        return {"server_load": load["running"] + load["waiting"]}
+
     @app.get("/metrics")
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -83,28 +124,35 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[st
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
-        return await openai_api.create_completion(ctx, check_model(body.model), body, request)
+        fields = unknown_fields(body, request)
+        return tag(await openai_api.create_completion(ctx, check_model(body.model), body, request), fields)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await openai_api.create_chat_completion(ctx, check_model(body.model), body, request)
+        fields = unknown_fields(body, request)
+        return tag(await openai_api.create_chat_completion(ctx, check_model(body.model), body, request), fields)
 
     @app.post("/tokenize", dependencies=auth)
-    async def tokenize(body: TokenizeRequest):
+    async def tokenize(body: TokenizeRequest, request: Request, response: Response):
+        tag(response, unknown_fields(body, request))
         check_model(body.model)
         if tokenizer is None:
             raise bad_request("this server has no tokenizer")
-        if body.messages is not None:
+
+        def encode():  # off the event loop: a long prompt must not stall every other request
+            if body.messages is None:
+                return tokenizer.encode(body.prompt, add_bos=body.add_special_tokens and tokenizer.add_bos)
             try:
-                ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
+                return tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
             except ValueError as e:
                 raise bad_request(f"messages: {e}", "messages") from None
-        else:
-            ids = tokenizer.encode(body.prompt, add_bos=body.add_special_tokens and tokenizer.add_bos)
+
+        ids = await asyncio.to_thread(encode)
         return {"count": len(ids), "max_model_len": engine.max_context, "tokens": ids}
 
     @app.post("/detokenize", dependencies=auth)
-    async def detokenize(body: DetokenizeRequest):
+    async def detokenize(body: DetokenizeRequest, request: Request, response: Response):
+        tag(response, unknown_fields(body, request))
         check_model(body.model)
         if tokenizer is None:
             raise bad_request("this server has no tokenizer")

@@ -89,7 +89,8 @@ class FakeEngine:
 
     # ------------------------------------------------------------ Engine protocol
 
-    def prefill(self, request: Request) -> Prefix:
+    def check(self, request: Request) -> None:
+        """Raise (ValueError subclasses) if the request cannot run: the request's fault, not the engine's."""
         ids, p = request.prompt_ids, request.params
         if not ids:
             raise ValueError(f"request {request.id}: empty prompt")
@@ -98,6 +99,10 @@ class FakeEngine:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"request {request.id}: token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+
+    def prefill(self, request: Request) -> Prefix:
+        self.check(request)
+        ids, p = request.prompt_ids, request.params
         if self.prefill_delay_per_token:
             time.sleep(self.prefill_delay_per_token * len(ids))
         h = 0

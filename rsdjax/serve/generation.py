@@ -15,10 +15,10 @@ import uuid
 from typing import AsyncIterator
 
 from rsdjax.infer.interface import PromptTooLongError, Request, SamplingParams, TokenEvent
+from rsdjax.infer.text import StopStringMatcher
 from rsdjax.serve.errors import APIError, bad_request, server_busy, unavailable
 from rsdjax.serve.metrics import ServerMetrics
 from rsdjax.serve.scheduler import EngineDeadError, QueueFullError, Scheduler
-from rsdjax.serve.text import IncrementalDetokenizer, StopStringFilter
 from rsdjax.tokenizer import Tokenizer
 
 
@@ -40,6 +40,8 @@ class GenContext:
     metrics: ServerMetrics
     max_context: int
     vocab_size: int | None
+    request_timeout: float | None = None  # seconds from arrival to the last token; None = no limit
+    max_tokens_default: int | None = None  # caps chat's default max_tokens (the context's remaining room)
     # the checkpoint's generation_config.json sampling settings, for fields a request leaves unset
     sampling_defaults: dict = dataclasses.field(default_factory=dict)
 
@@ -70,6 +72,7 @@ class Choice:
 
     def __init__(self, ctx: GenContext, prompt_ids: list[int], params: SamplingParams):
         self.ctx, self.prompt_ids, self.params = ctx, prompt_ids, params
+        self.deadline = time.monotonic() + ctx.request_timeout if ctx.request_timeout else None
         try:
             self.job = ctx.scheduler.submit(Request(new_id("req"), prompt_ids, params))
         except QueueFullError as e:
@@ -80,29 +83,36 @@ class Choice:
     def cancel(self) -> None:
         self.ctx.scheduler.cancel(self.job)  # idempotent; frees the slot before the next decode step
 
+    async def _next(self):
+        """The job's next item, or a 504 once the request's deadline has passed (its slot is then freed)."""
+        if self.deadline is None:
+            return await self.job.queue.get()
+        try:
+            return await asyncio.wait_for(self.job.queue.get(), max(0.0, self.deadline - time.monotonic()))
+        except TimeoutError:
+            raise APIError(504, f"the request ran past the server's request timeout of {self.ctx.request_timeout:g} s",
+                           type="timeout_error", code="request_timeout") from None
+
     async def pieces(self) -> AsyncIterator[Piece]:
         """A Piece per generated token; raises APIError if the engine refuses or fails."""
         ctx, job = self.ctx, self.job
-        detok = IncrementalDetokenizer(ctx.tokenizer, self.prompt_ids) if ctx.tokenizer else None
-        stopper = StopStringFilter(self.params.stop)
+        # the CLI's text path (rsdjax.infer.generate), so both give the same text for the same request
+        matcher = StopStringMatcher(ctx.tokenizer, self.params.stop, self.prompt_ids) if ctx.tokenizer else None
         finish = None
         try:
             while finish is None:
-                item = await job.queue.get()
+                item = await self._next()
                 if isinstance(item, PromptTooLongError):
                     raise bad_request(str(item), "max_tokens")
                 if isinstance(item, ValueError):
                     raise bad_request(str(item), "prompt")
-                if isinstance(item, BaseException):
+                if isinstance(item, BaseException) and ctx.scheduler.dead is not None:
+                    raise APIError(500, str(item), type="server_error", code="engine_error")
+                if isinstance(item, BaseException):  # shutting down
                     raise unavailable(str(item))
                 for event in item:
-                    text = detok.push(event.token_id) if detok else ""
-                    if event.finish_reason is not None and detok:
-                        text += detok.flush()
-                    text, stopped = stopper.push(text)
-                    finish = "stop" if stopped else event.finish_reason
-                    if finish is not None and not stopped:
-                        text += stopper.flush()
+                    text, finish = matcher.feed(event.token_id, event.finish_reason) if matcher else (
+                        "", event.finish_reason)
                     yield Piece(text, event, finish)
                     if finish is not None:
                         break

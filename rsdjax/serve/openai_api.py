@@ -6,6 +6,7 @@ one SSE chunk per generated token, an optional usage chunk, then `data: [DONE]`.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import AsyncIterator, Callable
@@ -79,7 +80,7 @@ async def _respond(request: Request, choices: list[g.Choice], stream: bool,
 
 
 async def create_completion(ctx: g.GenContext, model: str, body: CompletionRequest, request: Request):
-    prompts = _encode_prompts(ctx, body)
+    prompts = await asyncio.to_thread(_encode_prompts, ctx, body)  # off the event loop
     max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
     for ids in prompts:
         g.check_prompt(ctx, ids, max_tokens, "prompt")
@@ -115,9 +116,11 @@ async def create_completion(ctx: g.GenContext, model: str, body: CompletionReque
 
 
 async def create_chat_completion(ctx: g.GenContext, model: str, body: ChatCompletionRequest, request: Request):
-    ids = _chat_prompt(ctx, body)
-    # no max_tokens: whatever room the context leaves (at least 1, so an over-long prompt is still a 400)
-    max_tokens = body.requested_max_tokens or max(1, ctx.max_context - len(ids))
+    ids = await asyncio.to_thread(_chat_prompt, ctx, body)  # off the event loop
+    # no max_tokens: whatever room the context leaves, capped by the server's default (at least 1, so
+    # an over-long prompt is still a 400)
+    room = ctx.max_context - len(ids)
+    max_tokens = body.requested_max_tokens or max(1, min(room, ctx.max_tokens_default or room))
     g.check_prompt(ctx, ids, max_tokens, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
     choices = g.start_choices(ctx, [ids], [body.sampling_params(max_tokens, top, j, ctx.sampling_defaults) for j in range(body.n)])

@@ -1,7 +1,9 @@
 """OpenAI API request and response bodies (the subset we serve), as pydantic models.
 
-Requests are strict: an unknown field or an out-of-range value is a 400 naming the field, rather
-than being silently ignored. Fields of the OpenAI API we do not implement are accepted only at
+An out-of-range value is a 400 naming the field. Unknown fields are accepted and ignored, as vLLM
+does (routers in front of servers add their own, e.g. vllm-router's `no_stop_trim`): the server
+names them in a warning and in the `x-ignored-fields` response header (`ignored_fields`), and
+`rsdjax serve --strict-fields` makes them a 400 again. Fields of the OpenAI API we do not implement are accepted only at
 their neutral value (echo=false, best_of=n, no suffix, no logit_bias), so clients that always send
 them keep working. vLLM extensions: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids.
 """
@@ -15,17 +17,32 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from rsdjax.infer.interface import SamplingParams
 
 MAX_LOGPROBS = 20
+_BODY = ConfigDict(extra="allow")  # unknown fields kept aside (model_extra) so they can be named
+
+
+def ignored_fields(body: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields of `body` (nested bodies included) that no model declares."""
+    out = [f"{prefix}{k}" for k in body.model_extra or {}]
+    for name in type(body).model_fields:
+        value = getattr(body, name)
+        if isinstance(value, BaseModel):
+            out += ignored_fields(value, f"{prefix}{name}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    out += ignored_fields(item, f"{prefix}{name}.{i}.")
+    return out
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _BODY
     include_usage: bool = False
 
 
 class _GenerationRequest(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _BODY
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -122,13 +139,13 @@ class CompletionRequest(_GenerationRequest):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _BODY
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _BODY
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -156,7 +173,7 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _BODY
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -170,7 +187,7 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _BODY
     model: str | None = None
     tokens: list[int]
 

@@ -8,6 +8,10 @@ decode step and JAX never sees two callers. Each loop iteration of that thread:
   3. runs one decode step for all active slots and hands each request its tokens.
 Tokens go back to the request's asyncio.Queue with `loop.call_soon_threadsafe`, one call per request
 per step. The waiting queue is bounded; `submit` raises `QueueFullError` (-> 429) when it is full.
+
+Whose fault: `engine.check(request)` refusing is the request's (-> 400); anything `prefill`,
+`insert` or `generate` raise after that is the engine's: every request in flight fails (-> 500)
+and the scheduler stops, so `/health` turns unhealthy instead of a broken engine looking healthy.
 """
 from __future__ import annotations
 
@@ -30,6 +34,10 @@ class QueueFullError(Exception):
 
 class EngineDeadError(Exception):
     """The engine raised during a decode step; its state is unknown, so the server stops serving."""
+
+
+class EngineFaultError(RuntimeError):
+    """The engine raised on a request it had accepted (not a ValueError of the request's own)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -55,6 +63,8 @@ class Job:
 
 class Scheduler:
     def __init__(self, engine: Engine, metrics: ServerMetrics, max_waiting: int = 256):
+        if max_waiting < 1:  # 0 would refuse every request with 429 while /health says ok
+            raise ValueError(f"max_waiting must be >= 1 (requests queued for a slot before 429), got {max_waiting}")
         self.engine, self.metrics, self.max_waiting = engine, metrics, max_waiting
         self._cv = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
@@ -138,11 +148,20 @@ class Scheduler:
                 self.metrics.waiting.set(len(self._waiting))
             job.prefill_start = time.perf_counter()
             self.metrics.queue_time.observe(job.prefill_start - job.arrival)
+            check = getattr(self.engine, "check", None)
             try:
-                prefix = self.engine.prefill(job.request)
+                if check is not None:
+                    check(job.request)
+                    prefix = self._prefill(job)
+                else:  # an engine without `check` validates in prefill: its ValueErrors are the request's
+                    prefix = self.engine.prefill(job.request)
             except (PromptTooLongError, ValueError) as e:  # this request's fault, not the engine's
                 job.finished = True
                 job.deliver(e)
+                continue
+            with self._cv:
+                cancelled = job.finished  # the client went away while its prompt was prefilled
+            if cancelled:
                 continue
             self.metrics.prompt_tokens.inc(len(job.request.prompt_ids))
             first = prefix.first_token
@@ -153,6 +172,15 @@ class Scheduler:
                 self._running[slot] = job
                 self._num_running = len(self._running)
             self._dispatch(job, [first])
+
+    def _prefill(self, job: Job):
+        """The engine's prefill of a checked request: an error here is the engine's, not the request's."""
+        try:
+            return self.engine.prefill(job.request)
+        except Exception as e:
+            with self._cv:
+                self._waiting.appendleft(job)  # so that `_fail_everything` tells this client too
+            raise EngineFaultError(f"prefill failed: {e!r}") from e
 
     def _step(self) -> None:
         events = self.engine.generate()

@@ -18,6 +18,8 @@ import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from rsdjax.checkpoint.durable import replace_dir
+from rsdjax.config import ConfigError
 from rsdjax.data.pipeline import build_mixture, global_batch
 from rsdjax.train.checkpoint import TrainCheckpointer, architecture, check_directory
 from rsdjax.train.config import TrainConfig
@@ -141,6 +143,7 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
         data_pos = 0
     else:
         meta = ckpt.read_meta(latest)
+        check_resumable(meta, cfg, f"{ckpt.directory}/{latest}")
         saved = stages.step_fn(meta["stage"])
         abstract = {"params": stages.abstract_full_params(meta["stage"]), "opt_state": saved.abstract_state.opt_state,
                     "step": saved.abstract_state.step, "rng": saved.abstract_state.rng}
@@ -206,6 +209,16 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
     return TrainResult(run_dir, step, finished, stopped_by, first_loss, last_loss, model_dir)
 
 
+def check_resumable(meta: dict, cfg: TrainConfig, where: str) -> None:
+    """The data position counts examples of `seq_len` tokens, `batch_size` per step: resuming with
+    others would silently train on a different stream than the one the checkpoint continues."""
+    for key, now in (("batch_size", cfg.batch_size), ("seq_len", cfg.data.seq_len)):
+        if key in meta and int(meta[key]) != now:
+            name = "data.seq_len" if key == "seq_len" else key
+            raise ConfigError(f"{where}: saved with {name}={meta[key]}, this run has {name}={now}; resume with "
+                              f"{name}={meta[key]}, or start a new run in another run_dir")
+
+
 def export(cfg: TrainConfig, model, tok, log) -> Path | None:
     """The final model as an rsdjax checkpoint (plus tokenizer, and HF format if asked)."""
     from rsdjax.checkpoint.hf import save_hf
@@ -221,7 +234,9 @@ def export(cfg: TrainConfig, model, tok, log) -> Path | None:
     log(f"final model: {out}")
     if cfg.export_hf:
         hf_dir = Path(cfg.run_dir) / "hf"
-        shutil.rmtree(hf_dir, ignore_errors=True)
-        save_hf(model, hf_dir, tokenizer_dir=out)
+        staging = hf_dir.with_name("hf.new")  # the previous export stays until this one is complete
+        shutil.rmtree(staging, ignore_errors=True)
+        save_hf(model, staging, tokenizer_dir=out)
+        replace_dir(staging, hf_dir)
         log(f"final model (HF format): {hf_dir}")
     return out

@@ -1,0 +1,61 @@
+"""The jitted, sharded evaluation step: per-row sums of next-token NLL and of the loss mask.
+
+`EvalStep(model, mesh)` keeps only the model's structure; it is called with the model's whole
+state as a pure dict (the same arrays, on the same shardings, as training holds them), so the
+train loop evaluates without copying or resharding anything and without touching the optimizer,
+the RNG or the data position: evaluation can never change the training trajectory.
+Per-row (not per-batch) sums let one batch shape serve every source and every document length.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rsdjax.data.packing import BATCH_KEYS
+from rsdjax.parallel.rules import activation_sharding
+from rsdjax.parallel.sharding import as_rules, state_shardings
+from rsdjax.train.step import PureView, batch_sharding, check_batch
+
+
+def row_nll(model, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(sum over each row of masked next-token cross-entropy in nats, sum of each row's mask), [B] float32."""
+    logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return (nll * mask).sum(axis=1), mask.sum(axis=1)
+
+
+class EvalStep:
+    """One compiled evaluation forward for a model structure on a mesh (dropout off)."""
+
+    def __init__(self, model: nnx.Module, mesh, rules="train", batch_size: int | None = None):
+        self.mesh, self.rules = mesh, as_rules(rules)
+        if batch_size is not None:
+            check_batch(batch_size, 1, mesh, self.rules)
+        model.eval()  # LoRA dropout off; the graphdef below carries the flag
+        self.graphdef, state = nnx.split(model)
+        self._view = PureView(state)
+        self.shardings = nnx.to_pure_dict(state_shardings(state, mesh, self.rules))
+        self.batch_sharding = batch_sharding(mesh, self.rules)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self._jitted = jax.jit(self._rows, in_shardings=(self.shardings, self.batch_sharding),
+                               out_shardings=(replicated, replicated))
+
+    def state_of(self, model: nnx.Module) -> dict:
+        """A concrete model's state as this step takes it (placed on the step's shardings)."""
+        return jax.device_put(nnx.to_pure_dict(nnx.split(model)[1]), self.shardings)
+
+    def _rows(self, state: dict, batch: dict):
+        with activation_sharding(self.mesh, self.rules):
+            return row_nll(nnx.merge(self.graphdef, self._view.to_state(state)), batch)
+
+    def __call__(self, state: dict, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Host batch (numpy [B, T] per key) -> (nll sums [B], token counts [B]) as float64 numpy."""
+        placed = {k: jax.device_put(np.asarray(batch[k]), self.batch_sharding) for k in BATCH_KEYS}
+        with jax.set_mesh(self.mesh):
+            nll, tokens = self._jitted(state, placed)
+        return np.asarray(nll, np.float64), np.asarray(tokens, np.float64)

@@ -1,0 +1,84 @@
+"""Compile a `SlotEngine`'s steps ahead of time (`jit(...).lower(...).compile()`, nothing runs).
+
+A decode step compiles once per attention bucket (`SlotEngine.attend_buckets`); left alone, a
+generation that grows past a bucket compiles in the middle of its stream. `rsdjax generate` compiles
+every bucket its prompts can reach before the first token (`decode_buckets_for`), and `rsdjax warmup`
+compiles all of an engine's shapes so that, with the persistent cache (rsdjax/compile_cache.py),
+later processes load them from disk. The compiled executables land in the jitted functions' own
+caches, so the engine's next call with the same shapes dispatches at once.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from rsdjax.infer.interface import SamplingParams
+from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays
+
+
+def _bucket(n: int, sizes: Sequence[int]) -> int:
+    return next(b for b in sizes if b >= n)
+
+
+def decode_buckets_for(engine, prompt_lengths: Iterable[int], max_new_tokens: int) -> list[int]:
+    """The attention buckets a decode of these prompts can use: from the shortest prompt's first
+    decode step to the longest prompt's last (every bucket in between, since slots finish unevenly)."""
+    lengths = list(prompt_lengths)
+    sizes = engine.attend_buckets
+    lo = _bucket(min(lengths) + 1, sizes)
+    hi = _bucket(min(max(lengths) + max_new_tokens, engine.max_context), sizes)
+    return [b for b in sizes if lo <= b <= hi]
+
+
+def compile_decode(engine, attend_buckets: Iterable[int], logprobs: bool = False) -> int:
+    """Compile the decode step for each attention bucket; returns how many were compiled."""
+    steps, n = engine._steps, 0
+    top_k = MAX_TOP_LOGPROBS if logprobs else 0
+    for attend in attend_buckets:
+        steps.decode.lower(engine.weights, engine._cache, engine._state, int(attend), top_k).compile()
+        n += 1
+    return n
+
+
+def compile_prefill(engine, rows: int, length: int, logprobs: bool = False):
+    """Compile prefill for `rows` prompts padded to `length` and the insert of one of its rows."""
+    steps = engine._steps
+    top_k = MAX_TOP_LOGPROBS if logprobs else 0
+    tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    seeds = jax.ShapeDtypeStruct((rows, 2), jnp.uint32)
+    params = SamplingArrays.from_params([SamplingParams()] * rows)
+    lowered = steps.prefill.lower(engine.weights, tokens, lengths, params, seeds, top_k)
+    compiled = lowered.compile()
+    # the insert sees prefill's outputs as committed arrays: give the stand-ins their shardings too
+    outs = jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
+                        lowered.out_info, compiled.output_shardings)
+    cache, keys, prompt_mask, _, _ = outs
+    one = jax.tree.map(lambda a: a[0], SamplingArrays.from_params([SamplingParams()]))
+    # the engine passes row, slot, token and length as Python ints (weakly typed int32 scalars)
+    steps.insert.lower(engine._cache, engine._state, cache, keys, prompt_mask, 0, 0, 0, 1, one).compile()
+
+
+def compile_for_prompts(engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, logprobs: bool = False) -> None:
+    """What `rsdjax.infer.generate.generate` will need for these prompts: the first batch's prefill
+    and insert, and every decode bucket (later batches, when prompts outnumber slots, may add prefills)."""
+    first = [len(p) for p in prompts[:engine.max_slots]]
+    rows = 1 << (len(first) - 1).bit_length()
+    compile_prefill(engine, rows, _bucket(max(first), engine.prefill_buckets), logprobs)
+    compile_decode(engine, decode_buckets_for(engine, map(len, prompts), max_new_tokens), logprobs)
+
+
+def compile_all(engine, rows: Sequence[int] = (1,), logprobs: bool = False) -> dict:
+    """Every prefill bucket for each row count in `rows`, its insert, and every decode bucket."""
+    n_prefill = 0
+    for r in sorted({1 << (int(x) - 1).bit_length() for x in rows if 1 <= int(x) <= engine.max_slots}):
+        for length in engine.prefill_buckets:
+            compile_prefill(engine, r, length, logprobs)
+            n_prefill += 1
+    n_decode = compile_decode(engine, engine.attend_buckets, logprobs)
+    return {"prefill_shapes": n_prefill, "decode_shapes": n_decode}
+
+
+__all__ = ["decode_buckets_for", "compile_decode", "compile_prefill", "compile_for_prompts", "compile_all"]

@@ -1,0 +1,68 @@
+"""The persistent compile cache of every `rsdjax` command, and no compiling mid-stream in `rsdjax generate`.
+
+Each run is its own process (the cache only shows across processes); the tiny model keeps them short.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# 60 prompt tokens + 10 new ones cross the 64-position attention bucket: a second decode shape
+PROMPT = ",".join(str(3 + i % 500) for i in range(60))
+
+
+def generate(model: Path, cache_dir: Path, *extra: str) -> dict:
+    env = {**os.environ, "RSDJAX_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "rsdjax.cli", "generate", "--model", str(model), "--prompt-ids", PROMPT,
+                           "--max-new-tokens", "10", "--ignore-eos", "--json", *extra],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def warmup(model: Path, cache_dir: Path, *extra: str) -> dict:
+    env = {**os.environ, "RSDJAX_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "rsdjax.cli", "warmup", "--model", str(model), *extra],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_warmup_then_generate_loads_everything_from_the_cache_and_a_corrupt_entry_is_recompiled(tiny_hf_dir, tmp_path):
+    cache = tmp_path / "cache"
+    shape = ("--max-slots", "1", "--max-context", "128")
+    filled = warmup(tiny_hf_dir, cache, *shape)
+    assert filled["cache_dir"] == str(cache) and filled["cache_hits"] == 0
+    assert filled["decode_shapes"] == 2 and filled["prefill_shapes"] == 4  # attend 64, 128; prefill 16..128
+    assert filled["compiled"] > 0
+
+    after_warmup = generate(tiny_hf_dir, cache, *shape)["compile"]
+    assert after_warmup["at_first_token"]["compiled"] == 0, after_warmup  # all of it was in the cache
+    assert after_warmup["mid_stream"] == 0
+
+    warm = generate(tiny_hf_dir, cache, *shape)  # the second run: nothing at all compiles
+    assert warm["compile"]["compiled"] == 0, warm["compile"]
+    assert warm["compile"]["cache_hits"] == warm["compile"]["executables"] > 0
+
+    entries = sorted(p for p in cache.iterdir() if p.is_file())
+    assert len(entries) >= warm["compile"]["executables"]
+    for entry in entries:  # damage every entry: JAX warns, compiles again, the output is the same
+        entry.write_bytes(b"not an executable" + entry.read_bytes()[:64])
+    healed = generate(tiny_hf_dir, cache, *shape)
+    assert healed["compile"]["compiled"] == warm["compile"]["executables"], healed["compile"]
+    assert healed["completions"][0]["token_ids"] == warm["completions"][0]["token_ids"]
+    # compiling from scratch, every shape the stream needed was ready before its first token
+    assert healed["compile"]["mid_stream"] == 0
+
+
+def test_no_compile_cache_writes_nothing(tiny_hf_dir, tmp_path):
+    cache = tmp_path / "cache"
+    out = generate(tiny_hf_dir, cache, "--no-compile-cache")
+    assert out["compile"]["cache_dir"] is None and out["compile"]["cache_hits"] == 0
+    assert out["compile"]["compiled"] > 0 and out["compile"]["mid_stream"] == 0
+    assert not cache.exists() or not any(cache.iterdir())
