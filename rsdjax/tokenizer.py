@@ -49,9 +49,9 @@ class Tokenizer:
     chat_template: str | None = None
 
     def __post_init__(self):
-        if not any(k in self.config for k in SPECIAL_KEYS) and \
-                all(self.hf.token_to_id(t) is not None for t in SPECIAL_TOKENS):
-            self.config = {**LLAMA3_CONFIG, **self.config}  # an rsdjax-trained tokenizer
+        # a Llama-3 vocabulary (rsdjax-trained ones included): Llama-3's conventions where the config is silent
+        if all(self.hf.token_to_id(t) is not None for t in SPECIAL_TOKENS):
+            self.config = {**LLAMA3_CONFIG, **self.config}
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":

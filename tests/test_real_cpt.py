@@ -42,7 +42,7 @@ def test_extend_real_tokenizer_then_continue_pretraining(smollm2_hf_dir, tmp_pat
         "name": "cpt-smollm2", "run_dir": str(run_dir), "init_from": str(smollm2_hf_dir),
         "tokenizer": {"path": str(ext_dir), "base": str(smollm2_hf_dir)},
         "data": {"seq_len": 64, "sources": [{"name": "ja", "paths": [str(ROOT / "data" / "corpus" / "ja")]}]},
-        "optim": {"lr": 1e-4, "warmup_steps": 1}, "steps": 2, "batch_size": 2, "vocab_multiple": 64,
+        "optim": {"lr": 1e-4, "warmup_steps": 1}, "steps": 2, "batch_size": 2, "vocab_multiple": 192,
         "mesh": "fsdp=2,tensor=3", "checkpoint": {"every": 2, "keep": 1}, "log": {"every": 1, "tensorboard": False},
     }
     cfg_file = tmp_path / "cpt.yaml"
@@ -53,4 +53,4 @@ def test_extend_real_tokenizer_then_continue_pretraining(smollm2_hf_dir, tmp_pat
     assert len(losses) == 2 and all(0 < x < 20 for x in losses), losses
     final = next(p for p in (run_dir / "model", run_dir / "final") if p.exists())
     cfg = read_model_config(final)
-    assert cfg.vocab_size >= ext.vocab_size and cfg.vocab_size % 64 == 0 and cfg.num_layers == 30
+    assert cfg.vocab_size >= ext.vocab_size and cfg.vocab_size % 192 == 0 and cfg.num_layers == 30

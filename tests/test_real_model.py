@@ -27,6 +27,7 @@ def hf(smollm2_hf_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # torch's default thread count spins badly on a shared 2-core machine
     model = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(smollm2_hf_dir)
 
