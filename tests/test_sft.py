@@ -11,7 +11,8 @@ from conftest import ROOT, max_abs
 from rsdjax.cli import main
 from rsdjax.config import ConfigError
 from rsdjax.loading import load_model
-from rsdjax.model.lora import LoRAParam, LoraConfig, apply_adapter, attach_lora
+from rsdjax.checkpoint.peft import apply_adapter
+from rsdjax.model.lora import LoRAParam, LoraConfig, attach_lora
 from rsdjax.parallel.mesh import make_mesh
 from rsdjax.sft import SFTDataError, answer, load_finetune_config, sft_loss
 from rsdjax.sft.data import batches, encode, load_examples, pack, read_jsonl

@@ -294,7 +294,8 @@ def test_init_from_hf_grows_the_vocabulary_with_documented_rows(tmp_path, tiny_h
     from rsdjax.tokenizer import Tokenizer
     from rsdjax.train.config import load_train_config
     from rsdjax.train.setup import final_model_config, initial_model
-    from rsdjax.vocab import extend_tokenizer, new_token_pieces, read_texts
+    from rsdjax.model.resize import new_token_pieces
+    from rsdjax.vocab import extend_tokenizer, read_texts
 
     base = Tokenizer.load(tiny_tokenizer_dir)
     extend_tokenizer(base, read_texts([ROOT / "data/corpus/ja"]), 64).save(tmp_path / "ext")

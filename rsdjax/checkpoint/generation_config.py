@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rsdjax.checkpoint.safetensors_io import CheckpointError
+from rsdjax.checkpoint.errors import CheckpointError
 
 FILE = "generation_config.json"
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")

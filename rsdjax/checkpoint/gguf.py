@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rsdjax.checkpoint.safetensors_io import CheckpointError
+from rsdjax.checkpoint.errors import CheckpointError
 from rsdjax.config import ModelConfig
 
 # The types Llama GGUFs use; everything else is refused by name (IQ*, TQ*, MXFP4 ...).

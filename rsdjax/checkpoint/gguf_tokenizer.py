@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from rsdjax.checkpoint.safetensors_io import CheckpointError
+from rsdjax.checkpoint.errors import CheckpointError
 
 CONTROL, USER_DEFINED = 3, 4
 # llama.cpp's splits (llama-vocab.cpp) by `tokenizer.ggml.pre`.

@@ -15,7 +15,8 @@ from flax import nnx
 
 from rsdjax.config import ModelConfig, RopeScaling
 from rsdjax.checkpoint.durable import publish_dir
-from rsdjax.checkpoint.safetensors_io import CheckpointError, ShardedWriter, TensorRef, index_directory
+from rsdjax.checkpoint.errors import CheckpointError
+from rsdjax.checkpoint.safetensors_io import ShardedWriter, TensorRef, index_directory
 
 # our stacked name -> (HF name inside layer i, HF tensor -> our per-layer array, our per-layer -> HF)
 LAYER_TENSORS = {
@@ -138,6 +139,9 @@ class _Source:
                 if ref.shape != shape:
                     raise CheckpointError(
                         f"{ref.file}: tensor '{key}' has shape {list(ref.shape)}, expected {list(shape)} for this config")
+                if ref.dtype.kind != "f" and ref.dtype.name != "bfloat16":  # ml_dtypes' bfloat16 is kind "V"
+                    raise CheckpointError(f"{ref.file}: tensor '{key}' has dtype {ref.dtype}, but Llama weights "
+                                          "are floating point (F32, F16 or BF16)")
 
     def expected(self, name, shape):
         if name in ("embed", "lm_head"):  # the file has the real vocabulary; padding rows are added on read

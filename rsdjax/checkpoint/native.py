@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 
 from rsdjax.config import ConfigError, ModelConfig, from_dict, to_dict
 from rsdjax.checkpoint.durable import publish_dir
-from rsdjax.checkpoint.safetensors_io import CheckpointError
+from rsdjax.checkpoint.errors import CheckpointError
 
 MODEL_FILE = "rsdjax_model.json"
 FORMAT_VERSION = 1

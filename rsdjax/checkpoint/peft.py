@@ -18,7 +18,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from rsdjax.checkpoint.durable import publish_file
-from rsdjax.checkpoint.safetensors_io import CheckpointError, read_header
+from rsdjax.checkpoint.errors import CheckpointError
+from rsdjax.checkpoint.safetensors_io import read_header
 from rsdjax.model.lora import (SHORT_NAMES, IN_DIMS, LoraConfig, LoraError, attach_lora, module_name,
                                resolve_targets)
 
@@ -194,3 +195,8 @@ def load_adapter(model, directory: str | Path, seed: int = 0):
         return attach_lora(model, config, seed=seed, weights=weights)
     except LoraError as e:
         raise CheckpointError(f"{directory}: {e}") from None
+
+
+def apply_adapter(model, adapter_dir):
+    """Load a PEFT LoRA adapter directory onto a loaded model and return it (LoRA attached, unmerged)."""
+    return load_adapter(model, adapter_dir)

@@ -15,16 +15,13 @@ import ml_dtypes
 import numpy as np
 
 from rsdjax.checkpoint.durable import publish_file, write_text
+from rsdjax.checkpoint.errors import CheckpointError  # noqa: F401  (also importable from here)
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the tensor."""
 
 
 @dataclass(frozen=True)

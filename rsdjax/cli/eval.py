@@ -62,7 +62,7 @@ def run(args) -> int:
     if not 1 <= seq_len <= model.cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {seq_len} must be in [1, {model.cfg.max_position_embeddings}] (the model's context)")
     if args.lora is not None:
-        from rsdjax.model.lora import apply_adapter
+        from rsdjax.checkpoint.peft import apply_adapter
 
         model = apply_adapter(model, args.lora)
     engine = None

@@ -68,7 +68,7 @@ def run(args) -> int:
     from rsdjax.cli.common import engine_runnable, mesh_from_args
     from rsdjax.plan.cost_model import Workload
     from rsdjax.infer.engine import load_engine
-    from rsdjax.infer.generate import generate
+    from rsdjax.infer.generate import checked_requests, generate
     from rsdjax.infer.interface import SamplingParams
     from rsdjax.infer.warmup import compile_for_prompts
     from rsdjax.config import apply_overrides
@@ -80,6 +80,11 @@ def run(args) -> int:
         raise ValueError(f"generate: override '{others[0]}' is not a model.* key")
     if not args.prompt and not args.prompt_ids:
         raise ValueError("generate: give at least one --prompt or --prompt-ids")
+    if args.chat and not args.prompt:
+        raise ValueError("generate: --chat formats --prompt text as a user message; --prompt-ids are sent as they are")
+    for flag, value in (("--max-slots", args.max_slots), ("--max-context", args.max_context)):
+        if value is not None and value < 1:
+            raise ValueError(f"generate: {flag} must be >= 1, got {value}")
     tokenizer = Tokenizer.for_model(args.model)
     if args.prompt and tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.json, so --prompt cannot be used; give --prompt-ids")
@@ -109,6 +114,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=slots, max_context=max_context,
                             overrides=split_overrides(args.overrides, "model"), lora=args.lora)
+    checked_requests(engine, prompts, params, tokenizer)  # a bad request fails before minutes of compiling
     # every shape the generation can reach, before the first token: nothing compiles mid-stream
     compile_for_prompts(engine, prompts, args.max_new_tokens, logprobs=args.logprobs is not None)
     load_s = time.perf_counter() - t0

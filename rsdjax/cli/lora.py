@@ -22,7 +22,8 @@ def merge(args) -> int:
     from rsdjax.checkpoint.hf import save_hf
     from rsdjax.cli.common import mesh_from_args
     from rsdjax.loading import load_model
-    from rsdjax.model.lora import apply_adapter, merge_and_unload
+    from rsdjax.checkpoint.peft import apply_adapter
+    from rsdjax.model.lora import merge_and_unload
 
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"{args.out}: exists and is not empty; refusing to overwrite")

@@ -238,7 +238,7 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
     path = Path(model_path)
     model = load_model(path, mesh=mesh, overrides=overrides)
     if lora is not None:
-        from rsdjax.model.lora import apply_adapter
+        from rsdjax.checkpoint.peft import apply_adapter
 
         model = apply_adapter(model, lora)
     tokenizer = Tokenizer.for_model(path)

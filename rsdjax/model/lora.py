@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rsdjax.model.llama import PARAM_AXES, Llama
+from rsdjax.model.axes import PARAM_AXES
+
+if TYPE_CHECKING:  # the model imports this module (its `linear` calls `lora_delta`)
+    from rsdjax.model.llama import Llama
 
 # our stacked kernel -> the module path inside one HF/PEFT decoder layer
 TARGET_MODULES = {
@@ -298,10 +302,3 @@ def _attached(model: Llama) -> LoRA:
     if lora is None:
         raise LoraError("model has no LoRA adapter attached")
     return lora
-
-
-def apply_adapter(model: Llama, adapter_dir) -> Llama:
-    """Load a PEFT LoRA adapter directory onto a loaded model and return it (LoRA attached, unmerged)."""
-    from rsdjax.checkpoint.peft import load_adapter  # checkpoint sits above model: import lazily
-
-    return load_adapter(model, adapter_dir)

@@ -99,6 +99,8 @@ class FakeEngine:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"request {request.id}: token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        if p.seed is not None and p.seed < 0:  # as the real engine's sampling.validate
+            raise ValueError(f"request {request.id}: seed must be >= 0, got {p.seed}")
 
     def prefill(self, request: Request) -> Prefix:
         self.check(request)

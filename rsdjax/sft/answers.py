@@ -31,7 +31,7 @@ def compare_answers(base: str | Path, adapter: str | Path, questions: Sequence[s
                     mesh=None) -> list[dict]:
     """[{question, before, after}]: the base model's answers, then with the PEFT adapter applied."""
     from rsdjax.loading import load_model
-    from rsdjax.model.lora import apply_adapter
+    from rsdjax.checkpoint.peft import apply_adapter
 
     tok = Tokenizer.load(tokenizer or base)
     model = load_model(base, mesh=mesh)
