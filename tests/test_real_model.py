@@ -43,10 +43,7 @@ def hf_answers(hf):
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         with torch.no_grad():
             gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
-        answer = gen[0, len(ids):].tolist()
-        if answer and answer[-1] in (tok.eos_token_id,):
-            answer = answer[:-1]  # rsdjax, like vLLM, does not return the stop token
-        out.append((ids, answer))
+        out.append((ids, gen[0, len(ids):].tolist()))  # with the EOS that ended it, as rsdjax reports it
     return out
 
 
@@ -134,7 +131,7 @@ def _served_chat_matches(engine, tok, hf_answers):
             whole = api.chat.completions.create(model="smollm2", messages=messages, max_tokens=NEW_TOKENS,
                                                 temperature=0)
             assert whole.choices[0].message.content == text
-            assert whole.usage.completion_tokens == len(want) + (whole.choices[0].finish_reason == "stop")
+            assert whole.usage.completion_tokens == len(want)  # the EOS counts, as in vLLM
             stream = api.chat.completions.create(model="smollm2", messages=messages, max_tokens=NEW_TOKENS,
                                                  temperature=0, stream=True)
             assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == text
