@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 OBJECTIVES = ("throughput", "latency", "tps-per-watt")  # rsdjax.plan.planner.OBJECTIVES (imported lazily there)
 
@@ -19,6 +20,40 @@ def add_mesh_args(parser: argparse.ArgumentParser, default_hardware: str | None 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.num_layers=4")
+
+
+# the config sections a command's `key=value` overrides may name (check_overrides)
+MODEL = ("model", "rsdjax.config:ModelConfig")
+HARDWARE = ("hardware", "rsdjax.hardware:HardwareSpec")
+COST = ("cost", "rsdjax.plan.cost_model:Assumptions")
+
+
+def check_overrides(overrides: list[str], *sections: tuple[str, str]) -> None:
+    """Refuse the first override whose key no section has, naming the nearest valid key."""
+    import importlib
+
+    from rsdjax.config import check_keys, config_keys
+
+    valid = []
+    for prefix, where in sections:
+        module, name = where.split(":")
+        valid += config_keys(getattr(importlib.import_module(module), name), prefix + ".")
+    check_keys(list(overrides), valid)
+
+
+def add_path_arg(parser: argparse.ArgumentParser, dest: str, flags: tuple[str, ...], help: str) -> None:
+    """A path given as `--model X` / `-o X` (the grammar every command shares) or, as first written,
+    positionally; `path_arg(args, dest)` reads whichever was given."""
+    parser.add_argument(f"{dest}_pos", nargs="?", type=Path, metavar=dest.upper(), help=f"{help} (or {flags[-1]})")
+    parser.add_argument(*flags, dest=dest, type=Path, default=None, help=help)
+
+
+def path_arg(args, dest: str) -> Path:
+    given = [p for p in (getattr(args, dest), getattr(args, f"{dest}_pos")) if p is not None]
+    flag = "--model" if dest == "model" else f"--{dest}"
+    if len(given) != 1:
+        raise ValueError(f"{args.command}: give {dest.upper()} once ({flag} PATH or positionally)")
+    return given[0]
 
 
 def split_overrides(overrides: list[str], prefix: str) -> list[str]:
@@ -40,10 +75,9 @@ def planned_mesh_shape(args, cfg, workload, runnable=None, hardware_overrides: l
 
 
 def engine_runnable(max_slots: int | None):
-    """What the serving engine can run: one stage (pipelined serving is not built yet), slots split over data."""
+    """What the serving engine can run: any split (stage > 1 pipelines, rsdjax/infer/staged.py) whose data
+    axis divides the slots."""
     def check(mesh: dict[str, int]) -> str | None:
-        if mesh["stage"] > 1:
-            return "the serving engine does not run stage > 1 yet"
         if max_slots and max_slots % mesh["data"]:
             return f"{max_slots} slots do not split over data={mesh['data']}"
         return None
@@ -70,6 +104,8 @@ def serving_mesh(args, max_slots: int | None, max_context: int | None, model_ove
     from rsdjax.loading import read_model_config
     from rsdjax.plan.cost_model import Workload
 
+    from rsdjax.infer.engine import DEFAULT_MAX_CONTEXT
+
     cfg = apply_overrides(read_model_config(args.model), list(model_overrides))
-    context = max_context or cfg.max_position_embeddings
+    context = max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)  # the engine's default
     return mesh_from_args(args, cfg=cfg, workload=Workload("infer", 0, context), runnable=engine_runnable(max_slots))

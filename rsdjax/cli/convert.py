@@ -1,10 +1,9 @@
-"""`rsdjax convert hf-to-rsdjax|rsdjax-to-hf|gguf-to-rsdjax|gguf-to-hf SRC DST`."""
+"""`rsdjax convert hf-to-rsdjax|rsdjax-to-hf|gguf-to-rsdjax|gguf-to-hf --model SRC -o DST` (or SRC DST)."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
-from rsdjax.cli.common import add_mesh_args
+from rsdjax.cli.common import add_mesh_args, add_path_arg
 
 DIRECTIONS = ("hf-to-rsdjax", "rsdjax-to-hf", "gguf-to-rsdjax", "gguf-to-hf")
 
@@ -12,8 +11,9 @@ DIRECTIONS = ("hf-to-rsdjax", "rsdjax-to-hf", "gguf-to-rsdjax", "gguf-to-hf")
 def register(sub) -> None:
     p = sub.add_parser("convert", help="convert between HF Llama directories, GGUF files and rsdjax checkpoints")
     p.add_argument("direction", choices=DIRECTIONS)
-    p.add_argument("src", type=Path, help="model directory, or a .gguf file for gguf-to-*")
-    p.add_argument("dst", type=Path)
+    add_path_arg(p, "model", ("--model",),
+                 "the model to convert (HF Llama directory, rsdjax checkpoint, or a .gguf file for gguf-to-*)")
+    add_path_arg(p, "output", ("-o", "--output"), "the directory to write (must not exist or be empty)")
     p.add_argument("--max-shard-size", type=float, default=2.0, help="GB per safetensors file (*-to-hf)")
     add_mesh_args(p)
     p.set_defaults(func=run)
@@ -21,10 +21,11 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from rsdjax.checkpoint.hf import save_hf
-    from rsdjax.cli.common import mesh_from_args
+    from rsdjax.cli.common import mesh_from_args, path_arg
     from rsdjax.loading import load_model, save_model
     from rsdjax.tokenizer import Tokenizer
 
+    args.src, args.dst = path_arg(args, "model"), path_arg(args, "output")
     if args.dst.exists() and any(args.dst.iterdir()):
         raise ValueError(f"{args.dst}: exists and is not empty; refusing to overwrite")
     if args.direction.startswith("gguf-") != (args.src.suffix.lower() == ".gguf"):

@@ -18,7 +18,8 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: min(1024, the model's context))")
     p.add_argument("--batch-size", type=int, default=8, help="rows per step (rounded up to the mesh's batch shards)")
     p.add_argument("--template", default="llama3", help="chat template for Q&A files (llama3 | plain)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="greedy answer length for Q&A files")
+    p.add_argument("--max-tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=64,
+                   help="greedy answer length for Q&A files")
     p.add_argument("--no-generate", action="store_true", help="Q&A files: answer loss only, no greedy answers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_mesh_args(p)

@@ -60,14 +60,14 @@ def run(args) -> int:
         return run_calibration(args)
     if not args.model:
         raise ValueError("plan: give --model NAME (or --calibration)")
+    from rsdjax.cli.common import COST, HARDWARE, MODEL, check_overrides
+
+    check_overrides(args.overrides, MODEL, HARDWARE, COST)
     hardware = load_hardware(args.hardware, split_overrides(args.overrides, "hardware"))
     if args.aot or args.collectives:
         # virtual devices must be requested before JAX starts its CPU backend
         from rsdjax.parallel.mesh import request_cpu_devices
         request_cpu_devices(hardware.num_devices)
-    unknown = [o for o in args.overrides if not o.split("=", 1)[0].startswith(("model.", "hardware.", "cost."))]
-    if unknown:
-        raise ValueError(f"override '{unknown[0]}' must start with model., hardware. or cost.")
     model_over = split_overrides(args.overrides, "model")
     if Path(args.model).is_dir():
         from rsdjax.loading import read_model_config

@@ -38,6 +38,9 @@ def run(args) -> int:
     from rsdjax.parallel.sharding import shard_report, spec_str
     from flax import nnx
 
+    from rsdjax.cli.common import HARDWARE, MODEL, check_overrides
+
+    check_overrides(args.overrides, MODEL, HARDWARE)  # nothing is dropped silently
     model_over = split_overrides(args.overrides, "model")
     hw_over = split_overrides(args.overrides, "hardware")
     if Path(args.model).is_dir():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rsdjax.cli.common import add_path_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser("tokenizer", help="train or extend a tokenizer; resize a model's vocabulary to it")
@@ -24,7 +26,7 @@ def register(sub) -> None:
     e.set_defaults(func=run_extend)
 
     r = cmds.add_parser("resize-model", help="grow a model's embedding and LM head to an extended tokenizer")
-    r.add_argument("model", type=Path, help="HF Llama directory or rsdjax checkpoint")
+    add_path_arg(r, "model", ("--model",), "HF Llama directory or rsdjax checkpoint")
     r.add_argument("--old-tokenizer", type=Path, required=True, help="the tokenizer the model was trained with")
     r.add_argument("--new-tokenizer", type=Path, required=True, help="the extended tokenizer")
     r.add_argument("--multiple", type=int, default=128, help="pad the vocabulary to a multiple of this")
@@ -78,6 +80,9 @@ def run_resize(args) -> int:
     from rsdjax.tokenizer import Tokenizer
     from rsdjax.model.resize import resize_vocab
 
+    from rsdjax.cli.common import path_arg
+
+    args.model = path_arg(args, "model")
     _refuse_nonempty(args.output)
     old, new = Tokenizer.load(args.old_tokenizer), Tokenizer.load(args.new_tokenizer)
     model = load_model(args.model, param_dtype="keep")

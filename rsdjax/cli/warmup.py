@@ -27,9 +27,9 @@ def run(args) -> int:
     from rsdjax.infer.engine import load_engine
     from rsdjax.infer.warmup import compile_all
 
-    others = [o for o in args.overrides if not o.startswith("model.")]
-    if others:
-        raise ValueError(f"warmup: override '{others[0]}' is not a model.* key")
+    from rsdjax.cli.common import MODEL, check_overrides
+
+    check_overrides(args.overrides, MODEL)
     rows = parse_ids(args.rows, "--rows")
     if not rows or min(rows) < 1:
         raise ValueError(f"--rows: '{args.rows}' must list batch sizes >= 1")

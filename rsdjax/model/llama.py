@@ -20,7 +20,7 @@ from flax import nnx
 
 from rsdjax.config import ModelConfig
 from rsdjax.model.axes import CACHE_AXES, PARAM_AXES  # noqa: F401  (CACHE_AXES: part of this module's API)
-from rsdjax.model.lora import lora_delta
+from rsdjax.model.lora import lora_delta, lora_rows_delta
 from rsdjax.model.projection import project
 from rsdjax.parallel import layer_stack
 from rsdjax.parallel.rules import constrain
@@ -105,6 +105,8 @@ def linear(x, p: dict, name: str, equation: str):
     y = project(equation, x, p[name])  # jnp.einsum with a CPU-friendly weight gradient (see projection.py)
     if name in p.get("lora", {}):  # LoRA arrays from `rsdjax.model.lora` (see `Llama.layer_params`)
         y = y + lora_delta(x, p["lora"], name, equation)
+    if name in p.get("lora_rows", {}):  # multi-LoRA serving: each batch row its own adapter (rsdjax.infer.adapters)
+        y = y + lora_rows_delta(x, p["lora_rows"], name, equation)
     return y
 
 

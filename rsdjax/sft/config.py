@@ -12,7 +12,7 @@ from pathlib import Path
 from rsdjax.config import ConfigError, apply_overrides, from_dict, load_yaml, preset_path
 from rsdjax.model.lora import LoraConfig, LoraError
 from rsdjax.sft.data import TEMPLATES
-from rsdjax.train.config import DECAYS, CheckpointConfig, OptimConfig
+from rsdjax.train.config import DECAYS, CheckpointConfig, EvalConfig, OptimConfig
 
 # the first version's fine-tuning key -> the training config's
 RENAMED = {"optim.learning_rate": "optim.lr", "optim.grad_clip": "optim.clip_norm",
@@ -51,6 +51,7 @@ class FinetuneConfig:
     save_every: int = 0  # >0: also write output/checkpoint-{step} adapters
     demo_questions: list[str] = dataclasses.field(default_factory=list)  # answered before/after by the CLI
     max_new_tokens: int = 48
+    eval: EvalConfig | None = None  # held-out sources (text or Q&A jsonl): loss, perplexity, bits/byte per source
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -78,6 +79,12 @@ class FinetuneConfig:
             raise ConfigError(f"optim.decay must be one of {', '.join(DECAYS)}, got '{o.decay}'")
         if d.template not in TEMPLATES:
             raise ConfigError(f"data.template {d.template!r} is not one of {', '.join(TEMPLATES)}")
+        if self.eval is not None:
+            def need(ok: bool, msg: str):
+                if not ok:
+                    raise ConfigError(msg)
+
+            self.eval.validate(need)
         return self
 
 

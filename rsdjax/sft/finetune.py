@@ -113,10 +113,22 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
                        schedule=schedule)
         evaluator = EvalStep(model, mesh, batch_size=cfg.batch_size) if evals else None
 
+        held_out = None
+        if cfg.eval is not None:
+            from rsdjax.eval.held_out import HeldOut
+
+            e = cfg.eval
+            held_out = HeldOut(e, tokenizer, model, mesh, seq_len=e.seq_len or d.seq_len,
+                               batch_size=e.batch_size or cfg.batch_size, total_steps=cfg.steps, template=d.template)
+
         def eval_loss(state: TrainState, frozen: dict) -> float:
             full = join_params(state.params, frozen)
             rows = [evaluator(full, batch) for batch in evals]
-            return float(sum(n.sum() for n, _ in rows) / max(sum(t.sum() for _, t in rows), 1.0))
+            return float(sum(r[0].sum() for r in rows) / max(sum(r[1].sum() for r in rows), 1.0))
+
+        def evaluate_held_out(step: int, state: TrainState) -> None:
+            if held_out is not None and held_out.due(step, fresh_start=latest == 0):
+                metrics.log_eval(step, held_out.run(join_params(state.params, frozen)))
 
         params, frozen = ts.split(model)
         if latest == 0:
@@ -140,6 +152,7 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
         for _ in range(latest):  # the data position: the batches the restored steps consumed
             next(data)
         try:
+            evaluate_held_out(latest, state)
             metrics.start_clock()
             for step in range(latest + 1, cfg.steps + 1):
                 batch = {k: jax.device_put(v, ts.batch_sharding) for k, v in next(data).items()}
@@ -147,6 +160,7 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
                 extra = {"eval_loss": eval_loss(state, frozen)} if evals and (
                     step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)) else {}
                 history.append(metrics.log(step, m, extra))
+                evaluate_held_out(step, state)
                 if ckpt.due(step) or step == cfg.steps:
                     tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": state.rng}
                     ckpt.save(step, tree, {"data_position": step, "stage": "lora", "model": arch,

@@ -125,10 +125,16 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
     tok, base_tok = prepare_tokenizers(cfg, log)
     model_cfg = final_model_config(cfg, tok, base_tok)
     check_directory(cfg.checkpoint_dir.absolute(), architecture(model_cfg))
-    mixture = build_mixture(cfg.data.sources, tok, cfg.data.seq_len, cfg.cache_dir, cfg.seed)
+    train_sources, held_sources = cfg.data.sources, []
+    if cfg.eval is not None and cfg.eval.holdout > 0:
+        from rsdjax.eval.held_out import hold_out_files
+
+        train_sources, held_sources = hold_out_files(cfg.data.sources, cfg.eval.holdout)
+    mixture = build_mixture(train_sources, tok, cfg.data.seq_len, cfg.cache_dir, cfg.seed)
     for s in mixture.info():
         log(f"data source '{s.name}': {s.num_docs} documents, {s.num_tokens:,} tokens, {s.num_windows} windows "
             f"of {cfg.data.seq_len}, weight {s.weight:.2f}")
+    held_out = make_held_out(cfg, tok, model_cfg, mesh, log, held_sources)  # (checked before anything is written)
 
     ckpt = TrainCheckpointer(cfg.checkpoint_dir, architecture(model_cfg), every=cfg.checkpoint.every,
                              keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
@@ -165,9 +171,15 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
                             peak_flops=peak_flops(cfg, mesh), enabled=jax.process_index() == 0,
                             tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, print_every=cfg.log.every)
     shardings = {k: ts.batch_sharding for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+
+    def evaluate(step: int, fresh_start: bool = False) -> None:
+        if held_out is not None and held_out.due(step, fresh_start):
+            metrics.log_eval(step, held_out.run(join_params(state.params, frozen)))
+
     stopped_by = None
     try:
         with StopSignal() as stop:
+            evaluate(step, fresh_start=latest is None)
             metrics.start_clock()
             while step < cfg.steps:
                 stage_name = stages.at(step)[0]
@@ -184,6 +196,7 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
                 row = metrics.log(step, m, {"stage": name})
                 first_loss = row["loss"] if first_loss is None else first_loss
                 last_loss = row["loss"]
+                evaluate(step)
                 interrupted = stop.agreed()
                 if ckpt.due(step) or step == cfg.steps or interrupted:
                     tree = {"params": join_params(state.params, frozen), "opt_state": state.opt_state,
@@ -207,6 +220,21 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
             plot_loss(metrics.path, run_dir / LOSS_PNG, title=f"{cfg.name}: training loss")
             log(f"loss curve: {run_dir / LOSS_PNG}")
     return TrainResult(run_dir, step, finished, stopped_by, first_loss, last_loss, model_dir)
+
+
+def make_held_out(cfg: TrainConfig, tok, model_cfg, mesh, log, held_sources=()):
+    """The held-out evaluator of `cfg.eval` (None without one); reads its files before training starts."""
+    if cfg.eval is None:
+        return None
+    from rsdjax.eval.held_out import HeldOut
+    from rsdjax.loading import abstract_model
+
+    held_out = HeldOut(cfg.eval, tok, abstract_model(model_cfg), mesh, seq_len=cfg.eval.seq_len or cfg.data.seq_len,
+                       batch_size=cfg.eval.batch_size or cfg.batch_size // cfg.grad_accum, total_steps=cfg.steps,
+                       extra_sources=held_sources)
+    for name, _, stats in held_out.sources:
+        log(f"eval source '{name}': {stats.documents} documents, {stats.tokens:,} tokens")
+    return held_out
 
 
 def check_resumable(meta: dict, cfg: TrainConfig, where: str) -> None:
