@@ -39,6 +39,8 @@ def register(sub) -> None:
     e.add_argument("--max-context", type=int, default=None,
                    help="KV cache length per slot (default: the longest prompt + max-new-tokens, rounded up)")
     p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, timings) instead of streaming")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights for every projection and the LM head (per-channel scales)")
     add_mesh_args(p)
     add_overrides(p)
     p.set_defaults(func=run)
@@ -100,7 +102,8 @@ def run(args) -> int:
         slots = -(-slots // data) * data
     t0 = time.perf_counter()
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=slots, max_context=max_context,
-                            overrides=split_overrides(args.overrides, "model"), lora=args.lora)
+                            overrides=split_overrides(args.overrides, "model"), lora=args.lora,
+                            quantize=args.quantize)
     # every shape the generation can reach, before the first token: nothing compiles mid-stream
     compile_for_prompts(engine, prompts, args.max_new_tokens, logprobs=args.logprobs is not None)
     load_s = time.perf_counter() - t0

@@ -34,6 +34,8 @@ def register(sub) -> None:
     fake.add_argument("--fake-engine", action="store_true",
                       help="serve the deterministic fake engine (rsdjax.serve.fake_engine) instead of a model")
     fake.add_argument("--fake-step-ms", type=float, default=0.0, help="fake engine: time of one decode step")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights for every projection and the LM head (per-channel scales)")
     add_mesh_args(p)
     p.set_defaults(func=run)
 
@@ -58,7 +60,8 @@ def build_engine(args):
 
     mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
     engine, model_tokenizer = load_engine(args.model, mesh=mesh, max_slots=args.max_slots,
-                                          max_context=args.max_context, lora=args.lora)
+                                          max_context=args.max_context, lora=args.lora,
+                                          quantize=args.quantize)
     return engine, tokenizer or model_tokenizer, args.model.resolve().name
 
 

@@ -233,12 +233,16 @@ def eos_ids_for(path: Path, cfg, tokenizer) -> list[int]:
 
 
 def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | None = None,
-                overrides: Sequence[str] = (), lora=None):
+                overrides: Sequence[str] = (), lora=None, quantize: str | None = None):
     """An HF Llama directory or rsdjax checkpoint -> (SlotEngine, Tokenizer | None).
 
     The tokenizer is `tokenizer.json` in the model directory when there is one. `lora`: a PEFT adapter
-    directory, applied (unmerged) before the engine splits the weights per layer.
+    directory, applied (unmerged) before the engine splits the weights per layer. `quantize`: 'int8'
+    stores every projection and the LM head as int8 (rsdjax/model/quant.py); LoRA stays float on top.
     """
+    from rsdjax.model.quant import check_mode, quantize_serving
+
+    quantize = check_mode(quantize)
     from rsdjax.loading import load_model
     from rsdjax.tokenizer import Tokenizer
 
@@ -251,6 +255,8 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
     tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
     engine = SlotEngine(model, max_slots=max_slots, max_context=max_context,
                         eos_token_ids=eos_ids_for(path, model.cfg, tokenizer), mesh=mesh)
+    if quantize is not None:  # the float per-layer weights are freed once replaced
+        engine.weights = quantize_serving(engine.weights, quantize)
     return engine, tokenizer
 
 
