@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -m rsdjax.eval.lm_eval_hook install
 	touch $(STAMP)
 
 venv: $(STAMP)

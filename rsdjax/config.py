@@ -6,6 +6,7 @@ machinery plus the model config, which every entry point embeds.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -149,9 +150,45 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+        raise unknown_key(f"{prefix}{unknown[0]}", [prefix + n for n in names])
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def config_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key a dataclass config accepts (nested dataclasses expanded), e.g. 'optim.lr'."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        inner = [t for t in typing.get_args(hints[f.name]) if dataclasses.is_dataclass(t)] or [hints[f.name]]
+        if dataclasses.is_dataclass(inner[0]):
+            keys += config_keys(inner[0], f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def unknown_key(key: str, valid) -> ConfigError:
+    """'unknown config key ...' naming the nearest valid key (or, when none is close, the valid ones)."""
+    valid = sorted(set(valid))
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not near:  # a right leaf under a wrong (or missing) section: compare the last part
+        leaf = key.rsplit(".", 1)[-1]
+        near = [v for v in valid if v.rsplit(".", 1)[-1] == leaf][:1] or difflib.get_close_matches(
+            leaf, valid, n=1, cutoff=0.6)
+    hint = f"did you mean '{near[0]}'?" if near else "known: " + ", ".join(valid[:40]) + (" ..." if len(valid) > 40 else "")
+    return ConfigError(f"unknown config key '{key}' ({hint})")
+
+
+def check_keys(overrides: list[str], valid, where: str = "") -> None:
+    """Raise ConfigError for the first `key=value` whose key is not one of `valid`, naming the nearest."""
+    valid = set(valid)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{where}override '{item}' is not of the form key=value")
+        key = item.split("=", 1)[0]
+        if key not in valid and not any(key.startswith(v + ".") for v in valid):
+            raise ConfigError(f"{where}{unknown_key(key, valid)}")
 
 
 def to_dict(obj: Any) -> Any:
@@ -173,12 +210,12 @@ def apply_overrides(obj: Any, overrides: list[str]) -> Any:
         parts = key.split(".")
         for part in parts[:-1]:
             if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"unknown config key '{key}'")
+                raise unknown_key(key, config_keys(type(obj)))
             if node[part] is None:
                 node[part] = {}
             node = node[part]
         if not isinstance(node, dict) or parts[-1] not in node:
-            raise ConfigError(f"unknown config key '{key}'")
+            raise unknown_key(key, config_keys(type(obj)))
         node[parts[-1]] = value
     return from_dict(type(obj), data)
 

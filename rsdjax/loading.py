@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rsdjax.checkpoint import hf, native
-from rsdjax.checkpoint.safetensors_io import CheckpointError
+from rsdjax.checkpoint.errors import CheckpointError
 from rsdjax.config import ModelConfig, apply_overrides
 from rsdjax.model.llama import Llama, resolve_dtype
 from rsdjax.parallel.mesh import make_mesh

@@ -43,13 +43,13 @@ def finetune(base: Path) -> Path:
     from rsdjax.parallel.mesh import make_mesh
     from rsdjax.sft.config import load_finetune_config
     from rsdjax.sft.finetune import finetune as run_finetune
-    from rsdjax.sft.generate import compare_answers, show_answers
+    from rsdjax.sft.answers import compare_answers, show_answers
 
     cfg = load_finetune_config(LORA_CONFIG, [f"base={base}"])
     out = Path(cfg.output)
     banner(f"2. LoRA fine-tuning for Q&A ({LORA_CONFIG}) -> {out}")
     if (out / "adapter_config.json").exists():
-        print(f"{out} already holds an adapter (delete it to train again); comparing answers")
+        print(f"{out} already holds the trained adapter (delete it to train again); comparing answers")
         rows = compare_answers(base, out, cfg.demo_questions, max_new_tokens=cfg.max_new_tokens)
         show_answers([r["question"] for r in rows], [r["before"] for r in rows], [r["after"] for r in rows])
         return out

@@ -1,5 +1,6 @@
 """Shared fixtures. Tests run on 8 virtual CPU devices; tiny models; one compile per shape."""
 import atexit
+import hashlib
 import os
 import shutil
 import tempfile
@@ -97,6 +98,16 @@ def smollm2_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
     plain.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tree_digest(directory: Path) -> str:
+    """sha256 over a directory's relative paths and file bytes: "nothing saved changed" in one value."""
+    h = hashlib.sha256()
+    for p in sorted(Path(directory).rglob("*")):
+        h.update(str(p.relative_to(directory)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
 
 
 def max_abs(a, b) -> float:

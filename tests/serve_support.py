@@ -12,6 +12,7 @@ from rsdjax.infer.interface import SamplingParams
 from rsdjax.serve.app import create_app
 from rsdjax.serve.fake_engine import FakeEngine
 from rsdjax.serve.launch import ServerThread
+from rsdjax.serve.router import create_router_app
 from rsdjax.tokenizer import Tokenizer
 
 # one client for the whole session: httpx.get/post build a new client (and TLS context, ~0.15 s) per call
@@ -28,6 +29,30 @@ def fake_server(tokenizer: Tokenizer | None, name: str = "fake", max_slots: int 
     app = create_app(engine, tokenizer, [name], **app_kwargs)
     with ServerThread(app) as server:
         yield server.url, engine, app
+
+
+@contextlib.contextmanager
+def router(urls, policy, **kwargs):
+    """A live router (uvicorn thread) in front of `urls`; health checked every 0.2 s unless told."""
+    kwargs.setdefault("health_interval", 0.2)
+    with ServerThread(create_router_app(urls, policy=policy, **kwargs)) as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def fake_server_processes(tokenizer_dir, log_dir, n: int = 2, *args):
+    """`n` real `rsdjax serve --fake-engine` processes (so a SIGKILL is a real one): [(Popen, url)]."""
+    from rsdjax.serve.launch import spawn, stop_process
+
+    base = ["--fake-engine", "--tokenizer", str(tokenizer_dir), "--max-context", "256", "--log-level", "warning"]
+    procs = []
+    try:
+        for i in range(n):
+            procs.append(spawn("serve", [*base, *args], log_file=log_dir / f"backend{i}.log", timeout=120))
+        yield procs
+    finally:
+        for proc, _ in procs:
+            stop_process(proc)
 
 
 def client(url: str, api_key: str = "unused", **kwargs) -> openai.OpenAI:

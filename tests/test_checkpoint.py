@@ -21,7 +21,8 @@ def _tensors(directory: Path) -> dict:
 def test_round_trip_is_bit_identical_and_loads_in_transformers(tiny_hf_dir, tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
-    assert main(["convert", "hf-to-rsdjax", str(tiny_hf_dir), str(tmp_path / "native"), "--mesh", "fsdp=2,tensor=4"]) == 0
+    assert main(["convert", "hf-to-rsdjax", "--model", str(tiny_hf_dir), "-o", str(tmp_path / "native"),
+                 "--mesh", "fsdp=2,tensor=4"]) == 0  # the shared grammar; SRC DST positionally below
     # a small shard size forces several files + an index, the layout of real checkpoints
     assert main(["convert", "rsdjax-to-hf", str(tmp_path / "native"), str(tmp_path / "hf"),
                  "--max-shard-size", "0.0002"]) == 0
@@ -131,7 +132,8 @@ def test_non_dividing_mesh_is_a_one_line_error(capsys):
 
 
 def test_bad_override_and_unknown_preset(capsys):
-    assert "unknown config key 'num_layerz'" in _error(capsys, ["shard-report", "--model", "tiny", "model.num_layerz=3"])
+    assert "unknown config key 'model.num_layerz' (did you mean 'model.num_layers'?)" in _error(
+        capsys, ["shard-report", "--model", "tiny", "model.num_layerz=3"])
     assert "unknown models preset 'llama9'" in _error(capsys, ["shard-report", "--model", "llama9"])
     assert "unknown mesh axis 'pipe'" in _error(capsys, ["shard-report", "--model", "tiny", "--mesh", "pipe=2"])
 

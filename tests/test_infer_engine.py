@@ -172,3 +172,24 @@ def test_slots_insert_free(engine):
     assert engine.free_slots() == [0, 1, 3]  # finished but not freed: still held
     engine.free(2)
     assert engine.free_slots() == [0, 1, 2, 3]
+
+
+def test_prompt_logprobs_equal_transformers(model_dir):
+    """Two prompts in one prefill, one longer than a logprob chunk (128 positions: the chunk seam is
+    crossed), scored against HF's log-softmax: the token's logprob, its rank, the top 3."""
+    engine = shared_engine(model_dir, max_slots=2, max_context=256)[0]
+    ids = [prompts(1, seed=3, lengths=(60,))[0], prompts(1, seed=4, lengths=(200,))[0]]
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=3)
+    first = [p.first_token for p in engine.prefill_many([Request(f"s{i}", x, params) for i, x in enumerate(ids)])]
+    hf = hf_model(model_dir)
+    for prompt, event in zip(ids, first):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0], -1).numpy()
+        scored = event.prompt_logprobs
+        assert len(scored) == len(prompt) and scored[0] is None
+        for t in range(1, len(prompt)):
+            lp, top, rank = scored[t]
+            row, want = ref[t - 1], ref[t - 1][prompt[t]]
+            assert lp == pytest.approx(want, abs=1e-4)
+            assert 1 + np.sum(row > want + 1e-4) <= rank <= 1 + np.sum(row > want - 1e-4)
+            assert list(top)[:3] == [int(b) for b in np.argsort(-row)[:3]] and prompt[t] in top

@@ -10,7 +10,8 @@ from rsdjax.checkpoint.peft import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from rsdjax.checkpoint.safetensors_io import CheckpointError
 from rsdjax.cli import main
 from rsdjax.loading import load_model
-from rsdjax.model.lora import LoraConfig, apply_adapter, attach_lora
+from rsdjax.checkpoint.peft import apply_adapter
+from rsdjax.model.lora import LoraConfig, attach_lora
 
 TOKENS = np.random.default_rng(1).integers(0, 512, (2, 20)).astype(np.int32)
 

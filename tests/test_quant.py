@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 
 from rsdjax.infer import forward
 from rsdjax.infer.engine import SlotEngine
+from rsdjax.infer.warmup import lower_decode
 from rsdjax.loading import load_model
 from rsdjax.model.llama import attend_with, causal_mask, decoder_layer, embed_tokens, lm_logits, rope_tables
 from rsdjax.model.quant import CONTRACTED, QArray, quantize_serving
@@ -67,7 +68,7 @@ def test_int8_weights_stay_int8_in_the_compiled_decode_step(tiny_weights, tiny_h
     sizes = {math.prod(k.shape) for k in kernels}
     engine = SlotEngine(load_model(tiny_hf_dir), max_slots=1, max_context=64)
     engine.weights = int8
-    hlo = engine._steps.decode.lower(engine.weights, engine._cache, engine._state, 64, 0).compile().as_text()
+    hlo = lower_decode(engine, 64).compile().as_text()
     offenders = []
     for line in hlo.splitlines():
         m = re.match(r"\s*(ROOT )?%\S+ = (f32|s32|bf16|f16)\[([\d,]*)\]", line)

@@ -1,15 +1,13 @@
 """The router in front of two live servers (fake engines, uvicorn threads on 127.0.0.1)."""
-import contextlib
 import threading
 
 import httpx
 import openai
 import pytest
 
-from rsdjax.serve.launch import ServerThread, free_port
-from rsdjax.serve.router import create_router_app
+from rsdjax.serve.launch import free_port
 from rsdjax.tokenizer import Tokenizer
-from serve_support import HTTP, client, fake_server, metric, wait_until
+from serve_support import HTTP, client, fake_server, metric, router, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +20,6 @@ def backends(tok):
     """Two servers of the same model, as (url, engine, app)."""
     with fake_server(tok, step_delay=0.005) as a, fake_server(tok, step_delay=0.005) as b:
         yield a, b
-
-
-@contextlib.contextmanager
-def router(urls, policy, **kwargs):
-    with ServerThread(create_router_app(urls, policy=policy, health_interval=0.2, **kwargs)) as server:
-        yield server.url
 
 
 def served_by(url, n=1, **request):

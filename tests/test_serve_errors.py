@@ -52,7 +52,7 @@ def test_prompt_plus_max_tokens_over_the_context_names_both_numbers(server, tok)
     ({"logprobs": 50}, "logprobs"),
     ({"frequency_penalty": 3}, "frequency_penalty"),
     ({"stop": [""]}, "stop"),
-    ({"echo": True}, "echo"),
+    ({"suffix": "and then"}, "suffix"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"seed": "x"}, "seed"),
     ({"prompt": 5}, "prompt"),

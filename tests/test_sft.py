@@ -11,11 +11,14 @@ from conftest import ROOT, max_abs
 from rsdjax.cli import main
 from rsdjax.config import ConfigError
 from rsdjax.loading import load_model
-from rsdjax.model.lora import LoRAParam, LoraConfig, apply_adapter, attach_lora
+from rsdjax.checkpoint.peft import apply_adapter
+from rsdjax.model.lora import LoRAParam, LoraConfig, attach_lora
 from rsdjax.parallel.mesh import make_mesh
-from rsdjax.sft import OptimConfig, SFTDataError, answer, load_finetune_config, make_optimizer, sft_loss
+from rsdjax.sft import SFTDataError, answer, load_finetune_config, sft_loss
 from rsdjax.sft.data import batches, encode, load_examples, pack, read_jsonl
-from rsdjax.sft.loop import LoraTrainer
+from rsdjax.train.config import OptimConfig
+from rsdjax.train.optimizer import make_optimizer
+from rsdjax.train.step import TrainStep
 from rsdjax.tokenizer import Tokenizer
 
 QA = [{"question": "What is the capital of Japan?", "answer": "Tokyo."},
@@ -81,12 +84,13 @@ def test_prompt_tokens_carry_no_loss(tmp_path, tiny_hf_dir, tok):
     model = load_model(tiny_hf_dir)
     examples, _ = load_examples(write_jsonl(tmp_path / "qa.jsonl", QA), tok, seq_len=96)
     batch = {k: jnp.asarray(v) for k, v in pack(examples, 96, pack_examples=False).items()}
-    loss = float(sft_loss(model, batch)[0])
+    key = jax.random.PRNGKey(0)
+    loss = float(sft_loss(model, batch, key)[0])
     rng = np.random.default_rng(0)
     prompt = ~np.asarray(batch["loss_mask"])
     scrambled = np.where(prompt, rng.integers(0, 512, prompt.shape), batch["targets"]).astype(np.int32)
-    assert float(sft_loss(model, {**batch, "targets": jnp.asarray(scrambled)})[0]) == loss
-    grads = jax.grad(lambda logits: sft_loss(_Fixed(logits), batch)[0])(model(batch["tokens"], batch["positions"],
+    assert float(sft_loss(model, {**batch, "targets": jnp.asarray(scrambled)}, key)[0]) == loss
+    grads = jax.grad(lambda logits: sft_loss(_Fixed(logits), batch, key)[0])(model(batch["tokens"], batch["positions"],
                                                                               batch["segment_ids"]))
     assert not np.any(np.asarray(grads)[prompt]) and np.any(np.asarray(grads)[~prompt])
 
@@ -144,11 +148,17 @@ def test_training_changes_only_lora(tmp_path, tiny_hf_dir, tok):
     before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, frozen_filter)))
     lora_before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, LoRAParam)))
     examples, _ = load_examples(write_jsonl(tmp_path / "qa.jsonl", QA), tok, seq_len=64)
-    tx, _ = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0, steps=12))
-    trainer = LoraTrainer(model, tx, make_mesh({}))
+    tx, _ = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0), 12)
+    model.train()
+    step = TrainStep(model, tx, make_mesh({}), trainable=LoRAParam, loss_fn=sft_loss)
+    params, frozen = step.split(model)
+    state, losses = step.init(params), []
     data = batches(examples, 64, 2, pack_examples=False)
-    losses = [float(trainer.step(next(data))["loss"]) for _ in range(12)]
+    for _ in range(12):
+        state, metrics = step(state, frozen, {k: jnp.asarray(v) for k, v in next(data).items()})
+        losses.append(float(metrics["loss"]))
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    model = step.merge(state.params, frozen)
     after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, frozen_filter)))
     assert "wq" in after and jax.tree.all(jax.tree.map(np.array_equal, after, before))  # base is bit-identical
     lora_after = nnx.state(model, LoRAParam)["lora"]
@@ -157,7 +167,7 @@ def test_training_changes_only_lora(tmp_path, tiny_hf_dir, tok):
         assert np.any(b[1]) and not np.any(b[0])  # layer 0 is not adapted: its rows stay zero
         assert not np.array_equal(np.asarray(lora_after["a"][k][...])[1], lora_before["lora"]["a"][k][1])
     # the optimizer state holds Adam's mu and nu for the 6 LoRA factors, nothing of the base
-    opt_arrays = sorted(x.shape for x in jax.tree.leaves(trainer.opt_state) if x.ndim)
+    opt_arrays = sorted(x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim)
     assert opt_arrays == sorted(2 * [x.shape for x in jax.tree.leaves(lora_before)])
 
 
@@ -181,10 +191,13 @@ def test_answer_matches_transformers_greedy(tiny_hf_dir, tok):
 
 
 def test_finetune_config_errors():
-    cfg = load_finetune_config("lora-qa-demo", ["optim.steps=7", "lora.target_modules=[q_proj]"])
-    assert cfg.optim.steps == 7 and cfg.lora.target_modules == ["q_proj"] and cfg.data.train.endswith("train.jsonl")
+    cfg = load_finetune_config("lora-qa-demo", ["steps=7", "lora.target_modules=[q_proj]"])
+    assert cfg.steps == 7 and cfg.lora.target_modules == ["q_proj"] and cfg.data.train.endswith("train.jsonl")
     for overrides, message in ((["optim.warmup_steps=-1"], "warmup_steps"), (["data.template=chatml"], "template"),
-                               (["lora.rank=4"], "unknown config key 'lora.rank'"), (["lora.r=0"], "lora.r must be")):
+                               (["lora.rank=4"], "unknown config key 'lora.rank'"), (["lora.r=0"], "lora.r must be"),
+                               (["optim.learning_rate=1e-3"], "'optim.learning_rate' is now 'optim.lr'"),
+                               (["optim.steps=7"], "'optim.steps' is now 'steps'"),
+                               (["optim.grad_clip=1"], "'optim.grad_clip' is now 'optim.clip_norm'")):
         with pytest.raises(ConfigError, match=message):
             load_finetune_config("lora-qa-demo", overrides)
 
@@ -200,14 +213,15 @@ def test_finetune_cli_end_to_end(tmp_path, tiny_hf_dir, tiny_tokenizer_dir, caps
     base = save_model(load_model(tiny_hf_dir), tmp_path / "base")
     out = tmp_path / "adapter"
     args = ["finetune", "lora-qa-demo", f"base={base}", f"tokenizer={tiny_tokenizer_dir}", f"output={out}",
-            "optim.steps=4", "optim.warmup_steps=1", "optim.batch_size=8", "log_every=2", "eval_every=2",
+            "steps=4", "optim.warmup_steps=1", "batch_size=8", "log_every=2", "eval_every=2",
             "save_every=2", "data.seq_len=128", "max_new_tokens=4", "demo_questions=['What is LoRA?']",
             "--mesh", "fsdp=2,tensor=4"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "Q: What is LoRA?" in printed and "after:" in printed
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged if "loss" in r] == [2, 4] and "eval_loss" in logged[-1]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]  # every step (the terminal shows every log_every)
+    assert [r["step"] for r in logged if "eval_loss" in r] == [2, 4]
     assert (out / "checkpoint-2" / "adapter_model.safetensors").exists()
     model = apply_adapter(load_model(base), out)
     assert sorted(model.lora.layers) == ["w_down", "w_gate", "w_up", "wk", "wo", "wq", "wv"]
@@ -219,6 +233,6 @@ def test_finetune_cli_end_to_end(tmp_path, tiny_hf_dir, tiny_tokenizer_dir, caps
     assert max_abs(merged, model(jnp.asarray(tokens))) <= 1e-4
 
     saved = (out / "adapter_model.safetensors").read_bytes()
-    assert main(args) == 2  # a second run refuses to overwrite the adapter
-    assert "already holds an adapter" in capsys.readouterr().err
+    assert main(args) == 0  # the same command again: the run is complete, nothing is redone or rewritten
+    assert "already complete at step 4" in capsys.readouterr().out
     assert (out / "adapter_model.safetensors").read_bytes() == saved

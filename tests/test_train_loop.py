@@ -1,5 +1,4 @@
 """The training loop end to end: bad input, SIGTERM/SIGKILL and resume, kill during a save, 2 processes."""
-import hashlib
 import json
 import os
 import signal
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import tree_digest as digest
 from rsdjax.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,15 +72,6 @@ def wait_for(cond, proc, timeout=300.0, poll=0.002):
     raise TimeoutError("condition not reached")
 
 
-def digest(directory: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(directory.rglob("*")):
-        h.update(str(p.relative_to(directory)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------- bad input
 
 
@@ -95,12 +86,14 @@ def existing_checkpoint(tmp_path, tiny_tokenizer_dir):
     cfg = load_model_config("tiny", ["num_layers=1"])
     ckpt_dir = tmp_path / "run" / "checkpoints"
     ck = TrainCheckpointer(ckpt_dir, architecture(cfg), every=1, keep=2, async_save=False)
-    ck.save(3, {"params": {"embed": jnp.ones((4, 4))}, "step": jnp.int32(3)}, {"data_position": 24, "stage": "all"})
+    ck.save(3, {"params": {"embed": jnp.ones((4, 4))}, "step": jnp.int32(3)},
+            {"data_position": 24, "stage": "all", "batch_size": 8, "seq_len": 32})  # what the loop records
     ck.close()
     return ckpt_dir
 
 
-@pytest.mark.parametrize("case", ["other_model", "empty_corpus", "tiny_corpus", "batch_vs_mesh"])
+@pytest.mark.parametrize("case", ["other_model", "empty_corpus", "tiny_corpus", "batch_vs_mesh", "changed_batch",
+                                  "changed_seq_len"])
 def test_bad_input_is_one_line_and_leaves_checkpoints_alone(case, tmp_path, tiny_tokenizer_dir, existing_checkpoint,
                                                             capsys):
     changes, expect = {
@@ -110,6 +103,8 @@ def test_bad_input_is_one_line_and_leaves_checkpoints_alone(case, tmp_path, tiny
                         "fewer than one window of seq_len + 1 = 33"),
         "batch_vs_mesh": ({"batch_size": 6, "grad_accum": 1, "mesh": "fsdp=4,tensor=2"},
                           "batch_size=6 with grad_accum=1 gives micro-batches of 6 rows, not divisible"),
+        "changed_batch": ({"batch_size": 4, "grad_accum": 1}, "/3: saved with batch_size=8, this run has batch_size=4"),
+        "changed_seq_len": ({"data.seq_len": 16}, "saved with data.seq_len=32, this run has data.seq_len=16"),
     }[case]
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("  \n")
@@ -188,10 +183,16 @@ def test_sigkill_during_a_save_keeps_the_last_complete_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_is_bit_identical(tmp_path, tiny_tokenizer_dir):
+    """A SIGTERM, then 5 SIGKILLs at random moments (while JAX starts, mid-step, during saves), then
+    a run to the end: bit-identical to an uninterrupted run."""
+    import random
+
     from rsdjax.train.checkpoint import read_state
 
-    ref_cfg = write_config(tmp_path / "ref", tiny_tokenizer_dir)
-    ref = launch(ref_cfg, log=open(tmp_path / "ref.log", "w"))
+    # the reference run first: it fills the session's compile cache (conftest), so the seven
+    # launches after it start in seconds, running the same compiled code
+    ref = launch(write_config(tmp_path / "ref", tiny_tokenizer_dir), log=open(tmp_path / "ref.log", "w"))
+    assert ref.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
     cfg = write_config(tmp_path / "int", tiny_tokenizer_dir)
     run_dir, ckpt_dir = tmp_path / "int" / "run", tmp_path / "int" / "run" / "checkpoints"
     log = open(tmp_path / "int.log", "a")
@@ -204,20 +205,29 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, tiny_tokenizer_dir):
     stopped_at = max(logged_steps(run_dir))
     assert read_state(ckpt_dir)[0] == stopped_at and stopped_at < STEPS
 
-    # 2. same command: resumes; SIGKILL while it writes a later checkpoint
-    proc = launch(cfg, log=log)
-    saving_later = lambda: any("tmp" in p.name for p in ckpt_dir.iterdir()) and max(logged_steps(run_dir)) > stopped_at
-    caught = wait_for(saving_later, proc, poll=0.0005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert caught, "the run finished before a save could be interrupted"
-    survivor = read_state(ckpt_dir)[0]  # the last complete checkpoint is intact and readable
-    assert survivor >= stopped_at
+    # 2. five SIGKILLs, each at a random moment of a resumed run; the last complete checkpoint survives each
+    rng, survivor = random.Random(16), stopped_at
+    for moment in ("starting", "saving", "mid-step", "saving", "starting"):
+        proc = launch(cfg, log=log)
+        if moment == "starting":  # JAX importing, compiling or restoring
+            time.sleep(rng.uniform(0.5, 6.0))
+            caught = proc.poll() is None
+        elif moment == "saving":  # a later checkpoint being written
+            caught = wait_for(lambda: any("tmp" in p.name for p in ckpt_dir.iterdir())
+                              and max(logged_steps(run_dir)) > survivor, proc, poll=0.0005)
+        else:  # after a random number of steps past the checkpoint it resumed from
+            target = survivor + rng.randint(1, STEPS - 1 - survivor)
+            caught = wait_for(lambda: max(logged_steps(run_dir)) >= target, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert caught, f"the run ended before the SIGKILL {moment}"
+        step = read_state(ckpt_dir)[0]  # intact and readable
+        assert survivor <= step < STEPS, moment
+        survivor = step
 
     # 3. same command again: runs to the end
     proc = launch(cfg, log=log)
     assert proc.wait(timeout=600) == 0, (tmp_path / "int.log").read_text()[-3000:]
-    assert ref.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
 
     step_a, a, meta_a = read_state(tmp_path / "ref" / "run" / "checkpoints")
     step_b, b, meta_b = read_state(ckpt_dir)
@@ -284,7 +294,8 @@ def test_init_from_hf_grows_the_vocabulary_with_documented_rows(tmp_path, tiny_h
     from rsdjax.tokenizer import Tokenizer
     from rsdjax.train.config import load_train_config
     from rsdjax.train.setup import final_model_config, initial_model
-    from rsdjax.vocab import extend_tokenizer, new_token_pieces, read_texts
+    from rsdjax.model.resize import new_token_pieces
+    from rsdjax.vocab import extend_tokenizer, read_texts
 
     base = Tokenizer.load(tiny_tokenizer_dir)
     extend_tokenizer(base, read_texts([ROOT / "data/corpus/ja"]), 64).save(tmp_path / "ext")

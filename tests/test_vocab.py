@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from rsdjax.tokenizer import SPECIAL_TOKENS, Tokenizer
-from rsdjax.vocab import (VocabError, chars_per_token, check_extension, extend_tokenizer, new_token_pieces,
-                          read_texts, resize_vocab, train_tokenizer)
+from rsdjax.model.resize import new_token_pieces, resize_vocab
+from rsdjax.vocab import VocabError, chars_per_token, check_extension, extend_tokenizer, read_texts, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 JA, EN = ROOT / "data/corpus/ja", ROOT / "data/corpus/en"

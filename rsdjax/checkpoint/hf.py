@@ -14,7 +14,9 @@ import numpy as np
 from flax import nnx
 
 from rsdjax.config import ModelConfig, RopeScaling
-from rsdjax.checkpoint.safetensors_io import CheckpointError, ShardedWriter, TensorRef, index_directory
+from rsdjax.checkpoint.durable import publish_dir
+from rsdjax.checkpoint.errors import CheckpointError, read_json
+from rsdjax.checkpoint.safetensors_io import ShardedWriter, TensorRef, index_directory
 
 # our stacked name -> (HF name inside layer i, HF tensor -> our per-layer array, our per-layer -> HF)
 LAYER_TENSORS = {
@@ -36,12 +38,7 @@ GLOBAL_TENSORS = {"embed": "model.embed_tokens.weight", "final_norm": "model.nor
 
 def config_from_hf(directory: Path) -> ModelConfig:
     path = Path(directory) / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{directory}: no config.json (not an HF model directory)")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    hf = read_json(path, f"{directory}: no config.json (not an HF model directory)")
     if hf.get("model_type") != "llama":
         raise CheckpointError(f"{path}: model_type is '{hf.get('model_type')}', rsdjax loads only 'llama'")
     for flag in ("attention_bias", "mlp_bias"):
@@ -137,6 +134,9 @@ class _Source:
                 if ref.shape != shape:
                     raise CheckpointError(
                         f"{ref.file}: tensor '{key}' has shape {list(ref.shape)}, expected {list(shape)} for this config")
+                if ref.dtype.kind != "f" and ref.dtype.name != "bfloat16":  # ml_dtypes' bfloat16 is kind "V"
+                    raise CheckpointError(f"{ref.file}: tensor '{key}' has dtype {ref.dtype}, but Llama weights "
+                                          "are floating point (F32, F16 or BF16)")
 
     def expected(self, name, shape):
         if name in LAYER_TENSORS:
@@ -206,7 +206,5 @@ def save_hf(model, directory: Path, max_shard_bytes: int = 2 << 30, tokenizer_di
         for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (Path(tokenizer_dir) / fname).exists():
                 shutil.copy(Path(tokenizer_dir) / fname, tmp / fname)
-    if directory.exists():
-        directory.rmdir()
-    tmp.rename(directory)
+    publish_dir(tmp, directory)
     return directory

@@ -12,7 +12,8 @@ from pathlib import Path
 import orbax.checkpoint as ocp
 
 from rsdjax.config import ConfigError, ModelConfig, from_dict, to_dict
-from rsdjax.checkpoint.safetensors_io import CheckpointError
+from rsdjax.checkpoint.durable import publish_dir
+from rsdjax.checkpoint.errors import CheckpointError
 
 MODEL_FILE = "rsdjax_model.json"
 FORMAT_VERSION = 1
@@ -44,9 +45,7 @@ def save_params(directory: Path, cfg: ModelConfig, params_pure: dict, extra: dic
         ckptr.wait_until_finished()
     (tmp / MODEL_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "model": to_dict(cfg), **(extra or {})},
                                              indent=2))
-    if directory.exists():
-        directory.rmdir()
-    tmp.rename(directory)
+    publish_dir(tmp, directory)
     return directory
 
 

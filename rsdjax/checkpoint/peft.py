@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from rsdjax.checkpoint.safetensors_io import CheckpointError, read_header
+from rsdjax.checkpoint.durable import publish_file
+from rsdjax.checkpoint.errors import CheckpointError, read_json
+from rsdjax.checkpoint.safetensors_io import read_header
 from rsdjax.model.lora import (SHORT_NAMES, IN_DIMS, LoraConfig, LoraError, attach_lora, module_name,
                                resolve_targets)
 
@@ -93,7 +94,7 @@ def adapter_config(config: LoraConfig, layers: dict[str, tuple[int, ...]], num_l
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
-    os.replace(tmp, path)
+    publish_file(tmp, path)
 
 
 # ---------------------------------------------------------------- import
@@ -101,12 +102,7 @@ def _atomic(path: Path, write) -> None:
 
 def read_adapter_config(directory: str | Path) -> LoraConfig:
     path = Path(directory) / CONFIG_FILE
-    if not path.exists():
-        raise CheckpointError(f"{directory}: no {CONFIG_FILE} (not a PEFT adapter directory)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    data = read_json(path, f"{directory}: no {CONFIG_FILE} (not a PEFT adapter directory)")
     if data.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{path}: peft_type is {data.get('peft_type')!r}, rsdjax loads only LORA")
     for key, default in _UNSUPPORTED.items():
@@ -194,3 +190,8 @@ def load_adapter(model, directory: str | Path, seed: int = 0):
         return attach_lora(model, config, seed=seed, weights=weights)
     except LoraError as e:
         raise CheckpointError(f"{directory}: {e}") from None
+
+
+def apply_adapter(model, adapter_dir):
+    """Load a PEFT LoRA adapter directory onto a loaded model and return it (LoRA attached, unmerged)."""
+    return load_adapter(model, adapter_dir)

@@ -7,7 +7,6 @@ The format is small and documented: 8-byte little-endian header length, JSON hea
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,15 +14,14 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from rsdjax.checkpoint.durable import publish_file, write_text
+from rsdjax.checkpoint.errors import CheckpointError  # noqa: F401  (also importable from here)
+
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the tensor."""
 
 
 @dataclass(frozen=True)
@@ -129,11 +127,11 @@ class ShardedWriter:
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         weight_map = {}
         for i, name in enumerate(names):
-            os.replace(self.directory / f".tmp-shard-{i}", self.directory / name)
+            publish_file(self.directory / f".tmp-shard-{i}", self.directory / name)
             weight_map.update({k: name for k in self.shards[i]})
         if n > 1:
             index = {"metadata": {"total_size": int(sum(self.sizes)), **(metadata or {})}, "weight_map": weight_map}
-            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            write_text(self.directory / "model.safetensors.index.json", json.dumps(index, indent=2))
         return names
 
 

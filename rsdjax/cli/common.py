@@ -2,17 +2,58 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+OBJECTIVES = ("throughput", "latency", "tps-per-watt")  # rsdjax.plan.planner.OBJECTIVES (imported lazily there)
 
 
 def add_mesh_args(parser: argparse.ArgumentParser, default_hardware: str | None = None) -> None:
     g = parser.add_argument_group("parallelism")
     g.add_argument("--mesh", help="mesh axis sizes, e.g. data=2,tensor=4 (one axis may be -1 = the rest)")
     g.add_argument("--hardware", default=default_hardware,
-                   help="hardware preset (configs/hardware/*.yaml) whose default mesh to use, e.g. atom-server")
+                   help="hardware preset (configs/hardware/*.yaml): without --mesh, the split is the planner's "
+                        "best for this model and workload on it (printed with the reason)")
+    g.add_argument("--objective", choices=OBJECTIVES, default="throughput",
+                   help="what --hardware's split maximizes: system tokens/s, lowest step latency, or tokens/s per watt")
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.num_layers=4")
+
+
+# the config sections a command's `key=value` overrides may name (check_overrides)
+MODEL = ("model", "rsdjax.config:ModelConfig")
+HARDWARE = ("hardware", "rsdjax.hardware:HardwareSpec")
+COST = ("cost", "rsdjax.plan.cost_model:Assumptions")
+
+
+def check_overrides(overrides: list[str], *sections: tuple[str, str]) -> None:
+    """Refuse the first override whose key no section has, naming the nearest valid key."""
+    import importlib
+
+    from rsdjax.config import check_keys, config_keys
+
+    valid = []
+    for prefix, where in sections:
+        module, name = where.split(":")
+        valid += config_keys(getattr(importlib.import_module(module), name), prefix + ".")
+    check_keys(list(overrides), valid)
+
+
+def add_path_arg(parser: argparse.ArgumentParser, dest: str, flags: tuple[str, ...], help: str) -> None:
+    """A path given as `--model X` / `-o X` (the grammar every command shares) or, as first written,
+    positionally; `path_arg(args, dest)` reads whichever was given."""
+    parser.add_argument(f"{dest}_pos", nargs="?", type=Path, metavar=dest.upper(), help=f"{help} (or {flags[-1]})")
+    parser.add_argument(*flags, dest=dest, type=Path, default=None, help=help)
+
+
+def path_arg(args, dest: str) -> Path:
+    given = [p for p in (getattr(args, dest), getattr(args, f"{dest}_pos")) if p is not None]
+    flag = "--model" if dest == "model" else f"--{dest}"
+    if len(given) != 1:
+        raise ValueError(f"{args.command}: give {dest.upper()} once ({flag} PATH or positionally)")
+    return given[0]
 
 
 def split_overrides(overrides: list[str], prefix: str) -> list[str]:
@@ -20,9 +61,51 @@ def split_overrides(overrides: list[str], prefix: str) -> list[str]:
     return [o[len(prefix) + 1:] for o in overrides if o.startswith(prefix + ".")]
 
 
-def mesh_from_args(args, hardware_overrides: list[str] = ()):
-    """Make the mesh the arguments ask for, setting up virtual CPU devices first when needed."""
+def planned_mesh_shape(args, cfg, workload, runnable=None, hardware_overrides: list[str] = ()) -> dict[str, int]:
+    """`--hardware NAME` without `--mesh`: the planner's best split that this command can run, printed with
+    the reason (stderr, so --json output stays clean)."""
+    from rsdjax.hardware import load_hardware
+    from rsdjax.plan.planner import choose
+
+    hw = load_hardware(args.hardware, hardware_overrides)
+    plan, reason = choose(cfg, hw, workload, objective=getattr(args, "objective", "throughput"), runnable=runnable)
+    print(f"--hardware {hw.name}: mesh {plan.mesh_str} for {cfg.name} ({reason}); --mesh overrides it",
+          file=sys.stderr)
+    return plan.mesh
+
+
+def engine_runnable(max_slots: int | None):
+    """What the serving engine can run: any split (stage > 1 pipelines, rsdjax/infer/staged.py) whose data
+    axis divides the slots."""
+    def check(mesh: dict[str, int]) -> str | None:
+        if max_slots and max_slots % mesh["data"]:
+            return f"{max_slots} slots do not split over data={mesh['data']}"
+        return None
+    return check
+
+
+def mesh_from_args(args, hardware_overrides: list[str] = (), cfg=None, workload=None, runnable=None):
+    """Make the mesh the arguments ask for, setting up virtual CPU devices first when needed. With a model
+    config and workload, `--hardware` alone means the planner's best split (planned_mesh_shape)."""
     from rsdjax.parallel.mesh import mesh_from_args as build
 
+    if args.mesh is None and args.hardware and cfg is not None and workload is not None:
+        return build(planned_mesh_shape(args, cfg, workload, runnable, hardware_overrides))
     hardware = args.hardware if args.mesh is None else None
     return build(args.mesh, hardware or ("cpu" if args.mesh is None else None), overrides=hardware_overrides)
+
+
+def serving_mesh(args, max_slots: int | None, max_context: int | None, model_overrides: list[str] = ()):
+    """The mesh `serve` and `warmup` run (so a warmed cache matches): --mesh, else --hardware's planned
+    split for serving this model at this context; None without either (one device)."""
+    if not (args.mesh or args.hardware):
+        return None
+    from rsdjax.config import apply_overrides
+    from rsdjax.loading import read_model_config
+    from rsdjax.plan.cost_model import Workload
+
+    from rsdjax.infer.engine import DEFAULT_MAX_CONTEXT
+
+    cfg = apply_overrides(read_model_config(args.model), list(model_overrides))
+    context = max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)  # the engine's default
+    return mesh_from_args(args, cfg=cfg, workload=Workload("infer", 0, context), runnable=engine_runnable(max_slots))

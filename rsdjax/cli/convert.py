@@ -1,16 +1,14 @@
-"""`rsdjax convert hf-to-rsdjax|rsdjax-to-hf SRC DST`."""
+"""`rsdjax convert hf-to-rsdjax|rsdjax-to-hf --model SRC -o DST` (or SRC DST positionally)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from rsdjax.cli.common import add_mesh_args
+from rsdjax.cli.common import add_mesh_args, add_path_arg
 
 
 def register(sub) -> None:
     p = sub.add_parser("convert", help="convert between HF Llama directories and rsdjax checkpoints")
     p.add_argument("direction", choices=["hf-to-rsdjax", "rsdjax-to-hf"])
-    p.add_argument("src", type=Path)
-    p.add_argument("dst", type=Path)
+    add_path_arg(p, "model", ("--model",), "the model to convert (HF Llama directory or rsdjax checkpoint)")
+    add_path_arg(p, "output", ("-o", "--output"), "the directory to write (must not exist or be empty)")
     p.add_argument("--max-shard-size", type=float, default=2.0, help="GB per safetensors file (rsdjax-to-hf)")
     add_mesh_args(p)
     p.set_defaults(func=run)
@@ -19,8 +17,10 @@ def register(sub) -> None:
 def run(args) -> int:
     from rsdjax.checkpoint.hf import save_hf
     from rsdjax.cli.common import mesh_from_args
+    from rsdjax.cli.common import path_arg
     from rsdjax.loading import load_model, save_model
 
+    args.src, args.dst = path_arg(args, "model"), path_arg(args, "output")
     if args.dst.exists() and any(args.dst.iterdir()):
         raise ValueError(f"{args.dst}: exists and is not empty; refusing to overwrite")
     mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None

@@ -18,7 +18,8 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: min(1024, the model's context))")
     p.add_argument("--batch-size", type=int, default=8, help="rows per step (rounded up to the mesh's batch shards)")
     p.add_argument("--template", default="llama3", help="chat template for Q&A files (llama3 | plain)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="greedy answer length for Q&A files")
+    p.add_argument("--max-tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=64,
+                   help="greedy answer length for Q&A files")
     p.add_argument("--no-generate", action="store_true", help="Q&A files: answer loss only, no greedy answers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_mesh_args(p)
@@ -50,7 +51,7 @@ def run(args) -> int:
 
     sources = parse_sources(args.data)
     tokenizer = Tokenizer.load(args.tokenizer or args.model)
-    mesh = mesh_from_args(args)
+    mesh = mesh_from_args(args, **_planner_inputs(args))
     shards = _batch_shards(mesh)
     batch_size = -(-max(args.batch_size, 1) // shards) * shards
     check_batch(batch_size, 1, mesh)
@@ -62,7 +63,7 @@ def run(args) -> int:
     if not 1 <= seq_len <= model.cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {seq_len} must be in [1, {model.cfg.max_position_embeddings}] (the model's context)")
     if args.lora is not None:
-        from rsdjax.model.lora import apply_adapter
+        from rsdjax.checkpoint.peft import apply_adapter
 
         model = apply_adapter(model, args.lora)
     engine = None
@@ -96,6 +97,20 @@ def _has_qa(sources) -> bool:
     from rsdjax.eval.qa import is_qa_file
 
     return any(is_qa_file(f) for s in sources for f in expand_paths(s.paths))
+
+
+def _planner_inputs(args) -> dict:
+    """For `--hardware` without `--mesh`: the model and a forward-only workload (batch x window) to plan for."""
+    if args.mesh is not None or not args.hardware:
+        return {}
+    from rsdjax.cli.common import engine_runnable
+    from rsdjax.loading import read_model_config
+    from rsdjax.plan.cost_model import Workload
+
+    cfg = read_model_config(args.model)
+    seq = args.seq_len or min(1024, cfg.max_position_embeddings)
+    return {"cfg": cfg, "workload": Workload("infer", max(args.batch_size, 1), seq, prompt=seq),
+            "runnable": engine_runnable(None)}
 
 
 def _batch_shards(mesh) -> int:

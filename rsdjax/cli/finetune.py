@@ -19,6 +19,8 @@ def run(args) -> int:
     cfg = load_finetune_config(args.config, args.overrides)
     mesh = mesh_from_args(args)
     result = finetune(cfg, mesh=mesh)
+    if result.already_complete:
+        return 0
     show_answers(cfg.demo_questions, result.answers_before, result.answers_after)
     print(f"\nwrote adapter {result.adapter_dir} in {result.seconds:.1f} s")
     return 0

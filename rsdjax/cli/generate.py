@@ -17,11 +17,13 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append", default=[], help="text prompt (needs tokenizer.json); repeat for a batch")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                    help="comma-separated token ids, e.g. 1,2,3; repeat for a batch")
-    p.add_argument("--lora", type=Path, default=None, help="PEFT LoRA adapter directory to apply to the model")
+    p.add_argument("--lora", action="append", default=[], metavar="[NAME=]DIR",
+                   help="PEFT LoRA adapter directory to apply to the model (serve's syntax; one adapter)")
     p.add_argument("--chat", action="store_true", help="send each --prompt as a user message in the Llama-3 chat format")
     p.add_argument("--no-bos", action="store_true", help="do not prepend <|begin_of_text|> to text prompts")
     s = p.add_argument_group("sampling")
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    # named like the API fields (max_tokens, stop_token_ids); the first spellings still work
+    s.add_argument("--max-tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -31,7 +33,7 @@ def register(sub) -> None:
     s.add_argument("--frequency-penalty", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    s.add_argument("--stop-ids", default="", help="comma-separated stop token ids")
+    s.add_argument("--stop-token-ids", "--stop-ids", dest="stop_ids", default="", help="comma-separated stop token ids")
     s.add_argument("--ignore-eos", action="store_true")
     s.add_argument("--logprobs", type=int, default=None, help="return the top-N logprobs of each token (--json)")
     e = p.add_argument_group("engine")
@@ -64,19 +66,26 @@ def default_context(longest: int, new_tokens: int, model_max: int) -> int:
 
 def run(args) -> int:
     from rsdjax import compile_cache
-    from rsdjax.cli.common import mesh_from_args
-    from rsdjax.infer.engine import load_engine
-    from rsdjax.infer.generate import generate
+    from rsdjax.cli.common import engine_runnable, mesh_from_args
+    from rsdjax.plan.cost_model import Workload
+    from rsdjax.infer.engine import load_engine, parse_lora_args
+    from rsdjax.infer.generate import checked_requests, generate
     from rsdjax.infer.interface import SamplingParams
     from rsdjax.infer.warmup import compile_for_prompts
+    from rsdjax.config import apply_overrides
     from rsdjax.loading import read_model_config
     from rsdjax.tokenizer import Tokenizer
 
-    others = [o for o in args.overrides if not o.startswith("model.")]
-    if others:
-        raise ValueError(f"generate: override '{others[0]}' is not a model.* key")
+    from rsdjax.cli.common import MODEL, check_overrides
+
+    check_overrides(args.overrides, MODEL)
     if not args.prompt and not args.prompt_ids:
         raise ValueError("generate: give at least one --prompt or --prompt-ids")
+    if args.chat and not args.prompt:
+        raise ValueError("generate: --chat formats --prompt text as a user message; --prompt-ids are sent as they are")
+    for flag, value in (("--max-slots", args.max_slots), ("--max-context", args.max_context)):
+        if value is not None and value < 1:
+            raise ValueError(f"generate: {flag} must be >= 1, got {value}")
     tokenizer = Tokenizer.load(args.model) if (args.model / "tokenizer.json").exists() else None
     if args.prompt and tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.json, so --prompt cannot be used; give --prompt-ids")
@@ -92,18 +101,24 @@ def run(args) -> int:
         frequency_penalty=args.frequency_penalty, seed=args.seed, stop_token_ids=parse_ids(args.stop_ids, "--stop-ids"),
         stop=list(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs)
 
-    mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
-    cfg = read_model_config(args.model)
+    cfg = apply_overrides(read_model_config(args.model), split_overrides(args.overrides, "model"))
     max_context = args.max_context or default_context(max(map(len, prompts)), args.max_new_tokens,
                                                       cfg.max_position_embeddings)
     slots = args.max_slots or min(len(prompts), DEFAULT_SLOTS)
+    workload = Workload("infer", 0, max_context, prompt=min(max_context, max(map(len, prompts))))
+    mesh = mesh_from_args(args, cfg=cfg, workload=workload, runnable=engine_runnable(args.max_slots)) \
+        if (args.mesh or args.hardware) else None
     if mesh is not None:  # slots shard over `data`: round up so they divide it
         data = int(mesh.shape["data"])
         slots = -(-slots // data) * data
+    adapters = list(parse_lora_args(args.lora).values())
+    if len(adapters) > 1:
+        raise ValueError("generate: give one --lora (serve one adapter per request with rsdjax serve)")
     t0 = time.perf_counter()
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=slots, max_context=max_context,
-                            overrides=split_overrides(args.overrides, "model"), lora=args.lora,
+                            overrides=split_overrides(args.overrides, "model"), lora=adapters[0] if adapters else None,
                             quantize=args.quantize)
+    checked_requests(engine, prompts, params, tokenizer)  # a bad request fails before minutes of compiling
     # every shape the generation can reach, before the first token: nothing compiles mid-stream
     compile_for_prompts(engine, prompts, args.max_new_tokens, logprobs=args.logprobs is not None)
     load_s = time.perf_counter() - t0

@@ -1,18 +1,17 @@
-"""`rsdjax lora merge BASE ADAPTER OUT`: fold a PEFT LoRA adapter into its base -> an HF directory."""
+"""`rsdjax lora merge --model BASE --lora ADAPTER -o OUT` (or BASE ADAPTER OUT positionally): fold a PEFT
+LoRA adapter into its base -> an HF directory."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from rsdjax.cli.common import add_mesh_args
+from rsdjax.cli.common import add_mesh_args, add_path_arg
 
 
 def register(sub) -> None:
     p = sub.add_parser("lora", help="LoRA adapter tools (merge into the base model)")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     m = actions.add_parser("merge", help="write BASE + ADAPTER merged as an HF Llama directory")
-    m.add_argument("base", type=Path, help="HF Llama directory or rsdjax checkpoint")
-    m.add_argument("adapter", type=Path, help="PEFT adapter directory (adapter_config.json + safetensors)")
-    m.add_argument("out", type=Path, help="new HF directory (must not exist or be empty)")
+    add_path_arg(m, "model", ("--model",), "the base: HF Llama directory or rsdjax checkpoint")
+    add_path_arg(m, "lora", ("--lora",), "PEFT adapter directory (adapter_config.json + safetensors)")
+    add_path_arg(m, "output", ("-o", "--output"), "new HF directory (must not exist or be empty)")
     m.add_argument("--max-shard-size", type=float, default=2.0, help="GB per safetensors file")
     add_mesh_args(m)
     m.set_defaults(func=merge)
@@ -22,8 +21,11 @@ def merge(args) -> int:
     from rsdjax.checkpoint.hf import save_hf
     from rsdjax.cli.common import mesh_from_args
     from rsdjax.loading import load_model
-    from rsdjax.model.lora import apply_adapter, merge_and_unload
+    from rsdjax.checkpoint.peft import apply_adapter
+    from rsdjax.cli.common import path_arg
+    from rsdjax.model.lora import merge_and_unload
 
+    args.base, args.adapter, args.out = path_arg(args, "model"), path_arg(args, "lora"), path_arg(args, "output")
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"{args.out}: exists and is not empty; refusing to overwrite")
     mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None

@@ -15,7 +15,8 @@ from rsdjax.cli.common import add_mesh_args, add_overrides, split_overrides
 
 def register(sub) -> None:
     p = sub.add_parser("plan", help="rank mesh splits for a model on a hardware preset (cost model, AOT check)")
-    p.add_argument("--model", required=True, help="model preset (configs/models), YAML file, or checkpoint directory")
+    p.add_argument("--model", help="model preset (configs/models), YAML file, or checkpoint directory "
+                                   "(required unless --calibration)")
     p.add_argument("--mode", choices=["infer", "train"], default="infer")
     p.add_argument("--batch", type=int, default=None,
                    help="infer: sequences per replica (default: the largest that fits, <= 256); "
@@ -24,10 +25,14 @@ def register(sub) -> None:
                                                          "train: tokens per sequence (default 2048)")
     p.add_argument("--prompt", type=int, default=0, help="infer: prompt length for TTFT (default seq/2)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="infer: prefill this many tokens at a time (0: all)")
-    p.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
     p.add_argument("--top", type=int, default=10, help="how many fitting plans to list")
     p.add_argument("--all", action="store_true", help="list every rejected plan with its reason")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--calibration", action="store_true",
+                   help="the cost model against the published measurements (configs/measurements): measured, "
+                        "predicted, error per point; the other arguments are ignored")
+    p.add_argument("--fit", action="store_true", help="with --calibration: refit the constants first (~1 min)")
+    p.add_argument("--write", action="store_true", help="with --fit: save them to configs/cost/calibrated.yaml")
     p.add_argument("--scaling", action="store_true", help="best plan for 1 device, 1 node, n nodes .. the whole system")
     p.add_argument("--aot", action="store_true",
                    help="compile the best (or --mesh) plan's steps with shape-only parameters on a virtual mesh; "
@@ -51,21 +56,25 @@ def run(args) -> int:
     from rsdjax.plan.cost_model import Assumptions, Workload
     from rsdjax.plan.planner import evaluate, plan_all, scaling
 
+    if args.calibration or args.fit or args.write:
+        return run_calibration(args)
+    if not args.model:
+        raise ValueError("plan: give --model NAME (or --calibration)")
+    from rsdjax.cli.common import COST, HARDWARE, MODEL, check_overrides
+
+    check_overrides(args.overrides, MODEL, HARDWARE, COST)
     hardware = load_hardware(args.hardware, split_overrides(args.overrides, "hardware"))
     if args.aot or args.collectives:
         # virtual devices must be requested before JAX starts its CPU backend
         from rsdjax.parallel.mesh import request_cpu_devices
         request_cpu_devices(hardware.num_devices)
-    unknown = [o for o in args.overrides if not o.split("=", 1)[0].startswith(("model.", "hardware.", "cost."))]
-    if unknown:
-        raise ValueError(f"override '{unknown[0]}' must start with model., hardware. or cost.")
     model_over = split_overrides(args.overrides, "model")
     if Path(args.model).is_dir():
         from rsdjax.loading import read_model_config
         cfg = apply_overrides(read_model_config(args.model), model_over).validate()
     else:
         cfg = load_model_config(args.model, model_over)
-    assume = apply_overrides(Assumptions(), split_overrides(args.overrides, "cost"))
+    assume = apply_overrides(Assumptions.calibrated(), split_overrides(args.overrides, "cost"))
     assume.dtype_bytes(hardware)  # validates cost.dtype
     seq = args.seq or (4096 if args.mode == "infer" else 2048)
     batch = args.batch if args.batch is not None else (0 if args.mode == "infer" else hardware.num_devices)
@@ -114,4 +123,31 @@ def run(args) -> int:
                 text += ["", f"collectives of the {step.name} step, tensor_parallel={path}, mesh {chosen.mesh_str}:",
                          format_table(step.collectives)]
     print(json.dumps(result, indent=2, default=float) if args.json else "\n".join(text))
+    return 0
+
+
+def run_calibration(args) -> int:
+    from rsdjax.config import CONFIG_ROOT
+    from rsdjax.plan import calibration
+    from rsdjax.plan.cost_model import Assumptions
+
+    if not args.calibration or (args.write and not args.fit):
+        raise ValueError("--fit needs --calibration, and --write needs --fit")
+    points = calibration.load_points()
+    assume = Assumptions.calibrated()
+    if args.fit:
+        assume = calibration.fit(points, assume)
+        if args.write:
+            calibration.write(assume, CONFIG_ROOT / "cost" / "calibrated.yaml")
+    rows = calibration.compare(points, assume)
+    if args.json:
+        print(json.dumps({"points": [{"id": r.point.id, "role": r.point.role, "metric": r.point.metric,
+                                      "measured": r.point.measured,
+                                      **({"predicted": r.predicted, "error": r.error} if r.predicted == r.predicted
+                                         else {"predicted": None, "error": None}),
+                                      "mesh": r.mesh, "unconfirmed": r.point.unconfirmed} for r in rows],
+                          "constants": {calibration.label(k): calibration.get_term(assume, k)
+                                        for k in calibration.FITTED}}, indent=2))
+    else:
+        print(calibration.table(rows, assume))
     return 0

@@ -4,14 +4,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rsdjax.cli.common import add_mesh_args
+from rsdjax.cli.common import add_mesh_args, add_overrides
 
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     p.add_argument("--model", type=Path, help="HF Llama directory or rsdjax checkpoint")
     p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (default: the model's)")
-    p.add_argument("--lora", type=Path, default=None, help="PEFT LoRA adapter directory to serve on top of the model")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="a PEFT LoRA adapter served as model NAME beside the base (repeatable; a bare DIR is "
+                        "named after its folder); requests choose it with \"model\": NAME")
+    p.add_argument("--max-loras", type=int, default=0,
+                   help="adapter entries on the device (default: as many as --lora gives); more can be loaded "
+                        "at run time with POST /v1/load_lora_adapter")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank the pool holds")
     p.add_argument("--served-model-name", action="append", dest="names",
                    help="name(s) clients use in 'model' (default: the model directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -37,6 +43,7 @@ def register(sub) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weights for every projection and the LM head (per-channel scales)")
     add_mesh_args(p)
+    add_overrides(p)
     p.set_defaults(func=run)
 
 
@@ -55,13 +62,15 @@ def build_engine(args):
         return engine, tokenizer, "fake"
     if args.model is None:
         raise ValueError("serve: give --model PATH (or --fake-engine)")
-    from rsdjax.cli.common import mesh_from_args
-    from rsdjax.infer.engine import load_engine
+    from rsdjax.cli.common import serving_mesh, split_overrides
+    from rsdjax.infer.engine import load_engine, parse_lora_args
 
-    mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
+    model_over = split_overrides(args.overrides, "model")
+    mesh = serving_mesh(args, args.max_slots, args.max_context, model_over)
     engine, model_tokenizer = load_engine(args.model, mesh=mesh, max_slots=args.max_slots,
-                                          max_context=args.max_context, lora=args.lora,
-                                          quantize=args.quantize)
+                                          max_context=args.max_context, adapters=parse_lora_args(args.lora),
+                                          max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                                          overrides=model_over, quantize=args.quantize)
     return engine, tokenizer or model_tokenizer, args.model.resolve().name
 
 
@@ -76,6 +85,9 @@ def run(args) -> int:
             raise ValueError(f"serve: {flag} must be >= 1, got {value}")
     if not args.request_timeout >= 0:
         raise ValueError(f"serve: --request-timeout must be >= 0 seconds (0 = no limit), got {args.request_timeout}")
+    from rsdjax.cli.common import MODEL, check_overrides
+
+    check_overrides(args.overrides, MODEL)
     engine, tokenizer, default_name = build_engine(args)
     app = create_app(engine, tokenizer, args.names or [default_name], api_key=args.api_key,
                      max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,

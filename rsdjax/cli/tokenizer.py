@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rsdjax.cli.common import add_path_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser("tokenizer", help="train or extend a tokenizer; resize a model's vocabulary to it")
@@ -24,7 +26,7 @@ def register(sub) -> None:
     e.set_defaults(func=run_extend)
 
     r = cmds.add_parser("resize-model", help="grow a model's embedding and LM head to an extended tokenizer")
-    r.add_argument("model", type=Path, help="HF Llama directory or rsdjax checkpoint")
+    add_path_arg(r, "model", ("--model",), "HF Llama directory or rsdjax checkpoint")
     r.add_argument("--old-tokenizer", type=Path, required=True, help="the tokenizer the model was trained with")
     r.add_argument("--new-tokenizer", type=Path, required=True, help="the extended tokenizer")
     r.add_argument("--multiple", type=int, default=128, help="pad the vocabulary to a multiple of this")
@@ -37,11 +39,18 @@ def _refuse_nonempty(path: Path) -> None:
         raise ValueError(f"{path}: exists and is not empty; refusing to overwrite")
 
 
+def _non_empty(texts, corpus) -> list[str]:
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"{', '.join(map(str, corpus))}: no text in the corpus (empty or blank files)")
+    return texts
+
+
 def run_train(args) -> int:
     from rsdjax.vocab import chars_per_token, read_texts, train_tokenizer
 
     _refuse_nonempty(args.output)
-    texts = read_texts(args.corpus)
+    texts = _non_empty(read_texts(args.corpus), args.corpus)
     tok = train_tokenizer(texts, args.vocab_size, args.min_frequency)
     tok.save(args.output)
     print(f"wrote {args.output / 'tokenizer.json'}: {tok.vocab_size} tokens; "
@@ -55,7 +64,7 @@ def run_extend(args) -> int:
 
     _refuse_nonempty(args.output)
     base = Tokenizer.load(args.base)
-    texts = read_texts(args.corpus)
+    texts = _non_empty(read_texts(args.corpus), args.corpus)
     ext = extend_tokenizer(base, texts, args.add, args.min_frequency)
     ext.save(args.output)
     print(f"wrote {args.output / 'tokenizer.json'}: {base.vocab_size} -> {ext.vocab_size} tokens "
@@ -69,8 +78,11 @@ def run_resize(args) -> int:
 
     from rsdjax.loading import abstract_model, load_model, save_model
     from rsdjax.tokenizer import Tokenizer
-    from rsdjax.vocab import resize_vocab
+    from rsdjax.model.resize import resize_vocab
 
+    from rsdjax.cli.common import path_arg
+
+    args.model = path_arg(args, "model")
     _refuse_nonempty(args.output)
     old, new = Tokenizer.load(args.old_tokenizer), Tokenizer.load(args.new_tokenizer)
     model = load_model(args.model, param_dtype="keep")

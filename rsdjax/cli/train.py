@@ -30,14 +30,25 @@ def mesh_args(args, cfg) -> tuple[str | None, str | None]:
     return mesh, None if mesh else (args.hardware or cfg.hardware)
 
 
+def train_workload(cfg):
+    """The planner's view of a training config: global batch x sequence length."""
+    from rsdjax.plan.cost_model import Workload
+
+    return Workload("train", cfg.batch_size // cfg.grad_accum, cfg.data.seq_len)
+
+
 def run(args) -> int:
+    from rsdjax.cli.common import planned_mesh_shape
     from rsdjax.distributed import initialize
     from rsdjax.parallel.mesh import make_mesh, request_cpu_devices, resolve_mesh_shape
     from rsdjax.train.config import load_train_config
 
     cfg = load_train_config(args.config, args.overrides)
     mesh_text, hardware = mesh_args(args, cfg)
-    shape = resolve_mesh_shape(mesh_text, hardware)
+    if args.hardware and not args.mesh:  # --hardware on the command line: the planner's best training split
+        shape = planned_mesh_shape(args, cfg.model, train_workload(cfg))
+    else:
+        shape = resolve_mesh_shape(mesh_text, hardware)
     n = initialize(args.coordinator_address, args.num_processes, args.process_id, args.local_devices,
                    mesh_size=math.prod(shape.values()))
     if n == 1:

@@ -24,18 +24,18 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from rsdjax import compile_cache
-    from rsdjax.cli.common import mesh_from_args
+    from rsdjax.cli.common import serving_mesh
     from rsdjax.cli.generate import parse_ids
     from rsdjax.infer.engine import load_engine
     from rsdjax.infer.warmup import compile_all
 
-    others = [o for o in args.overrides if not o.startswith("model.")]
-    if others:
-        raise ValueError(f"warmup: override '{others[0]}' is not a model.* key")
+    from rsdjax.cli.common import MODEL, check_overrides
+
+    check_overrides(args.overrides, MODEL)
     rows = parse_ids(args.rows, "--rows")
     if not rows or min(rows) < 1:
         raise ValueError(f"--rows: '{args.rows}' must list batch sizes >= 1")
-    mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
+    mesh = serving_mesh(args, args.max_slots, args.max_context, split_overrides(args.overrides, "model"))
     t0 = time.perf_counter()
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=args.max_slots, max_context=args.max_context,
                             overrides=split_overrides(args.overrides, "model"), quantize=args.quantize)

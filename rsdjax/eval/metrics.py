@@ -50,7 +50,7 @@ def evaluate_rows(step, state, name: str, rows: list[dict], stats: TextStats, ba
     """Run `step` (an EvalStep) over one source's rows and sum its NLL (float64 on the host)."""
     nll, predicted = 0.0, 0.0
     for batch in stack_batches(rows, batch_size):
-        row_nll, row_tokens = step(state, batch)
+        row_nll, row_tokens, _ = step(state, batch)
         nll += float(row_nll.sum())
         predicted += float(row_tokens.sum())
     return SourceResult(name, nll, int(round(predicted)), stats)

@@ -21,12 +21,15 @@ from rsdjax.parallel.sharding import as_rules, state_shardings
 from rsdjax.train.step import PureView, batch_sharding, check_batch
 
 
-def row_nll(model, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(sum over each row of masked next-token cross-entropy in nats, sum of each row's mask), [B] float32."""
+def row_nll(model, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per row, [B] float32: the masked next-token cross-entropy summed (nats), the mask summed, and the
+    number of masked targets that are the argmax (lm-eval's `is_greedy`: all of them)."""
     logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+    logits = logits.astype(jnp.float32)
+    nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
-    return (nll * mask).sum(axis=1), mask.sum(axis=1)
+    hits = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32) * mask
+    return (nll * mask).sum(axis=1), mask.sum(axis=1), hits.sum(axis=1)
 
 
 class EvalStep:
@@ -43,7 +46,7 @@ class EvalStep:
         self.batch_sharding = batch_sharding(mesh, self.rules)
         replicated = NamedSharding(mesh, PartitionSpec())
         self._jitted = jax.jit(self._rows, in_shardings=(self.shardings, self.batch_sharding),
-                               out_shardings=(replicated, replicated))
+                               out_shardings=(replicated,) * 3)
 
     def state_of(self, model: nnx.Module) -> dict:
         """A concrete model's state as this step takes it (placed on the step's shardings)."""
@@ -53,9 +56,10 @@ class EvalStep:
         with activation_sharding(self.mesh, self.rules):
             return row_nll(nnx.merge(self.graphdef, self._view.to_state(state)), batch)
 
-    def __call__(self, state: dict, batch: dict) -> tuple[np.ndarray, np.ndarray]:
-        """Host batch (numpy [B, T] per key) -> (nll sums [B], token counts [B]) as float64 numpy."""
+    def __call__(self, state: dict, batch: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Host batch (numpy [B, T] per key) -> (nll sums, token counts, argmax hits), [B] float64 numpy.
+        Each distinct T compiles once."""
         placed = {k: jax.device_put(np.asarray(batch[k]), self.batch_sharding) for k in BATCH_KEYS}
         with jax.set_mesh(self.mesh):
-            nll, tokens = self._jitted(state, placed)
-        return np.asarray(nll, np.float64), np.asarray(tokens, np.float64)
+            out = self._jitted(state, placed)
+        return tuple(np.asarray(x, np.float64) for x in out)

@@ -27,9 +27,11 @@ import numpy as np
 
 from rsdjax.config import ConfigError
 from rsdjax.infer import forward
+from rsdjax.infer.adapters import AdapterPool
 from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, TokenEvent
-from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, seed_pair, validate
-from rsdjax.infer.steps import compiled_steps, empty_state
+from rsdjax.infer.sampling import (MAX_TOP_LOGPROBS, SamplingArrays, fill_bitmasks, no_constraint, seed_pair,
+                                   validate)
+from rsdjax.infer.steps import compiled_steps, empty_cache, empty_state, serving_weights
 from rsdjax.parallel.mesh import make_mesh
 
 MIN_PREFILL_BUCKET = 16
@@ -73,7 +75,7 @@ def _bucket(n: int, sizes: Sequence[int]) -> int:
 class SlotEngine:
     def __init__(self, model, max_slots: int = 8, max_context: int | None = None,
                  eos_token_ids: list[int] | None = None, mesh=None,
-                 prefill_buckets: tuple[int, ...] | None = None):
+                 prefill_buckets: tuple[int, ...] | None = None, max_loras: int = 0, max_lora_rank: int = 16):
         cfg = self.cfg = model.cfg
         self.max_slots = int(max_slots)
         self.max_context = int(max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT))
@@ -92,11 +94,14 @@ class SlotEngine:
             self.prefill_buckets += (self.max_context,)
         self.attend_buckets = buckets(MIN_ATTEND_BUCKET, self.max_context)
 
-        self.weights = forward.serving_weights(model, self.mesh)
+        self.weights = serving_weights(model, self.mesh)  # stage > 1: stacked over stages (infer/staged.py)
         self._steps = compiled_steps(cfg, self.mesh, self.max_slots, self.max_context)
-        self._cache = forward.empty_cache(cfg, self.mesh, self.max_slots, self.max_context)
+        self._cache = empty_cache(cfg, self.mesh, self.max_slots, self.max_context)
         self._state = jax.device_put(empty_state(cfg, self.max_slots, self.max_context), self._steps.state_sharding)
         self._slots: list[_Slot | None] = [None] * self.max_slots
+        # multi-LoRA: adapters stacked on the device, one entry per batch row (rsdjax.infer.adapters)
+        self.adapters = AdapterPool(cfg, self.mesh, max_loras, max_lora_rank) if max_loras else None
+        self._no_constraint = jax.device_put(no_constraint(self.max_slots, cfg.vocab_size), self._steps.state_sharding)
         self._rng = np.random.default_rng()  # seeds for requests that bring none
 
     # ------------------------------------------------------------ the Engine protocol
@@ -139,14 +144,22 @@ class SlotEngine:
             seed = r.params.seed if r.params.seed is not None else int(self._rng.integers(0, 2**63))
             seeds[i] = seed_pair(seed)
         top_k = MAX_TOP_LOGPROBS if any(r.params.logprobs is not None for r in requests) else 0
-        cache, keys, prompt_mask, first, logprobs = self._steps.prefill(
-            self.weights, tokens, lengths, SamplingArrays.from_params(params), seeds, top_k)
+        prompt_top_k = MAX_TOP_LOGPROBS if any(r.params.prompt_logprobs is not None for r in requests) else 0
+        bitmask = fill_bitmasks([r.params.guide for r in requests] + [None] * (rows - len(requests)),
+                                self.cfg.vocab_size)
+        lora = self._lora([r.adapter for r in requests] + [0] * (rows - len(requests)))
+        cache, keys, prompt_mask, first, logprobs, prompt = self._steps.prefill(
+            self.weights, tokens, lengths, SamplingArrays.from_params(params), seeds, bitmask, lora, top_k,
+            prompt_top_k)
         first = np.asarray(first)
         logprobs = None if logprobs is None else tuple(np.asarray(a) for a in logprobs)
+        prompt = None if prompt is None else tuple(np.asarray(a) for a in prompt)
         prefixes = []
         for i, r in enumerate(requests):
             slot = _Slot(r, length=len(r.prompt_ids), generated=1)
             event = self._event(slot, -1, int(first[i]), logprobs, i)
+            if r.params.prompt_logprobs is not None:
+                event.prompt_logprobs = prompt_logprob_entries(r.prompt_ids, r.params.prompt_logprobs, prompt, i)
             prefixes.append(Prefix(r, event, _Prefilled(cache, keys, prompt_mask, i)))
         return prefixes
 
@@ -170,8 +183,15 @@ class SlotEngine:
             return []
         attend = _bucket(max(s.length for _, s in active) + 1, self.attend_buckets)
         top_k = MAX_TOP_LOGPROBS if any(s.request.params.logprobs is not None for _, s in active) else 0
+        guides = [None] * self.max_slots
+        for i, s in active:
+            guides[i] = s.request.params.guide
+        # no grammar in the batch: the all-ones mask already on the device (no transfer per step)
+        bitmask = (jax.device_put(fill_bitmasks(guides, self.cfg.vocab_size), self._steps.state_sharding)
+                   if any(guides) else self._no_constraint)  # the same sharding either way: one compiled step
+        lora = self._lora([s.request.adapter if s is not None else 0 for s in self._slots])
         self._cache, self._state, (tokens, logprobs) = self._steps.decode(
-            self.weights, self._cache, self._state, attend, top_k)
+            self.weights, self._cache, self._state, bitmask, lora, attend, top_k)
         tokens = np.asarray(tokens)
         logprobs = None if logprobs is None else tuple(np.asarray(a) for a in logprobs)
         events = []
@@ -196,9 +216,20 @@ class SlotEngine:
 
     # ------------------------------------------------------------ helpers
 
+    def _lora(self, adapters: list[int]):
+        """The steps' `lora` argument: None without an adapter pool, else (pool arrays, index per row)."""
+        if self.adapters is None:
+            return None
+        bad = [a for a in adapters if not 0 <= a <= self.adapters.max_loras]
+        if bad:
+            raise ValueError(f"adapter entry {bad[0]} does not exist (max_loras={self.adapters.max_loras})")
+        return self.adapters.layers, np.asarray(adapters, np.int32)
+
     def _event(self, s: _Slot, slot: int, token: int, logprobs, row: int) -> TokenEvent:
         p = s.request.params
         finish = None
+        if p.guide is not None:  # once its grammar is complete, the guide allows only EOS: that ends it
+            p.guide.consume(token)
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             finish = "stop"
         elif s.generated >= p.max_tokens:
@@ -210,6 +241,20 @@ class SlotEngine:
             lp = float(chosen[row])
             top = {int(t): float(v) for t, v in zip(top_ids[row, :p.logprobs], top_values[row, :p.logprobs])} or None
         return TokenEvent(s.request.id, slot, token, logprob=lp, top_logprobs=top, finish_reason=finish)
+
+
+def prompt_logprob_entries(prompt_ids: list[int], k: int, arrays, row: int) -> list:
+    """`TokenEvent.prompt_logprobs` for one prompt from the prefill's (chosen, top ids, top values)
+    [rows, T(, k)] arrays: None for the first token, then (logprob, top k plus the token itself, as
+    vLLM reports prompt logprobs, the token's rank)."""
+    chosen, top_ids, top_values, rank = arrays
+    out: list = [None]
+    for t in range(1, len(prompt_ids)):
+        top = {int(i): float(v) for i, v in zip(top_ids[row, t - 1, :k], top_values[row, t - 1, :k])}
+        lp = float(chosen[row, t - 1])
+        top.setdefault(int(prompt_ids[t]), lp)
+        out.append((lp, top, int(rank[row, t - 1])))
+    return out
 
 
 def eos_ids_for(path: Path, cfg, tokenizer) -> list[int]:
@@ -232,13 +277,32 @@ def eos_ids_for(path: Path, cfg, tokenizer) -> list[int]:
     return ids
 
 
+def parse_lora_args(values: Sequence[str]) -> dict[str, str]:
+    """`--lora NAME=DIR` (or a bare DIR, named after its folder), repeatable -> {name: dir}."""
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, directory = v.partition("=")
+        if not sep:
+            name, directory = Path(v).resolve().name, v
+        if not name or not directory:
+            raise ConfigError(f"--lora {v!r}: expected NAME=DIR")
+        if name in out:
+            raise ConfigError(f"--lora {v!r}: the name {name!r} is given twice")
+        out[name] = directory
+    return out
+
+
 def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | None = None,
-                overrides: Sequence[str] = (), lora=None, quantize: str | None = None):
+                overrides: Sequence[str] = (), lora=None, adapters: dict[str, str] | None = None,
+                max_loras: int = 0, max_lora_rank: int = 16, quantize: str | None = None):
     """An HF Llama directory or rsdjax checkpoint -> (SlotEngine, Tokenizer | None).
 
     The tokenizer is `tokenizer.json` in the model directory when there is one. `lora`: a PEFT adapter
-    directory, applied (unmerged) before the engine splits the weights per layer. `quantize`: 'int8'
-    stores every projection and the LM head as int8 (rsdjax/model/quant.py); LoRA stays float on top.
+    directory, applied (unmerged) before the engine splits the weights per layer: every request gets it.
+    `adapters` {name: directory}: served side by side, chosen per request, in a pool of
+    `max(max_loras, len(adapters))` entries of rank up to `max_lora_rank` (more can be loaded later).
+    `quantize`: 'int8' stores every projection and the LM head as int8 (rsdjax/model/quant.py); LoRA
+    stays float on top.
     """
     from rsdjax.model.quant import check_mode, quantize_serving
 
@@ -249,14 +313,18 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
     path = Path(model_path)
     model = load_model(path, mesh=mesh, overrides=overrides)
     if lora is not None:
-        from rsdjax.model.lora import apply_adapter
+        from rsdjax.checkpoint.peft import apply_adapter
 
         model = apply_adapter(model, lora)
     tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
+    adapters = dict(adapters or {})
     engine = SlotEngine(model, max_slots=max_slots, max_context=max_context,
-                        eos_token_ids=eos_ids_for(path, model.cfg, tokenizer), mesh=mesh)
+                        eos_token_ids=eos_ids_for(path, model.cfg, tokenizer), mesh=mesh,
+                        max_loras=max(max_loras, len(adapters)), max_lora_rank=max_lora_rank)
     if quantize is not None:  # the float per-layer weights are freed once replaced
         engine.weights = quantize_serving(engine.weights, quantize)
+    for name, directory in adapters.items():
+        engine.adapters.load(name, directory)
     return engine, tokenizer
 
 

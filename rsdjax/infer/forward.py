@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rsdjax.config import ConfigError, ModelConfig
+from rsdjax.infer.sampling import token_logprobs
 from rsdjax.model.llama import (Llama, attend_with, cache_mask, causal_mask, decoder_layer, embed_tokens, lm_logits,
                                 resolve_dtype, rope_tables)
 from rsdjax.model.quant import transpose
@@ -155,6 +156,16 @@ def cache_sharding(cfg: ModelConfig, mesh, batch: int, length: int) -> NamedShar
     return NamedSharding(mesh, resolve(CACHE_LAYER_AXES, shape, mesh_shape_of(mesh), INFER_RULES, name="kv cache"))
 
 
+def cache_shardings(cfg: ModelConfig, mesh, batch: int, length: int) -> LayerCache:
+    s = cache_sharding(cfg, mesh, batch, length)
+    return LayerCache([s] * cfg.num_layers, [s] * cfg.num_layers)
+
+
+def put_rows(dst: jax.Array, src: jax.Array, row, slot) -> jax.Array:
+    """Row `row` of a prefill's layer cache [rows, KV, bucket, D] into slot `slot` of the engine's."""
+    return jax.lax.dynamic_update_slice(dst, jax.lax.dynamic_slice_in_dim(src, row, 1, 0), (slot, 0, 0, 0))
+
+
 def empty_cache(cfg: ModelConfig, mesh, batch: int, length: int) -> LayerCache:
     """Zeros, created directly on their shards."""
     sharding = cache_sharding(cfg, mesh, batch, length)
@@ -174,30 +185,77 @@ def _logits(cfg: ModelConfig, w: ServingWeights, x):
     return lm_logits(cfg, x, w.final_norm, w.embed if w.lm_head is None else w.lm_head)
 
 
-def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths):
+def with_adapters(p: dict, lora, i: int) -> dict:
+    """Layer i's weights in the model's layout, plus its rows of the adapter pool when serving many
+    LoRA adapters (`lora` = (per-layer pool arrays, adapter index per batch row); see `rsdjax.infer.adapters`)."""
+    p = layer_view(p)
+    if lora is not None:
+        layers, index = lora
+        p["lora_rows"] = {**layers[i], "index": index}
+    return p
+
+
+def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths, return_hidden: bool = False, lora=None):
     """Run padded prompts. tokens [B, T] (real tokens first, padding after), lengths [B].
 
     Returns the logits of each prompt's last real token [B, V] and the K/V of all T positions
     (padding positions hold garbage that decode never attends to: it attends to positions <= its
-    own and overwrites position `length` onwards as it goes).
+    own and overwrites position `length` onwards as it goes); with `return_hidden`, also the last
+    layer's output at every position [B, T, E] (for prompt logprobs, see `prompt_logprobs`).
     """
     b, t = tokens.shape
     rope = rope_tables(cfg, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
     mask = causal_mask(b, t)
     x = embed_tokens(cfg, w.embed, tokens)
     ks, vs = [], []
-    for p in w.layers:
+    for i, p in enumerate(w.layers):
         def keep(k, v):  # [B, T, KV, D] -> the cache layout [B, KV, T, D]
             ks.append(constrain(jnp.swapaxes(k, 1, 2), CACHE_LAYER_AXES))
             vs.append(constrain(jnp.swapaxes(v, 1, 2), CACHE_LAYER_AXES))
             return k, v
 
-        x = decoder_layer(cfg, x, layer_view(p), rope, attend_with(mask, keep))
+        x = decoder_layer(cfg, x, with_adapters(p, lora, i), rope, attend_with(mask, keep))
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    if return_hidden:
+        return _logits(cfg, w, last), LayerCache(ks, vs), x
     return _logits(cfg, w, last), LayerCache(ks, vs)
 
 
-def decode(cfg: ModelConfig, w: ServingWeights, cache: LayerCache, tokens, positions, attend: int):
+PROMPT_LOGPROB_CHUNK = 128  # positions whose [rows, chunk, vocab] logits exist at once
+
+
+def prompt_logprobs(cfg: ModelConfig, w: ServingWeights, hidden, tokens, k: int):
+    """Log-probabilities of each prompt's next tokens under the model's raw distribution.
+
+    hidden [B, T, E] (from `prefill(..., return_hidden=True)`), tokens [B, T] -> (chosen [B, T],
+    top ids [B, T, k], top values [B, T, k], rank [B, T]: 1 + how many tokens are more likely);
+    position t scores token t + 1 (the last is padding).
+    The vocabulary-wide logits are made a chunk of positions at a time (`lax.map`), so a long
+    prompt never holds [T, vocab] floats.
+    """
+    b, t, e = hidden.shape
+    chunk = min(t, PROMPT_LOGPROB_CHUNK)
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad + 1)))
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+
+    def one(args):
+        h, y = args  # [B, chunk, E], [B, chunk]
+        logits = _logits(cfg, w, h.reshape(b * chunk, e))
+        y = y.reshape(-1)
+        chosen, ids, values = token_logprobs(logits, y, k)
+        rank = 1 + jnp.sum(logits > jnp.take_along_axis(logits, y[:, None], axis=-1), axis=-1, dtype=jnp.int32)
+        return (chosen.reshape(b, chunk), ids.reshape(b, chunk, k), values.reshape(b, chunk, k),
+                rank.reshape(b, chunk))
+
+    split = lambda a: jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)  # noqa: E731
+    out = jax.lax.map(one, (split(hidden), split(targets)))
+    join = lambda a: jnp.moveaxis(a, 0, 1).reshape(b, n * chunk, *a.shape[3:])[:, :t]  # noqa: E731
+    return tuple(join(a) for a in out)
+
+
+def decode(cfg: ModelConfig, w: ServingWeights, cache: LayerCache, tokens, positions, attend: int, lora=None):
     """One token per slot. tokens, positions [B]; writes K/V at `positions` (dropped when >= the cache
     length, which is how idle slots are ignored) and attends to cache positions [0, attend) that are
     <= the slot's own. `attend` (static) is a bucket >= every active slot's position + 1, so short
@@ -220,6 +278,6 @@ def decode(cfg: ModelConfig, w: ServingWeights, cache: LayerCache, tokens, posit
             # the layer wants [B, S, KV, D]: XLA folds this transpose into the attention matmuls
             return jnp.swapaxes(new_k[-1][:, :, :attend], 1, 2), jnp.swapaxes(new_v[-1][:, :, :attend], 1, 2)
 
-        x = decoder_layer(cfg, x, layer_view(p), rope, attend_with(mask, write))
+        x = decoder_layer(cfg, x, with_adapters(p, lora, i), rope, attend_with(mask, write))
     return _logits(cfg, w, x[:, 0]), LayerCache(new_k, new_v)
 

@@ -43,16 +43,9 @@ class Completion:
         return out
 
 
-def generate(engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-             tokenizer=None, on_text: Callable[[int, str], None] | None = None,
-             on_token: Callable[[int, TokenEvent], None] | None = None) -> list[Completion]:
-    """Complete every prompt (token ids). `params` is one SamplingParams for all or one per prompt.
-
-    With a tokenizer, text is detokenised incrementally and stop strings end a completion;
-    `on_text(index, piece)` receives text as it becomes final (for streaming to a terminal).
-    A stop token (EOS or a stop id) ends a completion without adding text, as in vLLM.
-    Every request is checked before any runs, so a bad one fails the call without wasted work.
-    """
+def checked_requests(engine, prompts, params, tokenizer=None) -> list[Request]:
+    """The engine requests for `prompts` (`gen-0`, `gen-1`, ...), each checked: raises ValueError
+    naming the first bad one (callers check before compiling anything)."""
     params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
     if len(params_list) != len(prompts):
         raise ValueError(f"generate: {len(prompts)} prompts but {len(params_list)} SamplingParams")
@@ -63,6 +56,20 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingP
         check = getattr(engine, "check", None)
         if check is not None:
             check(r)
+    return requests
+
+
+def generate(engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+             tokenizer=None, on_text: Callable[[int, str], None] | None = None,
+             on_token: Callable[[int, TokenEvent], None] | None = None) -> list[Completion]:
+    """Complete every prompt (token ids). `params` is one SamplingParams for all or one per prompt.
+
+    With a tokenizer, text is detokenised incrementally and stop strings end a completion;
+    `on_text(index, piece)` receives text as it becomes final (for streaming to a terminal).
+    A stop token (EOS or a stop id) ends a completion without adding text, as in vLLM.
+    Every request is checked before any runs, so a bad one fails the call without wasted work.
+    """
+    requests = checked_requests(engine, prompts, params, tokenizer)
 
     start = time.perf_counter()
     completions = [Completion(i, r.prompt_ids, text="" if tokenizer else None,
@@ -82,11 +89,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingP
             c.top_logprobs.append(event.top_logprobs or {})
         finish = event.finish_reason
         if matcher is not None:
-            piece = matcher.push(event.token_id) if finish != "stop" else ""
-            if matcher.stopped:
-                finish = "stop"
-            elif finish is not None:
-                piece += matcher.finish()
+            piece, finish = matcher.feed(event.token_id, finish)
             c.text += piece
             if piece and on_text is not None:
                 on_text(i, piece)

@@ -29,6 +29,11 @@ class SamplingParams:
     stop: list[str] = dataclasses.field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token (0 = only the chosen one)
+    prompt_logprobs: int | None = None  # the same for every prompt token but the first (echo, lm-eval scoring)
+    # structured output: an object with fill_bitmask(int32 row) and consume(token) (`rsdjax.infer.
+    # structured.Guide`), one per request; the engine masks every sampled token with it (a complete
+    # grammar allows only EOS, which ends the request as usual)
+    guide: Any = None
 
 
 @dataclasses.dataclass
@@ -36,6 +41,7 @@ class Request:
     id: str
     prompt_ids: list[int]
     params: SamplingParams
+    adapter: int = 0  # multi-LoRA: the entry of the engine's adapter pool (0 = the base model)
 
 
 @dataclasses.dataclass
@@ -55,6 +61,10 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: dict[int, float] | None = None
     finish_reason: str | None = None  # None while running, "stop" (EOS / stop id) or "length"
+    # first event only, when the request asked for prompt_logprobs: one entry per prompt token, None for
+    # the first (nothing predicts it), else (logprob of that token, {top token id: logprob} with the
+    # token itself among them, its rank: 1 + how many tokens are more likely)
+    prompt_logprobs: list[tuple[float, dict[int, float], int] | None] | None = None
 
 
 class PromptTooLongError(ValueError):

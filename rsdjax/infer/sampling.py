@@ -65,6 +65,8 @@ def validate(params: SamplingParams, vocab_size: int, where: str = "request") ->
          f"frequency_penalty must be in [-2, 2], got {params.frequency_penalty}"),
         (params.logprobs is None or 0 <= params.logprobs <= MAX_TOP_LOGPROBS,
          f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.logprobs}"),
+        (params.prompt_logprobs is None or 0 <= params.prompt_logprobs <= MAX_TOP_LOGPROBS,
+         f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.prompt_logprobs}"),
         (params.seed is None or params.seed >= 0, f"seed must be >= 0, got {params.seed}"),
     ]
     bad = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
@@ -131,12 +133,48 @@ def argmax(logits):
     return jnp.minimum(jnp.min(jnp.where(logits == best, index, vocab), axis=-1), vocab - 1)
 
 
-def sample(logits, sp: SamplingArrays, keys, steps, prompt_mask, counts):
+def bitmask_words(vocab_size: int) -> int:
+    """int32 words of one row of a structured-output token bitmask."""
+    return (vocab_size + 31) // 32
+
+
+def no_constraint(rows: int, vocab_size: int) -> np.ndarray:
+    """The bitmask that allows every token, for rows without a grammar."""
+    return np.full((rows, bitmask_words(vocab_size)), -1, np.int32)
+
+
+def fill_bitmasks(guides: Sequence, vocab_size: int) -> np.ndarray:
+    """One bitmask row per entry: a guide's next allowed tokens, or everything where the entry is None."""
+    mask = no_constraint(len(guides), vocab_size)
+    for row, guide in enumerate(guides):
+        if guide is not None:
+            guide.fill_bitmask(mask[row])
+    return mask
+
+
+def unpack_bitmask(words: np.ndarray, vocab_size: int) -> np.ndarray:
+    """int32 [..., W] -> bool [..., vocab] (host side, for the fake engine and tests)."""
+    bits = (words[..., :, None].astype(np.int64) >> np.arange(32)) & 1
+    return bits.reshape(*words.shape[:-1], -1)[..., :vocab_size].astype(bool)
+
+
+def apply_bitmask(logits, bitmask):
+    """Structured output: bitmask int32 [B, ceil(V / 32)], bit j of word i allowing token 32 i + j
+    (llguidance's packing; all ones = unconstrained) -> logits with disallowed tokens at -inf."""
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    allowed = bits.reshape(bitmask.shape[0], -1)[:, :logits.shape[-1]].astype(bool)
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
+def sample(logits, sp: SamplingArrays, keys, steps, prompt_mask, counts, bitmask=None):
     """logits float32 [B, V] -> token ids int32 [B].
 
     keys uint32 [B, 2]: each slot's request key; steps int32 [B]: how many tokens the request has
-    sampled so far; prompt_mask bool [B, V]: tokens in the prompt; counts int32 [B, V]: output counts.
+    sampled so far; prompt_mask bool [B, V]: tokens in the prompt; counts int32 [B, V]: output counts;
+    bitmask int32 [B, ceil(V / 32)]: the tokens each row's grammar allows (`apply_bitmask`), or None.
     """
+    if bitmask is not None:
+        logits = apply_bitmask(logits, bitmask)
     any_penalty = jnp.any((sp.repetition_penalty != 1.0) | (sp.presence_penalty != 0.0) | (sp.frequency_penalty != 0.0))
     logits = jax.lax.cond(any_penalty, apply_penalties, lambda l, *_: l, logits, sp, prompt_mask, counts)
     greedy = argmax(logits)

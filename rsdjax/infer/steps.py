@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rsdjax.config import ModelConfig
-from rsdjax.infer import forward
+from rsdjax.infer import forward, staged
 from rsdjax.infer.sampling import SamplingArrays, keys_from_seeds, sample, token_logprobs
 from rsdjax.parallel.rules import INFER_RULES, activation_sharding
 
@@ -45,28 +45,47 @@ def empty_state(cfg: ModelConfig, max_slots: int, max_context: int) -> SlotState
                      params, np.zeros((s, v), bool), np.zeros((s, v), np.int32))
 
 
-def prefill_step(cfg: ModelConfig, mesh, weights, tokens, lengths, params, seeds, top_k: int):
-    """Padded prompts [rows, bucket] -> their K/V, PRNG keys, prompt masks, first tokens (+ logprobs)."""
+def layout(mesh):
+    """The serving layout for this mesh: `forward` (per-layer arrays) with one stage, `staged` (stacked
+    layers and cache split over `stage`, run as a pipeline) with more."""
+    return staged if int(dict(mesh.shape).get("stage", 1)) > 1 else forward
+
+
+def serving_weights(model, mesh):
+    return staged.weights(model, mesh) if layout(mesh) is staged else forward.serving_weights(model, mesh)
+
+
+def empty_cache(cfg: ModelConfig, mesh, max_slots: int, max_context: int):
+    return layout(mesh).empty_cache(cfg, mesh, max_slots, max_context)
+
+
+def prefill_step(cfg: ModelConfig, mesh, weights, tokens, lengths, params, seeds, bitmask, lora, top_k: int,
+                 prompt_top_k: int = 0):
+    """Padded prompts [rows, bucket] -> their K/V, PRNG keys, prompt masks, first tokens (+ logprobs),
+    and with `prompt_top_k` the logprobs of every prompt token (`forward.prompt_logprobs`)."""
     with activation_sharding(mesh, INFER_RULES):
-        logits, cache = forward.prefill(cfg, weights, tokens, lengths)
+        if prompt_top_k:
+            logits, cache, hidden = layout(mesh).prefill(cfg, weights, tokens, lengths, return_hidden=True,
+                                                         lora=lora)
+            prompt = forward.prompt_logprobs(cfg, weights, hidden, tokens, prompt_top_k)
+        else:
+            logits, cache = layout(mesh).prefill(cfg, weights, tokens, lengths, lora=lora)
+            prompt = None
         rows, vocab = tokens.shape[0], cfg.vocab_size
         real = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
         prompt_mask = jnp.zeros((rows, vocab), bool).at[
             jnp.arange(rows)[:, None], jnp.where(real, tokens, vocab)].set(True, mode="drop")
         keys = keys_from_seeds(seeds)
         first = sample(logits, params, keys, jnp.zeros(rows, jnp.int32), prompt_mask,
-                       jnp.zeros((rows, vocab), jnp.int32))
+                       jnp.zeros((rows, vocab), jnp.int32), bitmask)
         logprobs = token_logprobs(logits, first, top_k) if top_k else None
-    return cache, keys, prompt_mask, first, logprobs
+    return cache, keys, prompt_mask, first, logprobs, prompt
 
 
-def insert_step(cfg: ModelConfig, cache, state: SlotState, prefilled_cache, keys, prompt_mask, row, slot, token,
-                length, params):
-    """Row `row` of a prefill's outputs -> slot `slot` of the cache and the slot state."""
-    def put(dst, src):
-        return jax.lax.dynamic_update_slice(dst, jax.lax.dynamic_slice_in_dim(src, row, 1, 0), (slot, 0, 0, 0))
-
-    cache = jax.tree.map(put, cache, prefilled_cache)
+def insert_step(cfg: ModelConfig, put_rows, cache, state: SlotState, prefilled_cache, keys, prompt_mask, row, slot,
+                token, length, params):
+    """Row `row` of a prefill's outputs -> slot `slot` of the cache (`put_rows` of the layout) and the state."""
+    cache = jax.tree.map(lambda dst, src: put_rows(dst, src, row, slot), cache, prefilled_cache)
     counts = jnp.zeros((cfg.vocab_size,), jnp.int32).at[token].set(1)  # the first token is an output
     state = SlotState(
         tokens=state.tokens.at[slot].set(token), positions=state.positions.at[slot].set(length),
@@ -76,11 +95,11 @@ def insert_step(cfg: ModelConfig, cache, state: SlotState, prefilled_cache, keys
     return cache, state
 
 
-def decode_step(cfg: ModelConfig, mesh, weights, cache, state: SlotState, attend: int, top_k: int):
+def decode_step(cfg: ModelConfig, mesh, weights, cache, state: SlotState, bitmask, lora, attend: int, top_k: int):
     """One token for every slot: forward, sample, advance the state."""
     with activation_sharding(mesh, INFER_RULES):
-        logits, cache = forward.decode(cfg, weights, cache, state.tokens, state.positions, attend)
-        tokens = sample(logits, state.params, state.keys, state.steps, state.prompt_mask, state.counts)
+        logits, cache = layout(mesh).decode(cfg, weights, cache, state.tokens, state.positions, attend, lora)
+        tokens = sample(logits, state.params, state.keys, state.steps, state.prompt_mask, state.counts, bitmask)
         logprobs = token_logprobs(logits, tokens, top_k) if top_k else None
     rows = jnp.arange(tokens.shape[0])
     state = dataclasses.replace(state, tokens=tokens, positions=state.positions + 1, steps=state.steps + 1,
@@ -90,9 +109,11 @@ def decode_step(cfg: ModelConfig, mesh, weights, cache, state: SlotState, attend
 
 @dataclasses.dataclass(frozen=True)
 class CompiledSteps:
-    prefill: object  # (weights, tokens, lengths, params, seeds, top_k) -> prefill_step outputs
+    # (weights, tokens, lengths, params, seeds, bitmask, lora, top_k, prompt_top_k) -> prefill_step outputs;
+    # lora: None, or (adapter pool layers, adapter index per row) -- see rsdjax.infer.adapters
+    prefill: object
     insert: object  # (cache, state, prefilled_cache, keys, prompt_mask, row, slot, token, length, params)
-    decode: object  # (weights, cache, state, attend, top_k) -> (cache, state, (tokens, logprobs))
+    decode: object  # (weights, cache, state, bitmask, lora, attend, top_k) -> (cache, state, (tokens, logprobs))
     cache_sharding: NamedSharding
     state_sharding: NamedSharding
 
@@ -103,15 +124,16 @@ _COMPILED: dict[tuple, CompiledSteps] = {}
 def compiled_steps(cfg: ModelConfig, mesh, max_slots: int, max_context: int) -> CompiledSteps:
     key = (repr(cfg), mesh, max_slots, max_context)
     if key not in _COMPILED:
-        cache_sharding = forward.cache_sharding(cfg, mesh, max_slots, max_context)
-        cache_shardings = forward.LayerCache([cache_sharding] * cfg.num_layers, [cache_sharding] * cfg.num_layers)
+        impl = layout(mesh)
+        cache_sharding = impl.cache_sharding(cfg, mesh, max_slots, max_context)
+        cache_shardings = impl.cache_shardings(cfg, mesh, max_slots, max_context)
         replicated = NamedSharding(mesh, PartitionSpec())
         state_shardings = jax.tree.map(lambda _: replicated, empty_state(cfg, 1, 1))
         _COMPILED[key] = CompiledSteps(
-            prefill=jax.jit(functools.partial(prefill_step, cfg, mesh), static_argnums=(5,)),
-            insert=jax.jit(functools.partial(insert_step, cfg), donate_argnums=(0, 1),
+            prefill=jax.jit(functools.partial(prefill_step, cfg, mesh), static_argnums=(7, 8)),
+            insert=jax.jit(functools.partial(insert_step, cfg, impl.put_rows), donate_argnums=(0, 1),
                            out_shardings=(cache_shardings, state_shardings)),
-            decode=jax.jit(functools.partial(decode_step, cfg, mesh), static_argnums=(3, 4), donate_argnums=(1, 2),
+            decode=jax.jit(functools.partial(decode_step, cfg, mesh), static_argnums=(5, 6), donate_argnums=(1, 2),
                            out_shardings=(cache_shardings, state_shardings, replicated)),
             cache_sharding=cache_sharding, state_sharding=replicated)
     return _COMPILED[key]

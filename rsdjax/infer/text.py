@@ -30,6 +30,20 @@ class StopStringMatcher:
         self.text = ""  # everything emitted so far
         self.stopped = False  # a stop string was found: no more text will come
 
+    def feed(self, token_id: int, finish_reason: str | None) -> tuple[str, str | None]:
+        """One engine event -> (text to show now, finish reason or None). The CLI and the server both
+        go through here, so the same request gives the same text from either.
+
+        A token that ended the completion as a stop token (EOS or a stop id: finish "stop") adds no
+        text, as in vLLM (`include_stop_str_in_output` off); a stop string ends it with "stop".
+        """
+        piece = self.push(token_id) if finish_reason != "stop" else ""
+        if self.stopped:
+            return piece, "stop"
+        if finish_reason is not None:
+            piece += self.finish()
+        return piece, finish_reason
+
     def push(self, token_id: int) -> str:
         if self.stopped:
             return ""

@@ -14,8 +14,9 @@ from typing import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
+from rsdjax.infer.sampling import fill_bitmasks
 from rsdjax.infer.interface import SamplingParams
-from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays
+from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, bitmask_words
 
 
 def _bucket(n: int, sizes: Sequence[int]) -> int:
@@ -32,12 +33,20 @@ def decode_buckets_for(engine, prompt_lengths: Iterable[int], max_new_tokens: in
     return [b for b in sizes if lo <= b <= hi]
 
 
+def _lora_stand_in(engine, rows: int):
+    """The steps' `lora` argument for `rows` rows (None without an adapter pool)."""
+    if engine.adapters is None:
+        return None
+    return engine.adapters.layers, jax.ShapeDtypeStruct((rows,), jnp.int32)
+
+
 def compile_decode(engine, attend_buckets: Iterable[int], logprobs: bool = False) -> int:
     """Compile the decode step for each attention bucket; returns how many were compiled."""
     steps, n = engine._steps, 0
     top_k = MAX_TOP_LOGPROBS if logprobs else 0
     for attend in attend_buckets:
-        steps.decode.lower(engine.weights, engine._cache, engine._state, int(attend), top_k).compile()
+        steps.decode.lower(engine.weights, engine._cache, engine._state, engine._no_constraint,
+                           _lora_stand_in(engine, engine.max_slots), int(attend), top_k).compile()
         n += 1
     return n
 
@@ -50,12 +59,14 @@ def compile_prefill(engine, rows: int, length: int, logprobs: bool = False):
     lengths = jax.ShapeDtypeStruct((rows,), jnp.int32)
     seeds = jax.ShapeDtypeStruct((rows, 2), jnp.uint32)
     params = SamplingArrays.from_params([SamplingParams()] * rows)
-    lowered = steps.prefill.lower(engine.weights, tokens, lengths, params, seeds, top_k)
+    bitmask = jax.ShapeDtypeStruct((rows, bitmask_words(engine.cfg.vocab_size)), jnp.int32)
+    lowered = steps.prefill.lower(engine.weights, tokens, lengths, params, seeds, bitmask,
+                                  _lora_stand_in(engine, rows), top_k)
     compiled = lowered.compile()
     # the insert sees prefill's outputs as committed arrays: give the stand-ins their shardings too
     outs = jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
                         lowered.out_info, compiled.output_shardings)
-    cache, keys, prompt_mask, _, _ = outs
+    cache, keys, prompt_mask = outs[:3]
     one = jax.tree.map(lambda a: a[0], SamplingArrays.from_params([SamplingParams()]))
     # the engine passes row, slot, token and length as Python ints (weakly typed int32 scalars)
     steps.insert.lower(engine._cache, engine._state, cache, keys, prompt_mask, 0, 0, 0, 1, one).compile()
@@ -81,4 +92,4 @@ def compile_all(engine, rows: Sequence[int] = (1,), logprobs: bool = False) -> d
     return {"prefill_shapes": n_prefill, "decode_shapes": n_decode}
 
 
-__all__ = ["decode_buckets_for", "compile_decode", "compile_prefill", "compile_for_prompts", "compile_all"]
+__all__ = ["decode_buckets_for", "lower_decode", "compile_decode", "compile_prefill", "compile_for_prompts", "compile_all"]

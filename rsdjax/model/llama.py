@@ -19,27 +19,13 @@ import numpy as np
 from flax import nnx
 
 from rsdjax.config import ModelConfig
+from rsdjax.model.axes import CACHE_AXES, PARAM_AXES  # noqa: F401  (CACHE_AXES: part of this module's API)
+from rsdjax.model.lora import lora_delta, lora_rows_delta
 from rsdjax.model.projection import project
 from rsdjax.model.quant import QArray, head_matmul
 from rsdjax.parallel import layer_stack
 from rsdjax.parallel.rules import constrain
 
-# Logical axes of every parameter (stacked layer weights lead with `layers`).
-PARAM_AXES = {
-    "embed": ("vocab", "embed"),
-    "lm_head": ("embed", "vocab"),
-    "final_norm": ("embed",),
-    "attn_norm": ("layers", "embed"),
-    "mlp_norm": ("layers", "embed"),
-    "wq": ("layers", "embed", "q_heads", "head_dim"),
-    "wk": ("layers", "embed", "kv_heads", "head_dim"),
-    "wv": ("layers", "embed", "kv_heads", "head_dim"),
-    "wo": ("layers", "q_heads", "head_dim", "embed"),
-    "w_gate": ("layers", "embed", "mlp"),
-    "w_up": ("layers", "embed", "mlp"),
-    "w_down": ("layers", "mlp", "embed"),
-}
-CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim")
 
 
 def resolve_dtype(name: str):
@@ -112,9 +98,9 @@ def linear(x, p: dict, name: str, equation: str):
     """Every projection goes through here, so adapters (LoRA) have exactly one place to hook in."""
     y = project(equation, x, p[name])  # jnp.einsum with a CPU-friendly weight gradient (see projection.py)
     if name in p.get("lora", {}):  # LoRA arrays from `rsdjax.model.lora` (see `Llama.layer_params`)
-        from rsdjax.model.lora import lora_delta  # lazy: lora.py imports this module
-
         y = y + lora_delta(x, p["lora"], name, equation)
+    if name in p.get("lora_rows", {}):  # multi-LoRA serving: each batch row its own adapter (rsdjax.infer.adapters)
+        y = y + lora_rows_delta(x, p["lora_rows"], name, equation)
     return y
 
 

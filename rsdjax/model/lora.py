@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rsdjax.model.llama import PARAM_AXES, Llama
+from rsdjax.model.axes import PARAM_AXES
+
+if TYPE_CHECKING:  # the model imports this module (its `linear` calls `lora_delta`)
+    from rsdjax.model.llama import Llama
 
 # our stacked kernel -> the module path inside one HF/PEFT decoder layer
 TARGET_MODULES = {
@@ -200,6 +204,25 @@ def lora_delta(x, lora: dict, name: str, equation: str):
     return jnp.einsum(f"{rest}{r},{r}{k_out}->{out}", h, t["b"]) * t["scale"].astype(x.dtype)
 
 
+def lora_rows_delta(x, rows: dict, name: str, equation: str):
+    """Batched LoRA (Punica / S-LoRA's gather form): row i of x uses adapter rows["index"][i].
+
+    rows[name]: {"a": [adapters, in..., r], "b": [adapters, r, out...]} with the scale folded into b
+    and adapter 0 all zeros (the base model); x's first axis is the batch.
+    """
+    lhs, out = equation.split("->")
+    xs, ks = lhs.split(",")
+    k_in = "".join(c for c in ks if c in xs)
+    k_out = "".join(c for c in ks if c not in xs)
+    rest = "".join(c for c in xs if c not in ks)
+    batch = xs[0]
+    r = next(c for c in "rzyxwvuq" if c not in equation)
+    index = rows["index"]
+    a, b = rows[name]["a"][index], rows[name]["b"][index]  # [B, in..., r], [B, r, out...]
+    h = jnp.einsum(f"{xs},{batch}{k_in}{r}->{rest}{r}", x, a.astype(x.dtype))
+    return jnp.einsum(f"{rest}{r},{batch}{r}{k_out}->{out}", h, b.astype(x.dtype))
+
+
 # ---------------------------------------------------------------- the transform
 
 
@@ -298,10 +321,3 @@ def _attached(model: Llama) -> LoRA:
     if lora is None:
         raise LoraError("model has no LoRA adapter attached")
     return lora
-
-
-def apply_adapter(model: Llama, adapter_dir) -> Llama:
-    """Load a PEFT LoRA adapter directory onto a loaded model and return it (LoRA attached, unmerged)."""
-    from rsdjax.checkpoint.peft import load_adapter  # checkpoint sits above model: import lazily
-
-    return load_adapter(model, adapter_dir)

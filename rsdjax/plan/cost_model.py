@@ -20,28 +20,80 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 from rsdjax.config import ModelConfig
 from rsdjax.hardware import MESH_AXES, HardwareSpec
 from rsdjax.parallel.rules import RULES, ShardingError, bytes_per_device, resolve
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
+# the fitted constants: (device name, or None for every device; term)
+FITTED = ((None, "step_latency_us"),
+          ("ATOM (RBLN-CA12)", "memory_efficiency"),
+          ("H100 SXM", "memory_efficiency"), ("H100 SXM", "compute_efficiency"), ("H100 SXM", "intra_latency_us"),
+          ("TPU v6e (Trillium)", "compute_efficiency"))
 
 
 @dataclasses.dataclass
 class Assumptions:
-    """Figures the hardware YAML does not carry. All overridable: `rsdjax plan ... cost.KEY=VALUE`."""
+    """Figures the hardware YAML does not carry. All overridable: `rsdjax plan ... cost.KEY=VALUE`.
+
+    The efficiency terms (docs/cost_model.md) are the defaults below, replaced per device by `device_terms`
+    ({device name: {term: value}}); the fitted ones (FITTED) come from configs/cost/calibrated.yaml, written
+    by `rsdjax plan --calibration --fit --write` from the published points in configs/measurements."""
 
     dtype: str = "auto"  # auto: float32 on the cpu preset (XLA:CPU policy), bfloat16 (FP16-class) elsewhere
-    intra_latency_us: float = 2.0  # per collective step inside a node (PCIe / NVLink hop), unconfirmed
-    inter_latency_us: float = 10.0  # per collective step between nodes / systems, unconfirmed
+    kv_dtype: str = "auto"  # KV cache precision; auto: the same as dtype
+    attention: str = "full"  # full: rsdjax's masked attention over every key, scores in memory;
+    #                          flash: a fused causal kernel (skips the masked half, keeps no scores): other stacks
     optimizer_moments: int = 2  # AdamW: mu and nu, stored in the parameter dtype (optax default)
+    compute_efficiency: float = 0.5  # achieved fraction of peak FLOPs in matmul-bound work (prefill, training)
+    memory_efficiency: float = 0.7  # achieved fraction of memory bandwidth while streaming weights and KV
+    layer_latency_us: float = 0.0  # fixed cost per layer per step (kernel launches, syncs): fits drove it to 0
+    step_latency_us: float = 100.0  # fixed cost per step (host scheduling, sampling, launch)
+    link_efficiency: float = 0.8  # achieved fraction of a link's bandwidth (no public point constrains it)
+    intra_latency_us: float = 2.0  # per collective step inside a node (PCIe / NVLink hop)
+    inter_latency_us: float = 10.0  # per collective step between nodes / systems
+    hop_latency_us: float = 10.0  # fixed cost of one pipeline hop (activations to the next stage)
+    device_terms: dict = dataclasses.field(default_factory=dict)
+
+    def term(self, hardware: HardwareSpec, name: str) -> float:
+        """An efficiency term for this hardware's device: its calibrated value, else the default."""
+        return float(self.device_terms.get(hardware.device.name, {}).get(name, getattr(self, name)))
+
+    @property
+    def flash(self) -> bool:
+        if self.attention not in ("full", "flash"):
+            raise ValueError(f"cost.attention must be 'full' or 'flash', got '{self.attention}'")
+        return self.attention == "flash"
+
+    @classmethod
+    def calibrated(cls, path=None) -> "Assumptions":
+        """The defaults with the last fit applied (configs/cost/calibrated.yaml)."""
+        from rsdjax.config import CONFIG_ROOT, load_yaml
+
+        path = path or CONFIG_ROOT / "cost" / "calibrated.yaml"
+        data = load_yaml(path) if os.path.exists(path) else {}
+        known = {f.name for f in dataclasses.fields(cls)} - {"dtype", "kv_dtype", "attention", "optimizer_moments",
+                                                              "device_terms"}
+        terms = [data.get("global", {})] + list((data.get("devices") or {}).values())
+        bad = next((k for t in terms for k in t if k not in known), None)
+        if bad:
+            raise ValueError(f"{path}: unknown cost term '{bad}' (known: {', '.join(sorted(known))})")
+        return cls(**data.get("global", {}), device_terms={k: dict(v) for k, v in (data.get("devices") or {}).items()})
 
     def dtype_bytes(self, hardware: HardwareSpec) -> int:
         name = self.dtype if self.dtype != "auto" else ("float32" if hardware.name == "cpu" else "bfloat16")
         if name not in DTYPE_BYTES:
             raise ValueError(f"cost.dtype: unknown dtype '{name}' (known: auto, {', '.join(DTYPE_BYTES)})")
         return DTYPE_BYTES[name]
+
+    def kv_dtype_bytes(self, hardware: HardwareSpec) -> int:
+        if self.kv_dtype == "auto":
+            return self.dtype_bytes(hardware)
+        if self.kv_dtype not in DTYPE_BYTES:
+            raise ValueError(f"cost.kv_dtype: unknown dtype '{self.kv_dtype}' (known: auto, {', '.join(DTYPE_BYTES)})")
+        return DTYPE_BYTES[self.kv_dtype]
 
 
 @dataclasses.dataclass
@@ -132,9 +184,11 @@ def layer_matmul_flops(d: Local, tokens: int) -> float:
     return 2.0 * tokens * (e * d.heads * hd * 2 + e * d.kv_heads * hd * 2 + 3 * e * d.mlp)
 
 
-def attention_flops(d: Local, batch: int, q_len: int, kv_len: int) -> float:
-    """QK^T and PV over the full (masked) key range, as our attention computes them."""
-    return 4.0 * batch * q_len * kv_len * d.heads * d.head_dim
+def attention_flops(d: Local, batch: int, q_len: int, kv_len: int, flash: bool = False) -> float:
+    """QK^T and PV over the full (masked) key range, as our attention computes them; a flash kernel skips the
+    masked half of a causal block (q_len == kv_len)."""
+    full = 4.0 * batch * q_len * kv_len * d.heads * d.head_dim
+    return full / 2 if flash and q_len == kv_len else full
 
 
 # ------------------------------------------------------------------ activations (bytes per device)
@@ -146,12 +200,13 @@ def layer_weight_bytes(d: Local, c: int) -> float:
     return c * d.embed * ((2 * d.heads + 2 * d.kv_heads) * d.head_dim + 3 * d.mlp)
 
 
-def forward_working_bytes(d: Local, b: int, t: int, s: int, c: int) -> float:
+def forward_working_bytes(d: Local, b: int, t: int, s: int, c: int, flash: bool = False) -> float:
     """Live inside one layer of a forward-only pass over b x t new tokens attending to s keys: the layer's
     weights, then the larger of the attention phase (float32 scores and probabilities [b,h,t,s], two
     residual-stream tensors, q/k/v/attention-out, this layer's cached K/V) and the MLP phase
     (two residual-stream tensors, gate, up, product)."""
-    attn = 2 * 4 * b * d.heads * t * s + c * b * t * (2 * d.embed + (2 * d.heads + 2 * d.kv_heads) * d.head_dim) \
+    scores = 0 if flash else 2 * 4 * b * d.heads * t * s
+    attn = scores + c * b * t * (2 * d.embed + (2 * d.heads + 2 * d.kv_heads) * d.head_dim) \
         + 2 * c * b * s * d.kv_heads * d.head_dim
     mlp = c * b * t * (2 * d.embed + 3 * d.mlp)
     return layer_weight_bytes(d, c) + max(attn, mlp)
@@ -163,12 +218,12 @@ def head_working_bytes(d: Local, b: int, t: int, c: int) -> float:
     return c * b * t * d.embed + logits_bytes(d, b, t)
 
 
-def train_residual_bytes(d: Local, b: int, t: int, c: int) -> float:
+def train_residual_bytes(d: Local, b: int, t: int, c: int, flash: bool = False) -> float:
     """What autodiff keeps per layer for the backward pass (read off the forward while-loop's outputs in
     the compiled HLO): 6 residual-stream tensors [b,t,E], q/k/v/attention-out, scores and probabilities
     [b,h,t,t] in float32, and 6 MLP-width tensors [b,t,M]."""
     per_token = 6 * d.embed + (2 * d.heads + 2 * d.kv_heads) * d.head_dim + 6 * d.mlp
-    return c * b * t * per_token + 4 * 2 * b * d.heads * t * t
+    return c * b * t * per_token + (0 if flash else 4 * 2 * b * d.heads * t * t)
 
 
 def logits_bytes(d: Local, b: int, t: int) -> float:
@@ -207,5 +262,6 @@ class Link:
 def link_for(mesh: dict[str, int], axis: str, hardware: HardwareSpec, assume: Assumptions) -> Link:
     if _axis_crosses_nodes(mesh, axis, hardware):
         gbs = hardware.inter_node_gbs.value if hardware.inter_node_gbs else hardware.device.link_gbs.value
-        return Link(gbs, assume.inter_latency_us * 1e-6)
-    return Link(hardware.device.link_gbs.value, assume.intra_latency_us * 1e-6)
+        return Link(gbs * assume.term(hardware, "link_efficiency"), assume.term(hardware, "inter_latency_us") * 1e-6)
+    return Link(hardware.device.link_gbs.value * assume.term(hardware, "link_efficiency"),
+                assume.term(hardware, "intra_latency_us") * 1e-6)

@@ -48,13 +48,30 @@ class Estimate:
         return self.memory.total <= self.capacity
 
 
-def _roofline(flops: float, nbytes: float, hw: HardwareSpec) -> tuple[float, float]:
-    """(compute seconds, memory seconds); the step takes the larger (they overlap)."""
-    return flops / (hw.device.peak_tflops.value * 1e12), nbytes / (hw.device.mem_bandwidth_gbs.value * 1e9)
+def _roofline(flops: float, nbytes: float, hw: HardwareSpec, assume: Assumptions) -> tuple[float, float]:
+    """(compute seconds, memory seconds) at the achieved fractions of peak; the step takes the larger (they overlap)."""
+    return flops / (hw.device.peak_tflops.value * 1e12 * assume.term(hw, "compute_efficiency")), \
+        nbytes / (_bandwidth(hw, assume) * 1e9)
+
+
+def _bandwidth(hw: HardwareSpec, assume: Assumptions) -> float:
+    """Achieved GB/s of the device's memory."""
+    return hw.device.mem_bandwidth_gbs.value * assume.term(hw, "memory_efficiency")
+
+
+_SPLITS: dict[tuple, tuple[float, float]] = {}
 
 
 def _split_weights(cfg: ModelConfig, mesh: dict[str, int], mode: str, nbytes: int) -> tuple[float, float]:
-    """(bytes of the stacked layer weights, bytes of embedding / head / final norm) on one device."""
+    """(bytes of the stacked layer weights, bytes of embedding / head / final norm) on one device.
+    Memoized: the planner and the calibration fit ask for the same meshes many times."""
+    key = (repr(cfg), tuple(sorted(mesh.items())), mode, nbytes)
+    if key not in _SPLITS:
+        _SPLITS[key] = _split_weights_uncached(cfg, mesh, mode, nbytes)
+    return _SPLITS[key]
+
+
+def _split_weights_uncached(cfg, mesh, mode, nbytes) -> tuple[float, float]:
     total = weight_bytes(cfg, mesh, mode, nbytes)
     one_layer = dataclasses.replace(cfg, num_layers=mesh["stage"])  # one layer per stage: the non-layer rest
     per_layer = (total - weight_bytes(one_layer, mesh, mode, nbytes)) / (cfg.num_layers - mesh["stage"]) \
@@ -68,7 +85,7 @@ def _split_weights(cfg: ModelConfig, mesh: dict[str, int], mode: str, nbytes: in
 def estimate(cfg: ModelConfig, hw: HardwareSpec, mesh: dict[str, int], wl: Workload,
              assume: Assumptions | None = None) -> Estimate:
     """Raises ShardingError / ValueError when the mesh cannot run the model at all (with the reason)."""
-    assume = assume or Assumptions()
+    assume = assume or Assumptions.calibrated()
     c = assume.dtype_bytes(hw)
     if wl.mode == "infer":
         return _infer(cfg, hw, mesh, wl, assume, c)
@@ -86,38 +103,47 @@ def _infer(cfg, hw, mesh, wl, assume, c) -> Estimate:
                                                   cached=True)
     bm = b // m
     layer_w, head_w = _split_weights(cfg, mesh, "infer", c)
-    kv = 2.0 * d.layers * b * s_len * d.kv_heads * d.head_dim * c
+    ckv = assume.kv_dtype_bytes(hw)
+    kv = 2.0 * d.layers * b * s_len * d.kv_heads * d.head_dim * ckv
 
     def working(t: int) -> float:
         """Transient bytes of a step over t new tokens per sequence (a prefill chunk, or 1 to decode)."""
-        w = max(forward_working_bytes(d, bm, t, s_len, c), head_working_bytes(d, b, t, c))
+        w = max(forward_working_bytes(d, bm, t, s_len, c, assume.flash), head_working_bytes(d, b, t, c))
         w += logits_bytes(d, b, 1)  # the step's output: last-token logits
         if stages > 1:  # pipeline buffers: input, outputs, result, the permuted microbatch; its cache rows
-            w += c * t * d.embed * (3 * b + bm) + 2.0 * d.layers * bm * s_len * d.kv_heads * d.head_dim * c
+            w += c * t * d.embed * (3 * b + bm) + 2.0 * d.layers * bm * s_len * d.kv_heads * d.head_dim * ckv
         return w
 
     steps = {"prefill": working(chunk), "decode": working(1)}
     memory = Memory(weights=layer_w + head_w, kv_cache=kv, activations=max(steps.values()))
     step_bytes = {k: layer_w + head_w + kv + v for k, v in steps.items()}
 
+    # decode reads the whole cache in rsdjax's masked attention; a flash kernel reads only the filled part,
+    # on average the prompt plus half the output
+    kv_read = p_len + max(1, s_len - p_len) // 2 if assume.flash else s_len
     t_link, s_link, f_link = (link_for(mesh, a, hw, assume) for a in ("tensor", "stage", "fsdp"))
     n_t, n_f = mesh["tensor"], mesh["fsdp"]
 
     def stage_time(rows: int, q_len: int) -> tuple[float, float, float]:
         """(compute, memory, communication) seconds for `rows` sequences of `q_len` new tokens on one stage."""
-        flops = d.layers * (layer_matmul_flops(d, rows * q_len) + attention_flops(d, rows, q_len, s_len))
-        nbytes = layer_w + 2.0 * d.layers * rows * s_len * d.kv_heads * d.head_dim * c  # weights + KV read
+        keys = kv_read if q_len == 1 else s_len
+        flops = d.layers * (layer_matmul_flops(d, rows * q_len) + attention_flops(d, rows, q_len, keys, assume.flash))
+        nbytes = layer_w + 2.0 * d.layers * rows * keys * d.kv_heads * d.head_dim * ckv  # weights + KV read
         comm = 2 * d.layers * t_link.all_reduce(rows * q_len * d.embed * c, n_t)  # one psum per block
         comm += d.layers * f_link.all_gather(layer_w / d.layers * n_f, n_f)  # fsdp: gather every layer
-        comm += s_link.permute(rows * q_len * d.embed * c) if stages > 1 else 0.0
-        return (*_roofline(flops, nbytes, hw), comm)
+        if stages > 1:  # the activations move to the next stage: bytes over the link, plus the hop's fixed cost
+            hop = assume.term(hw, "hop_latency_us") * 1e-6
+            comm += s_link.permute(rows * q_len * d.embed * c) - s_link.latency_s + hop
+        comm += d.layers * assume.term(hw, "layer_latency_us") * 1e-6  # fixed per-layer cost, not overlapped
+        return (*_roofline(flops, nbytes, hw, assume), comm)
 
     def head_time(rows: int, q_len: int) -> float:
-        comp, mem = _roofline(2.0 * rows * q_len * d.embed * d.vocab, head_w + logits_bytes(d, rows, q_len), hw)
+        comp, mem = _roofline(2.0 * rows * q_len * d.embed * d.vocab, head_w + logits_bytes(d, rows, q_len), hw,
+                              assume)
         comm = t_link.all_reduce(rows * q_len * d.embed * c, n_t)  # embedding rows gathered from vocab shards
         comm += t_link.all_gather(rows * cfg.vocab_size * 4.0, n_t)  # last-token logits for sampling
         comm += s_link.all_reduce(rows * q_len * d.embed * c, stages) if stages > 1 else 0.0  # last stage -> all
-        return max(comp, mem) + comm
+        return max(comp, mem) + comm + assume.term(hw, "step_latency_us") * 1e-6  # one launch / sampling per step
 
     comp, mem, comm = stage_time(bm, 1)
     decode_round = max(m, stages) * (max(comp, mem) + comm) + head_time(b, 1)
@@ -126,10 +152,14 @@ def _infer(cfg, hw, mesh, wl, assume, c) -> Estimate:
     chunks = math.ceil(p_len / chunk)
     p_comp, p_mem, p_comm = stage_time(1, chunk)
     ttft = (chunks + stages - 1) * (max(p_comp, p_mem) + p_comm) + chunks * head_time(1, chunk)
-    per_replica = b / decode_round
+    # sustained output rate: a batch of b requests spends b prefills (stages overlap different prompts, so no
+    # fill) and `out` decode rounds; continuous batching interleaves the same work
+    out = max(1, s_len - p_len)
+    prefill = chunks * (max(p_comp, p_mem) + p_comm + head_time(1, chunk))
+    per_replica = b * out / (out * decode_round + b * prefill)
     system = per_replica * mesh["data"]
     times = {"decode_compute_s": max(m, stages) * comp, "decode_memory_s": max(m, stages) * mem,
-             "decode_comm_s": max(m, stages) * comm}
+             "decode_comm_s": max(m, stages) * comm, "prefill_per_request_s": prefill}
     return Estimate(mesh, wl, memory, hw.device.usable_bytes, m, times, step_bytes, ttft_s=ttft,
                     decode_round_s=decode_round, tokens_per_s_replica=per_replica, tokens_per_s_system=system,
                     tokens_per_s_per_w=system / hw.total_power_w)
@@ -148,9 +178,9 @@ def _train(cfg, hw, mesh, wl, assume, c) -> Estimate:
     w = layer_w + head_w
     ticks = m + stages - 1  # GPipe: fill and drain bubbles included
     # autodiff keeps every layer's residuals for every tick the stage runs (bubble ticks included)
-    per_layer = c * bm * t * d.embed if cfg.remat else train_residual_bytes(d, bm, t, c)
+    per_layer = c * bm * t * d.embed if cfg.remat else train_residual_bytes(d, bm, t, c, assume.flash)
     saved = ticks * d.layers * per_layer
-    working = train_residual_bytes(d, bm, t, c) + 3 * logits_bytes(d, b, t)  # one layer's backward + loss
+    working = train_residual_bytes(d, bm, t, c, assume.flash) + 3 * logits_bytes(d, b, t)  # one layer's backward + loss
     if stages > 1:  # pipeline buffers: input, outputs, result, the permuted microbatch
         working += c * t * d.embed * (3 * b + bm)
     memory = Memory(weights=w, gradients=w, optimizer=assume.optimizer_moments * w, activations=saved + working)
@@ -160,18 +190,22 @@ def _train(cfg, hw, mesh, wl, assume, c) -> Estimate:
     act = bm * t * d.embed * c  # one microbatch's residual stream
 
     # one tick = one microbatch forward and backward through this stage's layers
-    fwd_flops = d.layers * (layer_matmul_flops(d, bm * t) + attention_flops(d, bm, t, t))
+    fwd_flops = d.layers * (layer_matmul_flops(d, bm * t) + attention_flops(d, bm, t, t, assume.flash))
     bwd_flops = (3.0 if cfg.remat else 2.0) * fwd_flops  # dgrad + wgrad (+ the recomputed forward)
-    tick_bytes = 3 * layer_w + 2 * d.layers * train_residual_bytes(d, bm, t, c)  # weights x3, residuals out and in
-    comp, mem = _roofline(fwd_flops + bwd_flops, tick_bytes, hw)
+    # weights x3, residuals out and in
+    tick_bytes = 3 * layer_w + 2 * d.layers * train_residual_bytes(d, bm, t, c, assume.flash)
+    comp, mem = _roofline(fwd_flops + bwd_flops, tick_bytes, hw, assume)
     comm = 4 * d.layers * t_link.all_reduce(act, n_t)  # one psum per block, forward and backward
     comm += 2 * d.layers * f_link.all_gather(layer_w / d.layers * n_f, n_f)  # fsdp: gather for fwd and bwd
-    comm += 2 * s_link.permute(act) if stages > 1 else 0.0  # activations forward, their gradients back
+    if stages > 1:  # activations forward, their gradients back
+        comm += 2 * (s_link.permute(act) - s_link.latency_s + assume.term(hw, "hop_latency_us") * 1e-6)
+    comm += (3 if cfg.remat else 2) * d.layers * assume.term(hw, "layer_latency_us") * 1e-6  # fixed per-layer cost
     # once per step: the head and loss, gradient reduction, the AdamW update
-    h_comp, h_mem = _roofline(6.0 * b * t * d.embed * d.vocab, 3 * head_w + 3 * logits_bytes(d, b, t), hw)
+    h_comp, h_mem = _roofline(6.0 * b * t * d.embed * d.vocab, 3 * head_w + 3 * logits_bytes(d, b, t), hw, assume)
     sync = f_link.all_gather(w * n_f, n_f) + d_link.all_reduce(w, mesh["data"])  # reduce-scatter, all-reduce
-    optimizer = (3 + 2 * assume.optimizer_moments) * w / (hw.device.mem_bandwidth_gbs.value * 1e9)
-    step = ticks * (max(comp, mem) + comm) + max(h_comp, h_mem) + sync + optimizer
+    optimizer = (3 + 2 * assume.optimizer_moments) * w / (_bandwidth(hw, assume) * 1e9)
+    step = ticks * (max(comp, mem) + comm) + max(h_comp, h_mem) + sync + optimizer \
+        + assume.term(hw, "step_latency_us") * 1e-6
     times = {"compute_s": ticks * comp + h_comp, "memory_s": ticks * mem + h_mem + optimizer,
              "comm_s": ticks * comm + sync, "bubble_fraction": (stages - 1) / ticks}
     tps = wl.batch * t / step

@@ -88,25 +88,59 @@ def _best_batch(cfg, hw, mesh, wl, assume) -> Plan:
     return Plan(mesh, est(lo))
 
 
+OBJECTIVES = ("throughput", "latency", "tps-per-watt")
+
+
 def rank_key(plan: Plan, objective: str):
     est = plan.estimate
     if objective == "latency":
         return (est.decode_round_s or est.train_step_s, est.ttft_s or 0.0)
+    if objective == "tps-per-watt":
+        return (-est.tokens_per_s_per_w, -est.tokens_per_s_system)
     return (-est.tokens_per_s_system, est.ttft_s or 0.0, -plan.mesh["data"])
 
 
 def plan_all(cfg: ModelConfig, hw: HardwareSpec, wl: Workload, assume: Assumptions | None = None,
              objective: str = "throughput") -> list[Plan]:
     """All factorisations of the hardware: those that fit first, best first, then the rejected."""
-    if objective not in ("throughput", "latency"):
-        raise ValueError(f"objective must be 'throughput' or 'latency', got '{objective}'")
-    assume = assume or Assumptions()
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got '{objective}'")
+    assume = assume or Assumptions.calibrated()
     plans = [evaluate(cfg, hw, mesh, wl, assume) for mesh in factorizations(hw.num_devices)]
     fitting = sorted((p for p in plans if p.fits), key=lambda p: rank_key(p, objective))
     # rejected: the nearest misses (least memory) first, then the splits the model does not divide
     rejected = sorted((p for p in plans if not p.fits),
                       key=lambda p: (p.estimate is None, p.estimate.memory.total if p.estimate else 0.0))
     return fitting + rejected
+
+
+def choose(cfg: ModelConfig, hw: HardwareSpec, wl: Workload, assume: Assumptions | None = None,
+           objective: str = "throughput", runnable=None) -> tuple[Plan, str]:
+    """The best plan a command can run (`runnable(mesh)` -> None, or why it cannot) and the reason, in words.
+    Raises ValueError when none fits or none is runnable, naming the nearest."""
+    plans = plan_all(cfg, hw, wl, assume, objective)
+    fitting = [p for p in plans if p.fits]
+    if not fitting:
+        near = plans[0] if plans else None
+        raise ValueError(f"--hardware {hw.name}: no split of its {hw.num_devices} devices fits {cfg.name}"
+                         + (f" (nearest {near.mesh_str}: {near.reason})" if near else ""))
+    skipped = []
+    for p in fitting:
+        why = runnable(p.mesh) if runnable else None
+        if why is None:
+            break
+        skipped.append(f"{p.mesh_str} ({why})")
+    else:
+        raise ValueError(f"--hardware {hw.name}: the {len(fitting)} splits that fit {cfg.name} cannot run here: "
+                         + "; ".join(skipped[:3]))
+    e = p.estimate
+    speed = f"{e.tokens_per_s_system:,.0f} tok/s predicted" + (f", {e.tokens_per_s_per_w:.3f} tok/s/W"
+                                                               if objective == "tps-per-watt" else "")
+    reason = (f"best {objective} of {len(fitting)} splits that fit ({len(plans) - len(fitting)} rejected): {speed}, "
+              f"{e.memory.total / 1e9:.2f} GB of {e.capacity / 1e9:.2f} GB per device")
+    if skipped:
+        reason += "; skipped " + "; ".join(skipped[:3])
+    return p, reason
 
 
 # ------------------------------------------------------------------ scaling: 1 card, 1 node, n nodes

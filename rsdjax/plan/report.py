@@ -25,10 +25,11 @@ def header(cfg: ModelConfig, hw: HardwareSpec, wl: Workload, assume: Assumptions
     if wl.mode == "infer":
         batch = "best that fits (<= 256)" if wl.batch == 0 else str(wl.batch)
         lines.append(f"inference: batch {batch} per replica, KV cache {wl.seq} tokens, prompt {wl.prompt_len} "
-                     f"(prefill chunks of {wl.chunk_len}); roofline estimates = upper bounds")
+                     f"(prefill chunks of {wl.chunk_len}); speeds calibrated on published "
+                     "measurements (plan --calibration)")
     else:
         lines.append(f"training: global batch {wl.batch} x {wl.seq} tokens, AdamW, remat={cfg.remat}; "
-                     "roofline estimates = upper bounds")
+                     "speeds calibrated on published measurements (plan --calibration)")
     return "\n".join(lines)
 
 

@@ -22,8 +22,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from rsdjax.infer.interface import Engine
 from rsdjax.serve import openai_api
 from rsdjax.serve.asgi import BodySizeLimit
-from rsdjax.serve.errors import APIError, bad_request, install_error_handlers
+from rsdjax.serve.errors import APIError, bad_request, install_error_handlers, model_not_found
 from rsdjax.serve.generation import GenContext
+from rsdjax.serve.lora_routes import install_lora_routes
 from rsdjax.serve.metrics import ServerMetrics
 from rsdjax.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
                                    ModelList, TokenizeRequest, ignored_fields)
@@ -50,7 +51,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[st
     scheduler = Scheduler(engine, metrics, max_waiting=max_waiting)
     # token ids are checked against the model's vocabulary if the engine tells it, else the tokenizer's
     vocab = getattr(engine, "vocab_size", None) or (tokenizer.vocab_size if tokenizer is not None else None)
-    ctx = GenContext(scheduler, tokenizer, metrics, engine.max_context, vocab, request_timeout, max_tokens_default)
+    adapters = getattr(engine, "adapters", None)  # an AdapterPool when the engine serves LoRA adapters
+    ctx = GenContext(scheduler, tokenizer, metrics, engine.max_context, vocab, request_timeout, max_tokens_default,
+                     adapters)
 
     def unknown_fields(body, request: Request) -> list[str]:
         """vLLM's leniency: log the fields we ignore (or refuse them when strict)."""
@@ -87,10 +90,15 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[st
                            code="invalid_api_key")
 
     def check_model(name: str | None) -> str:
-        if name is not None and name not in model_names:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {', '.join(model_names)}",
-                           param="model", code="model_not_found")
+        """The served name: a base model name or a loaded adapter's (404 for anything else)."""
+        adapter_names = [n for n, _ in adapters.names()] if adapters is not None else []
+        if name is not None and name not in model_names and name not in adapter_names:
+            raise model_not_found(f"model {name!r} does not exist; this server serves "
+                                  f"{', '.join(model_names + adapter_names)}")
         return name or model_names[0]
+
+    def adapter_of(name: str) -> str | None:
+        return None if name in model_names else name
 
     auth = [Depends(check_key)]
 
@@ -118,17 +126,24 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[st
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
-        return ModelList(data=[ModelCard(id=n, max_model_len=engine.max_context) for n in model_names])
+        cards = [ModelCard(id=n, max_model_len=engine.max_context) for n in model_names]
+        for name, path in adapters.names() if adapters is not None else []:  # as vLLM lists them
+            cards.append(ModelCard(id=name, root=path, parent=model_names[0], max_model_len=engine.max_context))
+        return ModelList(data=cards)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
         fields = unknown_fields(body, request)
-        return tag(await openai_api.create_completion(ctx, check_model(body.model), body, request), fields)
+        name = check_model(body.model)
+        return tag(await openai_api.create_completion(ctx, name, body, request, adapter_of(name)), fields)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         fields = unknown_fields(body, request)
-        return tag(await openai_api.create_chat_completion(ctx, check_model(body.model), body, request), fields)
+        name = check_model(body.model)
+        return tag(await openai_api.create_chat_completion(ctx, name, body, request, adapter_of(name)), fields)
+
+    install_lora_routes(app, adapters, auth, unknown_fields)
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(body: TokenizeRequest, request: Request, response: Response):

@@ -22,6 +22,8 @@ class Backend:
     served: int = 0
     last_error: str | None = None
     models: list[str] | None = None  # from its /health; None = unknown (then it may serve any model)
+    failures: int = 0  # consecutive failures (requests or health checks): the probe backoff grows with them
+    next_check: float = 0.0  # monotonic time of its next health check
 
     def serves(self, model: str | None) -> bool:
         return self.models is None or model is None or model in self.models

@@ -25,6 +25,10 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
+def model_not_found(message: str) -> APIError:
+    return APIError(404, message, type="not_found_error", param="model", code="model_not_found")
+
+
 def server_busy(message: str, retry_after: int = 1) -> APIError:
     return APIError(429, message, type="rate_limit_error", code="server_busy",
                     headers={"Retry-After": str(retry_after)})

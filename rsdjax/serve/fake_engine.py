@@ -5,7 +5,7 @@ same prompt always gives the same greedy continuation, whatever else shares the 
 that mixes up slots, drops tokens or reorders them is caught. It honours the same contract as
 `rsdjax.infer.engine.SlotEngine` (see `rsdjax.infer.interface`): `PromptTooLongError` from
 `prefill`, EOS / stop token ids / max_tokens, temperature / top-k / top-p / min-p, penalties,
-per-request seeds and logprobs. Optional delays make a decode step cost time, like a real model
+per-request seeds, logprobs and prompt logprobs. Optional delays make a decode step cost time, like a real model
 whose step cost barely depends on how many slots are busy, which is what continuous batching exploits.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, SamplingParams, TokenEvent
+from rsdjax.infer.sampling import fill_bitmasks, unpack_bitmask
 
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant: a cheap, well-spread context hash
 _MASK = (1 << 64) - 1
@@ -67,6 +68,9 @@ class FakeEngine:
         logits = (logits - p.presence_penalty * (state.output_counts > 0)
                   - p.frequency_penalty * state.output_counts)
         logprobs = logits - np.logaddexp.reduce(logits)
+        if p.guide is not None:  # structured output: only what the grammar allows may be drawn
+            allowed = unpack_bitmask(fill_bitmasks([p.guide], self.vocab_size), self.vocab_size)[0]
+            logits = np.where(allowed, logits, -np.inf)
         if p.temperature == 0.0:
             token = int(np.argmax(logits))
         else:
@@ -79,6 +83,8 @@ class FakeEngine:
         state.output_counts[token] += 1
         state.context_hash = _mix(state.context_hash, token)
         finish = None
+        if p.guide is not None:  # once its grammar is complete, the guide allows only EOS: that ends it
+            p.guide.consume(token)
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             finish = "stop"
         elif state.generated >= p.max_tokens or len(state.request.prompt_ids) + state.generated >= self.max_context:
@@ -99,18 +105,29 @@ class FakeEngine:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"request {request.id}: token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        if p.seed is not None and p.seed < 0:  # as the real engine's sampling.validate
+            raise ValueError(f"request {request.id}: seed must be >= 0, got {p.seed}")
 
     def prefill(self, request: Request) -> Prefix:
         self.check(request)
         ids, p = request.prompt_ids, request.params
         if self.prefill_delay_per_token:
             time.sleep(self.prefill_delay_per_token * len(ids))
-        h = 0
-        for t in ids:
+        h, scored = 0, [None]
+        for i, t in enumerate(ids):
+            if i and p.prompt_logprobs is not None:  # the raw distribution after ids[:i] scores ids[i]
+                logits = self._logits(h).astype(np.float64)  # as `_sample` computes them (float64 after penalties)
+                logprobs = logits - np.logaddexp.reduce(logits)
+                top = {int(j): float(logprobs[j]) for j in np.argsort(-logprobs, kind="stable")[:p.prompt_logprobs]}
+                top.setdefault(int(t), float(logprobs[t]))
+                scored.append((float(logprobs[t]), top, 1 + int(np.sum(logprobs > logprobs[t]))))
             h = _mix(h, t)
         state = _SlotState(request, h, np.bincount(ids, minlength=self.vocab_size).astype(np.float32),
                            np.zeros(self.vocab_size, np.float32), np.random.default_rng(p.seed))
-        return Prefix(request, self._sample(state), state)
+        first = self._sample(state)
+        if p.prompt_logprobs is not None:
+            first.prompt_logprobs = scored
+        return Prefix(request, first, state)
 
     def insert(self, prefix: Prefix, slot: int) -> None:
         if self._slots[slot] is not None:

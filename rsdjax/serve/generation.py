@@ -12,13 +12,13 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from rsdjax.infer.interface import PromptTooLongError, Request, SamplingParams, TokenEvent
-from rsdjax.serve.errors import APIError, bad_request, server_busy, unavailable
+from rsdjax.infer.text import StopStringMatcher
+from rsdjax.serve.errors import APIError, bad_request, model_not_found, server_busy, unavailable
 from rsdjax.serve.metrics import ServerMetrics
 from rsdjax.serve.scheduler import EngineDeadError, QueueFullError, Scheduler
-from rsdjax.serve.text import IncrementalDetokenizer, StopStringFilter
 from rsdjax.tokenizer import Tokenizer
 
 
@@ -42,6 +42,7 @@ class GenContext:
     vocab_size: int | None
     request_timeout: float | None = None  # seconds from arrival to the last token; None = no limit
     max_tokens_default: int | None = None  # caps chat's default max_tokens (the context's remaining room)
+    adapters: Any = None  # the engine's `AdapterPool` when it serves LoRA adapters by name
 
 
 def new_id(prefix: str) -> str:
@@ -68,18 +69,32 @@ def token_text(ctx: GenContext, token_id: int) -> str:
 class Choice:
     """One engine request (one OpenAI choice), submitted at construction so refusals come before any response."""
 
-    def __init__(self, ctx: GenContext, prompt_ids: list[int], params: SamplingParams):
-        self.ctx, self.prompt_ids, self.params = ctx, prompt_ids, params
+    def __init__(self, ctx: GenContext, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None):
+        self.ctx, self.prompt_ids, self.params, self.adapter = ctx, prompt_ids, params, adapter
         self.deadline = time.monotonic() + ctx.request_timeout if ctx.request_timeout else None
+        self._adapter_index = 0
+        if adapter is not None:  # pinned until this choice ends: an unload waits for it
+            try:
+                self._adapter_index = ctx.adapters.acquire(adapter)
+            except KeyError as e:
+                raise model_not_found(str(e)) from None
+            ctx.metrics.adapter_request(adapter)
         try:
-            self.job = ctx.scheduler.submit(Request(new_id("req"), prompt_ids, params))
-        except QueueFullError as e:
-            raise server_busy(f"server busy: {e}; retry later") from None
-        except EngineDeadError as e:
+            self.job = ctx.scheduler.submit(Request(new_id("req"), prompt_ids, params, self._adapter_index))
+        except (QueueFullError, EngineDeadError) as e:
+            self._release()
+            if isinstance(e, QueueFullError):
+                raise server_busy(f"server busy: {e}; retry later") from None
             raise unavailable(str(e)) from None
+
+    def _release(self) -> None:
+        if self._adapter_index:
+            index, self._adapter_index = self._adapter_index, 0
+            self.ctx.adapters.release(index)
 
     def cancel(self) -> None:
         self.ctx.scheduler.cancel(self.job)  # idempotent; frees the slot before the next decode step
+        self._release()
 
     async def _next(self):
         """The job's next item, or a 504 once the request's deadline has passed (its slot is then freed)."""
@@ -94,8 +109,8 @@ class Choice:
     async def pieces(self) -> AsyncIterator[Piece]:
         """A Piece per generated token; raises APIError if the engine refuses or fails."""
         ctx, job = self.ctx, self.job
-        detok = IncrementalDetokenizer(ctx.tokenizer, self.prompt_ids) if ctx.tokenizer else None
-        stopper = StopStringFilter(self.params.stop)
+        # the CLI's text path (rsdjax.infer.generate), so both give the same text for the same request
+        matcher = StopStringMatcher(ctx.tokenizer, self.params.stop, self.prompt_ids) if ctx.tokenizer else None
         finish = None
         try:
             while finish is None:
@@ -109,17 +124,14 @@ class Choice:
                 if isinstance(item, BaseException):  # shutting down
                     raise unavailable(str(item))
                 for event in item:
-                    text = detok.push(event.token_id) if detok else ""
-                    if event.finish_reason is not None and detok:
-                        text += detok.flush()
-                    text, stopped = stopper.push(text)
-                    finish = "stop" if stopped else event.finish_reason
-                    if finish is not None and not stopped:
-                        text += stopper.flush()
+                    text, finish = matcher.feed(event.token_id, event.finish_reason) if matcher else (
+                        "", event.finish_reason)
                     yield Piece(text, event, finish)
                     if finish is not None:
                         break
             ctx.metrics.finished(finish)
+            if self.adapter is not None:
+                ctx.metrics.adapter_tokens(self.adapter, job.generated)
             timings(ctx, job)
         finally:
             if finish is None:
@@ -127,13 +139,15 @@ class Choice:
             self.cancel()  # no-op if the engine finished it; else (stop string, client gone, error) free the slot
 
 
-def start_choices(ctx: GenContext, prompts: list[list[int]], params: list[SamplingParams]) -> list[Choice]:
-    """Submit every choice of a request (n per prompt), or none (a refusal cancels those already queued)."""
+def start_choices(ctx: GenContext, prompts: list[list[int]], params: list[list[SamplingParams]],
+                  adapter: str | None = None) -> list[Choice]:
+    """Submit every choice of a request (params[i]: the n choices of prompt i, each with its own
+    settings, e.g. its own grammar state), or none (a refusal cancels those already queued)."""
     choices: list[Choice] = []
     try:
-        for ids in prompts:
-            for p in params:
-                choices.append(Choice(ctx, ids, p))
+        for ids, prompt_params in zip(prompts, params, strict=True):
+            for p in prompt_params:
+                choices.append(Choice(ctx, ids, p, adapter))
     except APIError:
         for c in choices:
             c.cancel()
@@ -207,6 +221,52 @@ def completion_logprobs(ctx: GenContext, pieces: list[Piece], offset: int) -> di
                                    if e.top_logprobs else None)
         out["text_offset"].append(offset)
         offset += len(piece.text)
+    return out
+
+
+def echo_logprobs(ctx: GenContext, prompt_ids: list[int], scored: list, top_n: int) -> dict:
+    """The prompt's part of legacy-completions logprobs (echo): OpenAI's shape, None for the first token,
+    each top dict the top `top_n` plus the prompt token itself. `scored` is `TokenEvent.prompt_logprobs`."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for token_id, entry in zip(prompt_ids, scored):
+        text = token_text(ctx, token_id)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        if entry is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        lp, top, _ = entry
+        kept = dict(list(top.items())[:top_n])
+        kept.setdefault(token_id, lp)
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append({token_text(ctx, t): v for t, v in kept.items()})
+    return out
+
+
+def join_logprobs(first: dict, second: dict, offset: int) -> dict:
+    """Two legacy-completions logprobs dicts end to end, `second`'s text offsets shifted by `offset`."""
+    return {"tokens": first["tokens"] + second["tokens"],
+            "token_logprobs": first["token_logprobs"] + second["token_logprobs"],
+            "top_logprobs": first["top_logprobs"] + second["top_logprobs"],
+            "text_offset": first["text_offset"] + [o + offset for o in second["text_offset"]]}
+
+
+def vllm_prompt_logprobs(ctx: GenContext, prompt_ids: list[int], scored: list, top_n: int) -> list:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {"<id>": {logprob, rank, decoded_token}},
+    the prompt token first, then the top ones by rank (1 = most likely)."""
+    out: list = []
+    for token_id, entry in zip(prompt_ids, scored):
+        if entry is None:
+            out.append(None)
+            continue
+        lp, top, rank = entry
+        item = {str(token_id): {"logprob": lp, "rank": rank, "decoded_token": token_text(ctx, token_id)}}
+        for r, (t, v) in enumerate(sorted(top.items(), key=lambda kv: -kv[1])[:top_n], start=1):
+            item.setdefault(str(t), {"logprob": v, "rank": r, "decoded_token": token_text(ctx, t)})
+        out.append(item)
     return out
 
 

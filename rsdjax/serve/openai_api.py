@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from rsdjax.serve import generation as g
 from rsdjax.serve.asgi import wait_or_disconnect
+from rsdjax.serve.constraints import guides_for
 from rsdjax.serve.errors import APIError, bad_request
 from rsdjax.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -79,34 +80,84 @@ async def _respond(request: Request, choices: list[g.Choice], stream: bool,
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def create_completion(ctx: g.GenContext, model: str, body: CompletionRequest, request: Request):
+def _prompt_texts(ctx: g.GenContext, body: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+    """What `echo` puts before the completion: the prompt as sent, or token-id prompts decoded."""
+    return [p if isinstance(p, str) else "".join(g.token_text(ctx, t) for t in ids) if ctx.tokenizer is None
+            else ctx.tokenizer.decode(ids, skip_special_tokens=False) for p, ids in zip(body.prompts(), prompts)]
+
+
+async def create_completion(ctx: g.GenContext, model: str, body: CompletionRequest, request: Request,
+                            adapter: str | None = None):
     prompts = await asyncio.to_thread(_encode_prompts, ctx, body)  # off the event loop
-    max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
+    max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    if max_tokens == 0 and not (body.echo or body.prompt_logprobs is not None):
+        raise bad_request("max_tokens: 0 generates nothing; it is only allowed with echo or prompt_logprobs "
+                          "(to score the prompt)", "max_tokens")
+    # scoring only (max_tokens 0): the engine still samples one token, which the response leaves out
+    engine_max_tokens = max(max_tokens, 1)
     for ids in prompts:
-        g.check_prompt(ctx, ids, max_tokens, "prompt")
-    params = [body.sampling_params(max_tokens, body.logprobs, j) for j in range(body.n)]
-    choices = g.start_choices(ctx, prompts, params)
+        g.check_prompt(ctx, ids, engine_max_tokens, "prompt")
+    echo_top = body.logprobs if body.echo else None
+    wanted = [k for k in (echo_top, body.prompt_logprobs) if k is not None]
+    prompt_k = max(wanted) if wanted else None
+    guides = await guides_for(ctx, body, len(prompts) * body.n)
+    params = [[body.sampling_params(engine_max_tokens, body.logprobs, j, prompt_k, guides[i * body.n + j])
+               for j in range(body.n)] for i in range(len(prompts))]
+    choices = g.start_choices(ctx, prompts, params, adapter)
     rid, created = g.new_id("cmpl"), int(time.time())
     prompt_tokens = sum(len(ids) for ids in prompts)
+    prompt_of = [prompts[i // body.n] for i in range(len(choices))]  # choices go n per prompt
+    echo_text = [_prompt_texts(ctx, body, prompts)[i // body.n] for i in range(len(choices))] if body.echo else None
     completion_tokens = [0] * len(choices)
     text_offset = [0] * len(choices)
+    started = [False] * len(choices)
     head = {"id": rid, "object": "text_completion", "created": created, "model": model}
+
+    def prompt_part(i: int, first: g.Piece) -> tuple[str, dict | None, dict]:
+        """The echoed text, its logprobs, and the vLLM prompt_logprobs field for choice i."""
+        scored = first.event.prompt_logprobs
+        extra = {}
+        if body.prompt_logprobs is not None:
+            extra["prompt_logprobs"] = g.vllm_prompt_logprobs(ctx, prompt_of[i], scored, body.prompt_logprobs)
+        if not body.echo:
+            return "", None, extra
+        lp = g.echo_logprobs(ctx, prompt_of[i], scored, body.logprobs) if body.logprobs is not None else None
+        return echo_text[i], lp, extra
 
     def body_fn(results):
         out = []
         for i, pieces in enumerate(results):
-            out.append({"index": i, "text": "".join(p.text for p in pieces),
-                        "logprobs": g.completion_logprobs(ctx, pieces, 0) if body.logprobs is not None else None,
-                        "finish_reason": pieces[-1].finish_reason})
-        return {**head, "choices": out, "usage": g.usage(prompt_tokens, sum(len(p) for p in results))}
+            text, lp, extra = prompt_part(i, pieces[0])
+            finish = pieces[-1].finish_reason
+            if max_tokens == 0:
+                pieces, finish = [], "length"
+            if body.logprobs is not None:
+                generated = g.completion_logprobs(ctx, pieces, 0)
+                lp = generated if lp is None else g.join_logprobs(lp, generated, len(text))
+            out.append({"index": i, "text": text + "".join(p.text for p in pieces), "logprobs": lp,
+                        "finish_reason": finish, **extra})
+            completion_tokens[i] = len(pieces)
+        return {**head, "choices": out, "usage": g.usage(prompt_tokens, sum(completion_tokens))}
+
+    def chunk_of(i, text, lp, finish, extra=None):
+        chunk = {**head, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish,
+                                      **(extra or {})}]}
+        return {**chunk, "usage": None} if body.include_usage else chunk
 
     def chunks_fn(i, piece):
+        out = []
+        if not started[i] and (body.echo or body.prompt_logprobs is not None):
+            text, lp, extra = prompt_part(i, piece)  # the prompt comes first, in its own chunk, as vLLM sends it
+            text_offset[i] = len(text)
+            if max_tokens == 0:
+                return [chunk_of(i, text, lp, "length", extra)]
+            out.append(chunk_of(i, text, lp, None, extra))
+        started[i] = True
         completion_tokens[i] += 1
         lp = g.completion_logprobs(ctx, [piece], text_offset[i]) if body.logprobs is not None else None
         text_offset[i] += len(piece.text)
-        chunk = {**head, "choices": [{"index": i, "text": piece.text, "logprobs": lp,
-                                      "finish_reason": piece.finish_reason}]}
-        return [{**chunk, "usage": None} if body.include_usage else chunk]
+        out.append(chunk_of(i, piece.text, lp, piece.finish_reason))
+        return out
 
     def tail_fn():
         return [{**head, "choices": [], "usage": g.usage(prompt_tokens, sum(completion_tokens))}
@@ -115,7 +166,8 @@ async def create_completion(ctx: g.GenContext, model: str, body: CompletionReque
     return await _respond(request, choices, body.stream, body_fn, chunks_fn, tail_fn)
 
 
-async def create_chat_completion(ctx: g.GenContext, model: str, body: ChatCompletionRequest, request: Request):
+async def create_chat_completion(ctx: g.GenContext, model: str, body: ChatCompletionRequest, request: Request,
+                                 adapter: str | None = None):
     ids = await asyncio.to_thread(_chat_prompt, ctx, body)  # off the event loop
     # no max_tokens: whatever room the context leaves, capped by the server's default (at least 1, so
     # an over-long prompt is still a 400)
@@ -123,7 +175,9 @@ async def create_chat_completion(ctx: g.GenContext, model: str, body: ChatComple
     max_tokens = body.requested_max_tokens or max(1, min(room, ctx.max_tokens_default or room))
     g.check_prompt(ctx, ids, max_tokens, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    choices = g.start_choices(ctx, [ids], [body.sampling_params(max_tokens, top, j) for j in range(body.n)])
+    guides = await guides_for(ctx, body, body.n)
+    choices = g.start_choices(ctx, [ids], [[body.sampling_params(max_tokens, top, j, body.prompt_logprobs, guides[j])
+                                            for j in range(body.n)]], adapter)
     rid, created = g.new_id("chatcmpl"), int(time.time())
     completion_tokens = [0] * len(choices)
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
@@ -133,8 +187,11 @@ async def create_chat_completion(ctx: g.GenContext, model: str, body: ChatComple
         out = [{"index": i, "message": {"role": "assistant", "content": "".join(p.text for p in pieces)},
                 "logprobs": g.chat_logprobs(ctx, pieces) if body.logprobs else None,
                 "finish_reason": pieces[-1].finish_reason} for i, pieces in enumerate(results)]
+        extra = {} if body.prompt_logprobs is None else {  # vLLM's extension, beside the choices
+            "prompt_logprobs": g.vllm_prompt_logprobs(ctx, ids, results[0][0].event.prompt_logprobs,
+                                                      body.prompt_logprobs)}
         return {**head, "object": "chat.completion", "choices": out,
-                "usage": g.usage(len(ids), sum(len(p) for p in results))}
+                "usage": g.usage(len(ids), sum(len(p) for p in results)), **extra}
 
     def chunk(i, delta, logprobs=None, finish=None):
         c = {**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}

@@ -4,8 +4,10 @@ An out-of-range value is a 400 naming the field. Unknown fields are accepted and
 does (routers in front of servers add their own, e.g. vllm-router's `no_stop_trim`): the server
 names them in a warning and in the `x-ignored-fields` response header (`ignored_fields`), and
 `rsdjax serve --strict-fields` makes them a 400 again. Fields of the OpenAI API we do not implement are accepted only at
-their neutral value (echo=false, best_of=n, no suffix, no logit_bias), so clients that always send
-them keep working. vLLM extensions: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids.
+their neutral value (best_of=n, no suffix, no logit_bias), so clients that always send
+them keep working. vLLM extensions: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
+prompt_logprobs. Legacy completions take `echo` and `max_tokens: 0` (score the prompt, generate
+nothing), which is how lm-evaluation-harness asks for loglikelihoods.
 """
 from __future__ import annotations
 
@@ -39,6 +41,39 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | bool = Field(alias="schema")  # `schema` itself would shadow pydantic's method
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), json_object (any JSON object), json_schema."""
+
+    model_config = _BODY
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, validate_default=True)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_for_json_schema(cls, v, info: ValidationInfo):
+        if info.data.get("type") == "json_schema" and v is None:
+            raise ValueError("type json_schema needs a json_schema object with a schema")
+        return v
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one of json (a schema), regex, choice, json_object."""
+
+    model_config = _BODY
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+
+
 class _GenerationRequest(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -53,7 +88,7 @@ class _GenerationRequest(BaseModel):
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -61,6 +96,34 @@ class _GenerationRequest(BaseModel):
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM: top-N per prompt token")
+    # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+
+    def constraints(self) -> list[tuple[str, str, object]]:
+        """The output constraints asked for (one at most is valid), as (kind, field name for errors,
+        value); kinds: json_schema, json_object, regex, choice."""
+        found = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("json_object", "response_format", None))
+        elif rf is not None and rf.type == "json_schema":
+            found.append(("json_schema", "response_format.json_schema.schema", rf.json_schema.schema_))
+        so = self.structured_outputs
+        if so is not None:
+            for kind, name, value in (("json_schema", "json", so.json_), ("regex", "regex", so.regex),
+                                      ("choice", "choice", so.choice),
+                                      ("json_object", "json_object", True if so.json_object else None)):
+                if value is not None:
+                    found.append((kind, f"structured_outputs.{name}", value))
+        for kind, name in (("json_schema", "guided_json"), ("regex", "guided_regex"), ("choice", "guided_choice")):
+            if getattr(self, name) is not None:
+                found.append((kind, name, getattr(self, name)))
+        return found
 
     # field validators (not model validators) so that a 400 names the offending field as its `param`
     @field_validator("stream_options")
@@ -85,7 +148,8 @@ class _GenerationRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int,
+                        prompt_logprobs: int | None = None, guide=None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=max(self.top_k, 0), min_p=self.min_p, repetition_penalty=self.repetition_penalty,
@@ -93,11 +157,12 @@ class _GenerationRequest(BaseModel):
             # n samples from one seeded request must differ from each other yet be reproducible
             seed=None if self.seed is None else self.seed + choice,
             stop_token_ids=list(self.stop_token_ids or []), stop=self.stop_list,
-            ignore_eos=self.ignore_eos, logprobs=logprobs)
+            ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs, guide=guide)
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, description="0 only with echo or prompt_logprobs")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
@@ -111,7 +176,7 @@ class CompletionRequest(_GenerationRequest):
             raise ValueError("must not be empty")
         return v
 
-    @field_validator("echo", "suffix", "logit_bias")
+    @field_validator("suffix", "logit_bias")
     @classmethod
     def _unsupported(cls, v):
         if v:
@@ -155,6 +220,18 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # known to OpenAI but not served: ignoring them like unknown fields would silently change the answer
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+
+    @field_validator("tools", "functions", "function_call", "tool_choice")
+    @classmethod
+    def _no_tool_calls(cls, v):
+        if v and v != "none":
+            raise ValueError("not supported: this server does not call tools")
+        return v
 
     @field_validator("top_logprobs")
     @classmethod
@@ -182,6 +259,18 @@ class TokenizeRequest(BaseModel):
         return self
 
 
+class LoadLoraRequest(BaseModel):
+    model_config = _BODY
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraRequest(BaseModel):
+    model_config = _BODY
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM sends it; names are what we key on
+
+
 class DetokenizeRequest(BaseModel):
     model_config = _BODY
     model: str | None = None
@@ -198,6 +287,8 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "rsdjax"
+    root: str | None = None  # an adapter's directory
+    parent: str | None = None  # an adapter's base model
     max_model_len: int | None = None
 
 

@@ -1,9 +1,14 @@
 """The router: one OpenAI endpoint in front of several `rsdjax serve` instances (RSD's router server).
 
 A request goes to a healthy backend picked by the policy (`balance.py`). If that backend fails
-before its response has started -- connection refused or dropped, or it answers 429/503 -- the
-request is sent to another backend; a backend that fails is marked unhealthy at once and a
-periodic health check (GET /health) brings it back. Non-streamed responses are read whole before
+before its response has started -- connection refused or dropped, or it answers 429/500/502/503 --
+the request is sent to another backend after a short jittered pause (so retries of many clients
+do not arrive together). A backend that fails (connection, 5xx other than its own request
+deadline's 504, a timeout) is marked unhealthy at once and probed back half-open: GET /health
+after a backoff that doubles with each consecutive failure (from --health-interval up to
+MAX_BACKOFF), and the first probe that passes brings it back. On every way a request ends --
+answered, timed out, client gone, retried -- the upstream response is closed, which is what tells
+the backend to stop generating. Non-streamed responses are read whole before
 anything is sent on, so they can always be retried; a stream is relayed as it comes, so once its
 first byte has reached the client a backend failure ends the stream with an in-band error.
 The server sends stream headers only with its first token, so a backend that dies before
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import time
 
 import httpx
@@ -31,6 +37,10 @@ RETURNED_HEADERS = ("content-type", "retry-after")
 # failures that mean "this backend did not handle the request": safe to send it elsewhere
 BACKEND_GONE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
                 httpx.WriteError, httpx.PoolTimeout)
+RETRIED = (429, 500, 502, 503)  # statuses another backend may answer better (nothing was generated for us)
+UNWELL = (500, 502, 503)  # statuses that mark the backend unhealthy (429 is busy, not ill)
+MAX_BACKOFF = 30.0  # seconds: the longest wait between probes of an unhealthy backend
+RETRY_JITTER = 0.05  # seconds x attempt: the most a retry waits before trying the next backend
 
 
 class RouterMetrics:
@@ -46,6 +56,10 @@ class RouterMetrics:
                              ["backend"], registry=r)
         self.in_flight = Gauge("rsdjax_router:backend_in_flight", "requests in flight per backend",
                                ["backend"], registry=r)
+        self.failures = Counter("rsdjax_router:backend_failures", "failures that marked the backend unhealthy, "
+                                "by kind (connection, timeout, status, stream, health)", ["backend", "kind"], registry=r)
+        self.probes = Counter("rsdjax_router:health_probes", "health checks, by result", ["backend", "result"],
+                              registry=r)
         self.latency = Histogram("rsdjax_router:response_start_seconds", "request arrival to response start",
                                  buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=r)
 
@@ -59,9 +73,16 @@ def create_router_app(backend_urls: list[str], policy: str = "least-loaded", tim
     metrics = RouterMetrics()
     state: dict = {}
 
-    def set_health(b: Backend, ok: bool, error: str | None = None) -> None:
+    def set_health(b: Backend, ok: bool, error: str | None = None, kind: str = "health") -> None:
         b.healthy, b.last_error = ok, error if not ok else None
         metrics.healthy.labels(b.url).set(1 if ok else 0)
+        if ok:
+            b.failures, b.next_check = 0, time.monotonic() + health_interval
+        else:  # half-open after a backoff that doubles per consecutive failure (jittered: probes do not align)
+            b.failures += 1
+            metrics.failures.labels(b.url, kind).inc()
+            backoff = min(MAX_BACKOFF, health_interval * 2 ** (b.failures - 1))
+            b.next_check = time.monotonic() + backoff * random.uniform(0.8, 1.0)
 
     async def check(b: Backend) -> None:
         try:
@@ -72,11 +93,14 @@ def create_router_app(backend_urls: list[str], policy: str = "least-loaded", tim
                 b.models = list(models) if isinstance(models, list) else b.models
         except httpx.HTTPError as e:
             set_health(b, False, repr(e))
+        metrics.probes.labels(b.url, "ok" if b.healthy else "failed").inc()
 
     async def health_loop():
         while True:
-            await asyncio.sleep(health_interval)
-            await asyncio.gather(*(check(b) for b in backends))
+            now = time.monotonic()
+            await asyncio.gather(*(check(b) for b in backends if b.next_check <= now))
+            soonest = min(b.next_check for b in backends)
+            await asyncio.sleep(min(health_interval, max(0.01, soonest - time.monotonic())))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -95,7 +119,10 @@ def create_router_app(backend_urls: list[str], policy: str = "least-loaded", tim
     app.state.backends = backends
 
     def pick(model, session: str | None, tried: set) -> Backend | None:
-        candidates = [b for b in backends if b.healthy and b.serves(model) and b not in tried]
+        untried = [b for b in backends if b.serves(model) and b not in tried]
+        # none healthy: try the ones marked down anyway (Envoy's "panic" routing) rather than answer
+        # 503 at once -- under overload a slow connect can mark down every backend that is still up
+        candidates = [b for b in untried if b.healthy] or untried
         return chooser.choose(candidates, session) if candidates else None
 
     def begin(b: Backend) -> None:
@@ -129,25 +156,34 @@ def create_router_app(backend_urls: list[str], policy: str = "least-loaded", tim
             raise APIError(404, f"model {model!r} does not exist; the backends serve {', '.join(served)}",
                            param="model", code="model_not_found")
         while (b := pick(model, session if isinstance(session, str) else None, tried)) is not None:
+            if tried:  # a retry: a short pause, jittered, growing with the attempts
+                await asyncio.sleep(random.uniform(0, RETRY_JITTER * len(tried)))
             tried.add(b)
             begin(b)
+            r = None
             try:
                 req = state["client"].build_request("POST", f"{b.url}{path}", content=body, headers=headers)
                 r = await state["client"].send(req, stream=True)
                 content = None if stream and r.status_code == 200 else await r.aread()
             except BACKEND_GONE as e:  # nothing reached the client yet: try another backend
+                await close(r)
                 end(b, None)
-                set_health(b, False, repr(e))
+                set_health(b, False, repr(e), "connection")
                 metrics.retries.labels(b.url).inc()
                 continue
             except httpx.TimeoutException:
+                await close(r)  # the backend must stop generating for an answer nobody will read
                 end(b, 504)
+                set_health(b, False, f"no answer within {timeout:g} s", "timeout")
                 raise APIError(504, f"backend {b.url} did not answer within {timeout:g} s",
                                type="timeout_error", code="backend_timeout") from None
             except BaseException:  # the client went away (cancelled) or anything unexpected
+                await close(r)
                 end(b, None)
                 raise
-            if r.status_code in (429, 503) and len(tried) < len(backends):  # busy or unwell: another may not be
+            if r.status_code in UNWELL:
+                set_health(b, False, f"answered {r.status_code}", "status")
+            if r.status_code in RETRIED and len(tried) < len(backends):  # busy or unwell: another may not be
                 end(b, r.status_code)
                 metrics.retries.labels(b.url).inc()
                 refused = (content, r.status_code, returned_headers(r, b))
@@ -163,12 +199,17 @@ def create_router_app(backend_urls: list[str], policy: str = "least-loaded", tim
         raise unavailable(f"no healthy backend among {len(backends)} "
                           f"({', '.join(f'{x.url}: {x.last_error}' for x in backends)})")
 
+    async def close(r: httpx.Response | None) -> None:
+        if r is not None:
+            with contextlib.suppress(httpx.HTTPError):
+                await r.aclose()
+
     async def relay(r: httpx.Response, b: Backend):
         try:
             async for chunk in r.aiter_raw():
                 yield chunk
         except httpx.HTTPError as e:  # the backend died mid-stream: too late to retry, say so in-band
-            set_health(b, False, repr(e))
+            set_health(b, False, repr(e), "stream")
             error = APIError(502, f"backend {b.url} failed mid-stream: {e!r}", type="server_error").body()
             yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
         finally:

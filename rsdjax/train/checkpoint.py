@@ -20,7 +20,7 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
-from rsdjax.checkpoint.safetensors_io import CheckpointError
+from rsdjax.checkpoint.errors import CheckpointError
 
 RUN_FILE = "rsdjax_run.json"
 TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step directory still being written

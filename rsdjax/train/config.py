@@ -76,6 +76,36 @@ class LogConfig:
 
 
 @dataclass
+class EvalSourceConfig:
+    name: str
+    paths: list[str]  # held-out files, directories or globs (.txt / .jsonl text, or Q&A jsonl for LoRA)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during training: loss, perplexity, bits per byte per source (rsdjax.eval)."""
+
+    sources: list[EvalSourceConfig] = field(default_factory=list)
+    holdout: float = 0.0  # also hold out this fraction of each training source's files (removed from training)
+    every: int = 0  # also every N steps; 0: only at the start and the end
+    at_start: bool = True  # before the first step of a fresh run (the "before" figures)
+    at_end: bool = True
+    batch_size: int | None = None  # rows per eval step; None: the train micro-batch (batch_size / grad_accum)
+    seq_len: int | None = None  # None: data.seq_len
+
+    def validate(self, need) -> None:
+        need(bool(self.sources) or self.holdout > 0,
+             "eval.sources is empty and eval.holdout is 0; give held-out files or a fraction, or drop eval")
+        need(0 <= self.holdout < 1, f"eval.holdout must be in [0, 1), got {self.holdout}")
+        need(self.every >= 0, f"eval.every must be >= 0, got {self.every}")
+        need(self.batch_size is None or self.batch_size > 0, "eval.batch_size must be positive")
+        need(self.seq_len is None or self.seq_len > 0, "eval.seq_len must be positive")
+        need(len({s.name for s in self.sources}) == len(self.sources), "eval source names must be unique")
+        for s in self.sources:
+            need(bool(s.paths), f"eval source '{s.name}': paths is empty")
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     run_dir: str = "checkpoints/run"  # checkpoints, logs, loss curve, final model
@@ -95,6 +125,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     export_hf: bool = False  # also write the final model as an HF directory
+    eval: EvalConfig | None = None  # held-out evaluation; None: none
 
     # ------------------------------------------------------------ derived paths
 
@@ -141,6 +172,10 @@ class TrainConfig:
         need(self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
         need(self.checkpoint.every > 0 and self.checkpoint.keep > 0, "checkpoint.every and checkpoint.keep must be positive")
         need(self.vocab_multiple > 0, "vocab_multiple must be positive")
+        if self.eval is not None:
+            self.eval.validate(need)
+            seq = self.eval.seq_len or self.data.seq_len
+            need(seq <= self.model.max_position_embeddings, f"eval.seq_len={seq} exceeds model.max_position_embeddings")
         return self
 
 

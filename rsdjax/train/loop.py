@@ -18,6 +18,8 @@ import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from rsdjax.checkpoint.durable import replace_dir
+from rsdjax.config import ConfigError
 from rsdjax.data.pipeline import build_mixture, global_batch
 from rsdjax.train.checkpoint import TrainCheckpointer, architecture, check_directory
 from rsdjax.train.config import TrainConfig
@@ -123,10 +125,16 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
     tok, base_tok = prepare_tokenizers(cfg, log)
     model_cfg = final_model_config(cfg, tok, base_tok)
     check_directory(cfg.checkpoint_dir.absolute(), architecture(model_cfg))
-    mixture = build_mixture(cfg.data.sources, tok, cfg.data.seq_len, cfg.cache_dir, cfg.seed)
+    train_sources, held_sources = cfg.data.sources, []
+    if cfg.eval is not None and cfg.eval.holdout > 0:
+        from rsdjax.eval.held_out import hold_out_files
+
+        train_sources, held_sources = hold_out_files(cfg.data.sources, cfg.eval.holdout)
+    mixture = build_mixture(train_sources, tok, cfg.data.seq_len, cfg.cache_dir, cfg.seed)
     for s in mixture.info():
         log(f"data source '{s.name}': {s.num_docs} documents, {s.num_tokens:,} tokens, {s.num_windows} windows "
             f"of {cfg.data.seq_len}, weight {s.weight:.2f}")
+    held_out = make_held_out(cfg, tok, model_cfg, mesh, log, held_sources)  # (checked before anything is written)
 
     ckpt = TrainCheckpointer(cfg.checkpoint_dir, architecture(model_cfg), every=cfg.checkpoint.every,
                              keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
@@ -141,6 +149,7 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
         data_pos = 0
     else:
         meta = ckpt.read_meta(latest)
+        check_resumable(meta, cfg, f"{ckpt.directory}/{latest}")
         saved = stages.step_fn(meta["stage"])
         abstract = {"params": stages.abstract_full_params(meta["stage"]), "opt_state": saved.abstract_state.opt_state,
                     "step": saved.abstract_state.step, "rng": saved.abstract_state.rng}
@@ -162,9 +171,15 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
                             peak_flops=peak_flops(cfg, mesh), enabled=jax.process_index() == 0,
                             tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, print_every=cfg.log.every)
     shardings = {k: ts.batch_sharding for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+
+    def evaluate(step: int, fresh_start: bool = False) -> None:
+        if held_out is not None and held_out.due(step, fresh_start):
+            metrics.log_eval(step, held_out.run(join_params(state.params, frozen)))
+
     stopped_by = None
     try:
         with StopSignal() as stop:
+            evaluate(step, fresh_start=latest is None)
             metrics.start_clock()
             while step < cfg.steps:
                 stage_name = stages.at(step)[0]
@@ -181,6 +196,7 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
                 row = metrics.log(step, m, {"stage": name})
                 first_loss = row["loss"] if first_loss is None else first_loss
                 last_loss = row["loss"]
+                evaluate(step)
                 interrupted = stop.agreed()
                 if ckpt.due(step) or step == cfg.steps or interrupted:
                     tree = {"params": join_params(state.params, frozen), "opt_state": state.opt_state,
@@ -206,6 +222,31 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
     return TrainResult(run_dir, step, finished, stopped_by, first_loss, last_loss, model_dir)
 
 
+def make_held_out(cfg: TrainConfig, tok, model_cfg, mesh, log, held_sources=()):
+    """The held-out evaluator of `cfg.eval` (None without one); reads its files before training starts."""
+    if cfg.eval is None:
+        return None
+    from rsdjax.eval.held_out import HeldOut
+    from rsdjax.loading import abstract_model
+
+    held_out = HeldOut(cfg.eval, tok, abstract_model(model_cfg), mesh, seq_len=cfg.eval.seq_len or cfg.data.seq_len,
+                       batch_size=cfg.eval.batch_size or cfg.batch_size // cfg.grad_accum, total_steps=cfg.steps,
+                       extra_sources=held_sources)
+    for name, _, stats in held_out.sources:
+        log(f"eval source '{name}': {stats.documents} documents, {stats.tokens:,} tokens")
+    return held_out
+
+
+def check_resumable(meta: dict, cfg: TrainConfig, where: str) -> None:
+    """The data position counts examples of `seq_len` tokens, `batch_size` per step: resuming with
+    others would silently train on a different stream than the one the checkpoint continues."""
+    for key, now in (("batch_size", cfg.batch_size), ("seq_len", cfg.data.seq_len)):
+        if key in meta and int(meta[key]) != now:
+            name = "data.seq_len" if key == "seq_len" else key
+            raise ConfigError(f"{where}: saved with {name}={meta[key]}, this run has {name}={now}; resume with "
+                              f"{name}={meta[key]}, or start a new run in another run_dir")
+
+
 def export(cfg: TrainConfig, model, tok, log) -> Path | None:
     """The final model as an rsdjax checkpoint (plus tokenizer, and HF format if asked)."""
     from rsdjax.checkpoint.hf import save_hf
@@ -221,7 +262,9 @@ def export(cfg: TrainConfig, model, tok, log) -> Path | None:
     log(f"final model: {out}")
     if cfg.export_hf:
         hf_dir = Path(cfg.run_dir) / "hf"
-        shutil.rmtree(hf_dir, ignore_errors=True)
-        save_hf(model, hf_dir, tokenizer_dir=out)
+        staging = hf_dir.with_name("hf.new")  # the previous export stays until this one is complete
+        shutil.rmtree(staging, ignore_errors=True)
+        save_hf(model, staging, tokenizer_dir=out)
+        replace_dir(staging, hf_dir)
         log(f"final model (HF format): {hf_dir}")
     return out

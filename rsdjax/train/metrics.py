@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"  # one line per held-out evaluation: {"step", "eval": {source: metrics}}
 LOSS_PNG = "loss.png"
 
 
@@ -49,12 +50,15 @@ class MetricsLogger:
         self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
         self.print_every = max(print_every, 1)
         self.path = Path(run_dir) / METRICS_FILE
+        self.eval_path = Path(run_dir) / EVAL_FILE
         self._last_time = None
+        self._eval_status = ""
         self._tb = self._progress = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         truncate_jsonl(self.path, start_step)
+        truncate_jsonl(self.eval_path, start_step)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -92,13 +96,31 @@ class MetricsLogger:
             for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
                 if row[k] is not None and row[k] == row[k]:
                     self._tb.add_scalar(f"train/{k}", row[k], step)
-        status = f"loss {row['loss']:.4f}  {tps:,.0f} tok/s" + (f"  MFU {row['mfu']:.1%}" if row["mfu"] else "")
+        status = (f"loss {row['loss']:.4f}  {tps:,.0f} tok/s" + (f"  MFU {row['mfu']:.1%}" if row["mfu"] else "")
+                  + self._eval_status)
         if self._progress is not None:
             self._progress.update(self._task, completed=step, status=status)
         elif step % self.print_every == 0 or step == self.total:
             print(f"step {step}/{self.total}  {status}  lr {row['lr']:.2e}  grad_norm {row['grad_norm']:.3f}",
                   file=sys.stderr, flush=True)
         return row
+
+    def log_eval(self, step: int, results: dict[str, dict]) -> None:
+        """Record a held-out evaluation after update `step`: eval.jsonl, TensorBoard, the progress line."""
+        if not self.enabled:
+            return
+        with open(self.eval_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "eval": results}) + "\n")
+        if self._tb is not None:
+            for name, r in results.items():
+                for k in ("loss", "perplexity", "bits_per_byte"):
+                    self._tb.add_scalar(f"eval/{name}/{k}", r[k], step)
+        line = ", ".join(f"{name} {r['loss']:.3f} ({r['bits_per_byte']:.3f} bpb)" for name, r in results.items())
+        self._eval_status = f"  eval {line}"
+        if self._progress is not None:
+            self._progress.console.print(f"eval step {step}/{self.total}: {line}")
+        else:
+            print(f"eval step {step}/{self.total}: {line}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if not self.enabled:
@@ -111,7 +133,7 @@ class MetricsLogger:
 
 
 def plot_loss(jsonl: Path, png: Path, title: str = "training loss") -> Path | None:
-    """Loss (and learning rate) against step, from the metrics file."""
+    """Loss (and learning rate) against step, from the metrics file; held-out losses from eval.jsonl beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +144,14 @@ def plot_loss(jsonl: Path, png: Path, title: str = "training loss") -> Path | No
         return None
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="loss")
+    ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="train loss")
+    eval_file = Path(jsonl).with_name(EVAL_FILE)
+    evals = [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()] if eval_file.exists() else []
+    for name in dict.fromkeys(n for e in evals for n in e["eval"]):
+        points = [(e["step"], e["eval"][name]["loss"]) for e in evals if name in e["eval"]]
+        ax.plot(*zip(*points), marker="o", linestyle="--", label=f"held-out {name}")
+    if evals:
+        ax.legend(loc="upper right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)", color="tab:blue")
     ax.grid(alpha=0.3)

@@ -17,7 +17,8 @@ from flax import nnx
 from rsdjax.config import ConfigError, ModelConfig
 from rsdjax.tokenizer import Tokenizer
 from rsdjax.train.config import TrainConfig
-from rsdjax.vocab import VocabError, chars_per_token, extend_tokenizer, read_texts, round_up, train_tokenizer
+from rsdjax.model.resize import round_up
+from rsdjax.vocab import VocabError, chars_per_token, extend_tokenizer, read_texts, train_tokenizer
 
 RUNTIME_FIELDS = ("param_dtype", "dtype", "remat")  # taken from the train config even with init_from
 
@@ -85,7 +86,7 @@ def initial_model(cfg: TrainConfig, mesh, tok: Tokenizer, base_tok: Tokenizer | 
     from rsdjax.loading import abstract_model, load_model
     from rsdjax.model.llama import Llama
     from rsdjax.parallel.sharding import create_sharded, state_shardings
-    from rsdjax.vocab import resize_vocab
+    from rsdjax.model.resize import resize_vocab
 
     start = init_model_config(cfg, base_tok, tok)
     if cfg.init_from:

@@ -1,0 +1,58 @@
+"""One CLI grammar: every command and subcommand has --help; every command with a config refuses an
+unknown `key=value` naming the nearest valid key, before loading anything."""
+import argparse
+
+import pytest
+
+from rsdjax.cli import build_parser, main
+
+
+def leaves(parser: argparse.ArgumentParser, prefix=()):
+    """(argv prefix) of every command and subcommand."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if prefix:
+        yield prefix
+    for action in subs:
+        for name, child in action.choices.items():
+            yield from leaves(child, prefix + (name,))
+
+
+COMMANDS = list(leaves(build_parser()))
+
+
+def test_every_command_is_listed():
+    assert {c[0] for c in COMMANDS} >= {"convert", "shard-report", "plan", "tokenizer", "train", "finetune", "lora",
+                                        "generate", "eval", "serve", "route", "warmup"}
+    assert ("tokenizer", "extend") in COMMANDS and ("lora", "merge") in COMMANDS
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: rsdjax " + " ".join(argv)) and "--help" in out
+
+
+# (argv before the override, a misspelled key, the valid key the error must name)
+UNKNOWN = [
+    (["train", "cpt-demo"], "optim.lrr=1e-3", "optim.lr"),
+    (["finetune", "lora-qa-demo"], "lora.rank=4", "lora.r"),
+    (["finetune", "lora-qa-demo"], "optim.learning_rate=1e-3", "optim.lr"),
+    (["plan", "--model", "tiny"], "model.num_layer=2", "model.num_layers"),
+    (["plan", "--model", "tiny"], "cost.compute_eficiency=0.5", "cost.compute_efficiency"),
+    (["shard-report", "--model", "tiny"], "hardware.device.memory_gb.valu=8", "hardware.device.memory_gb.value"),
+    (["generate", "--model", "/nonexistent", "--prompt", "hi"], "model.rope_thetta=1", "model.rope_theta"),
+    (["warmup", "--model", "/nonexistent"], "model.dtyp=float32", "model.dtype"),
+    (["serve", "--model", "/nonexistent"], "num_layers=2", "model.num_layers"),
+]
+
+
+@pytest.mark.parametrize("argv, override, nearest", UNKNOWN, ids=[f"{a[0]}:{o}" for a, o, _ in UNKNOWN])
+def test_unknown_key_names_the_nearest(argv, override, nearest, capsys):
+    assert main([*argv, override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"rsdjax {argv[0]}: error: "), err
+    key = override.split("=")[0]
+    assert f"unknown config key '{key}' (did you mean '{nearest}'?)" in err[0] or f"'{key}' is now '{nearest}'" in err[0], err
