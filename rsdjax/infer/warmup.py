@@ -14,7 +14,6 @@ from typing import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
-from rsdjax.infer.sampling import fill_bitmasks
 from rsdjax.infer.interface import SamplingParams
 from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, bitmask_words
 
@@ -40,13 +39,18 @@ def _lora_stand_in(engine, rows: int):
     return engine.adapters.layers, jax.ShapeDtypeStruct((rows,), jnp.int32)
 
 
+def lower_decode(engine, attend: int, logprobs: bool = False):
+    """The decode step lowered as `SlotEngine.generate` calls it (no grammar, base-model slots)."""
+    top_k = MAX_TOP_LOGPROBS if logprobs else 0
+    return engine._steps.decode.lower(engine.weights, engine._cache, engine._state, engine._no_constraint,
+                                      _lora_stand_in(engine, engine.max_slots), int(attend), top_k)
+
+
 def compile_decode(engine, attend_buckets: Iterable[int], logprobs: bool = False) -> int:
     """Compile the decode step for each attention bucket; returns how many were compiled."""
-    steps, n = engine._steps, 0
-    top_k = MAX_TOP_LOGPROBS if logprobs else 0
+    n = 0
     for attend in attend_buckets:
-        steps.decode.lower(engine.weights, engine._cache, engine._state, engine._no_constraint,
-                           _lora_stand_in(engine, engine.max_slots), int(attend), top_k).compile()
+        lower_decode(engine, attend, logprobs).compile()
         n += 1
     return n
 
