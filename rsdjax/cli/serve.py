@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rsdjax.cli.common import add_mesh_args, add_overrides
+from rsdjax.cli.common import MODEL, add_mesh_args, add_overrides
 
 
 def register(sub) -> None:
@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weights for every projection and the LM head (per-channel scales)")
     add_mesh_args(p)
-    add_overrides(p)
+    add_overrides(p, MODEL)
     p.set_defaults(func=run)
 
 
