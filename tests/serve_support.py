@@ -39,6 +39,22 @@ def router(urls, policy, **kwargs):
         yield server.url
 
 
+@contextlib.contextmanager
+def fake_server_processes(tokenizer_dir, log_dir, n: int = 2, *args):
+    """`n` real `rsdjax serve --fake-engine` processes (so a SIGKILL is a real one): [(Popen, url)]."""
+    from rsdjax.serve.launch import spawn, stop_process
+
+    base = ["--fake-engine", "--tokenizer", str(tokenizer_dir), "--max-context", "256", "--log-level", "warning"]
+    procs = []
+    try:
+        for i in range(n):
+            procs.append(spawn("serve", [*base, *args], log_file=log_dir / f"backend{i}.log", timeout=120))
+        yield procs
+    finally:
+        for proc, _ in procs:
+            stop_process(proc)
+
+
 def client(url: str, api_key: str = "unused", **kwargs) -> openai.OpenAI:
     # no automatic retries: a test must see the first answer (a 429 would otherwise be retried)
     return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, **kwargs)

@@ -35,12 +35,16 @@ def test_hardware_picks_the_training_split_plan_ranks_first(capsys):
     assert format_mesh(planned_mesh_shape(args("atom-server"), cfg, Workload("train", 16, 1024))) == best
 
 
+def test_serve_and_plan_agree_on_the_cs3x4_split(capsys):
+    assert main(["plan", "--model", "llama3.1-70b", "--hardware", "cs3x4", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["best_mesh"]
+    cfg, hw = load_model_config("llama3.1-70b"), load_hardware("cs3x4")
+    served, _ = choose(cfg, hw, Workload("infer", 0, 4096), runnable=engine_runnable(8))  # serve's defaults
+    assert served.mesh_str == best == "data=1,stage=4,fsdp=1,tensor=1"  # 20 layers per system, pipelined
+
+
 def test_serving_skips_splits_the_engine_cannot_run():
     cfg, hw = load_model_config("llama3.1-70b"), load_hardware("cs3x4")
-    plan, _ = choose(cfg, hw, Workload("infer", 0, 4096))
-    assert plan.mesh["stage"] == 4  # the planner's best: 20 layers per system
-    served, reason = choose(cfg, hw, Workload("infer", 0, 4096), runnable=engine_runnable(8))
-    assert served.mesh["stage"] == 1 and "skipped data=1,stage=4,fsdp=1,tensor=1 (the serving engine" in reason
     with pytest.raises(ValueError, match="cannot run here"):
         choose(cfg, hw, Workload("infer", 0, 4096), runnable=lambda mesh: "no")
     plan, reason = choose(load_model_config("llama3-8b"), load_hardware("atom-server"), Workload("infer", 0, 4096),

@@ -9,24 +9,16 @@ import threading
 import pytest
 
 from rsdjax.serve.fake_engine import FakeEngine
-from rsdjax.serve.launch import ServerThread, spawn, stop_process
+from rsdjax.serve.launch import ServerThread
 from rsdjax.serve.router import create_router_app
 from rsdjax.tokenizer import Tokenizer
-from serve_support import HTTP, client, metric, reference
+from serve_support import HTTP, client, fake_server_processes, metric, reference
 
 
 @pytest.fixture
 def two_backend_processes(tiny_tokenizer_dir, tmp_path):
-    args = ["--fake-engine", "--tokenizer", str(tiny_tokenizer_dir), "--max-context", "256",
-            "--fake-step-ms", "5", "--log-level", "warning"]
-    procs = []
-    try:
-        for i in range(2):
-            procs.append(spawn("serve", args, log_file=tmp_path / f"backend{i}.log", timeout=120))
+    with fake_server_processes(tiny_tokenizer_dir, tmp_path, 2, "--fake-step-ms", "5") as procs:
         yield procs
-    finally:
-        for proc, _ in procs:
-            stop_process(proc)
 
 
 def test_backend_killed_during_64_requests_loses_none(two_backend_processes, tiny_tokenizer_dir):

@@ -15,7 +15,7 @@ from flax import nnx
 
 from rsdjax.config import ModelConfig, RopeScaling
 from rsdjax.checkpoint.durable import publish_dir
-from rsdjax.checkpoint.errors import CheckpointError
+from rsdjax.checkpoint.errors import CheckpointError, read_json
 from rsdjax.checkpoint.safetensors_io import ShardedWriter, TensorRef, index_directory
 
 # our stacked name -> (HF name inside layer i, HF tensor -> our per-layer array, our per-layer -> HF)
@@ -38,12 +38,7 @@ GLOBAL_TENSORS = {"embed": "model.embed_tokens.weight", "final_norm": "model.nor
 
 def config_from_hf(directory: Path) -> ModelConfig:
     path = Path(directory) / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{directory}: no config.json (not an HF model directory)")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    hf = read_json(path, f"{directory}: no config.json (not an HF model directory)")
     if hf.get("model_type") != "llama":
         raise CheckpointError(f"{path}: model_type is '{hf.get('model_type')}', rsdjax loads only 'llama'")
     for flag in ("attention_bias", "mlp_bias"):

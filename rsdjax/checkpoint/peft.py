@@ -18,7 +18,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from rsdjax.checkpoint.durable import publish_file
-from rsdjax.checkpoint.errors import CheckpointError
+from rsdjax.checkpoint.errors import CheckpointError, read_json
 from rsdjax.checkpoint.safetensors_io import read_header
 from rsdjax.model.lora import (SHORT_NAMES, IN_DIMS, LoraConfig, LoraError, attach_lora, module_name,
                                resolve_targets)
@@ -102,12 +102,7 @@ def _atomic(path: Path, write) -> None:
 
 def read_adapter_config(directory: str | Path) -> LoraConfig:
     path = Path(directory) / CONFIG_FILE
-    if not path.exists():
-        raise CheckpointError(f"{directory}: no {CONFIG_FILE} (not a PEFT adapter directory)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    data = read_json(path, f"{directory}: no {CONFIG_FILE} (not a PEFT adapter directory)")
     if data.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{path}: peft_type is {data.get('peft_type')!r}, rsdjax loads only LORA")
     for key, default in _UNSUPPORTED.items():

@@ -75,10 +75,9 @@ def planned_mesh_shape(args, cfg, workload, runnable=None, hardware_overrides: l
 
 
 def engine_runnable(max_slots: int | None):
-    """What the serving engine can run: one stage (pipelined serving is not built yet), slots split over data."""
+    """What the serving engine can run: any split (stage > 1 pipelines, rsdjax/infer/staged.py) whose data
+    axis divides the slots."""
     def check(mesh: dict[str, int]) -> str | None:
-        if mesh["stage"] > 1:
-            return "the serving engine does not run stage > 1 yet"
         if max_slots and max_slots % mesh["data"]:
             return f"{max_slots} slots do not split over data={mesh['data']}"
         return None
@@ -105,6 +104,8 @@ def serving_mesh(args, max_slots: int | None, max_context: int | None, model_ove
     from rsdjax.loading import read_model_config
     from rsdjax.plan.cost_model import Workload
 
+    from rsdjax.infer.engine import DEFAULT_MAX_CONTEXT
+
     cfg = apply_overrides(read_model_config(args.model), list(model_overrides))
-    context = max_context or cfg.max_position_embeddings
+    context = max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)  # the engine's default
     return mesh_from_args(args, cfg=cfg, workload=Workload("infer", 0, context), runnable=engine_runnable(max_slots))

@@ -31,7 +31,7 @@ from rsdjax.infer.adapters import AdapterPool
 from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, TokenEvent
 from rsdjax.infer.sampling import (MAX_TOP_LOGPROBS, SamplingArrays, fill_bitmasks, no_constraint, seed_pair,
                                    validate)
-from rsdjax.infer.steps import compiled_steps, empty_state
+from rsdjax.infer.steps import compiled_steps, empty_cache, empty_state, serving_weights
 from rsdjax.parallel.mesh import make_mesh
 
 MIN_PREFILL_BUCKET = 16
@@ -94,9 +94,9 @@ class SlotEngine:
             self.prefill_buckets += (self.max_context,)
         self.attend_buckets = buckets(MIN_ATTEND_BUCKET, self.max_context)
 
-        self.weights = forward.serving_weights(model, self.mesh)
+        self.weights = serving_weights(model, self.mesh)  # stage > 1: stacked over stages (infer/staged.py)
         self._steps = compiled_steps(cfg, self.mesh, self.max_slots, self.max_context)
-        self._cache = forward.empty_cache(cfg, self.mesh, self.max_slots, self.max_context)
+        self._cache = empty_cache(cfg, self.mesh, self.max_slots, self.max_context)
         self._state = jax.device_put(empty_state(cfg, self.max_slots, self.max_context), self._steps.state_sharding)
         self._slots: list[_Slot | None] = [None] * self.max_slots
         # multi-LoRA: adapters stacked on the device, one entry per batch row (rsdjax.infer.adapters)

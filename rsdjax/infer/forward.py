@@ -155,6 +155,16 @@ def cache_sharding(cfg: ModelConfig, mesh, batch: int, length: int) -> NamedShar
     return NamedSharding(mesh, resolve(CACHE_LAYER_AXES, shape, mesh_shape_of(mesh), INFER_RULES, name="kv cache"))
 
 
+def cache_shardings(cfg: ModelConfig, mesh, batch: int, length: int) -> LayerCache:
+    s = cache_sharding(cfg, mesh, batch, length)
+    return LayerCache([s] * cfg.num_layers, [s] * cfg.num_layers)
+
+
+def put_rows(dst: jax.Array, src: jax.Array, row, slot) -> jax.Array:
+    """Row `row` of a prefill's layer cache [rows, KV, bucket, D] into slot `slot` of the engine's."""
+    return jax.lax.dynamic_update_slice(dst, jax.lax.dynamic_slice_in_dim(src, row, 1, 0), (slot, 0, 0, 0))
+
+
 def empty_cache(cfg: ModelConfig, mesh, batch: int, length: int) -> LayerCache:
     """Zeros, created directly on their shards."""
     sharding = cache_sharding(cfg, mesh, batch, length)

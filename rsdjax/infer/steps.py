@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rsdjax.config import ModelConfig
-from rsdjax.infer import forward
+from rsdjax.infer import forward, staged
 from rsdjax.infer.sampling import SamplingArrays, keys_from_seeds, sample, token_logprobs
 from rsdjax.parallel.rules import INFER_RULES, activation_sharding
 
@@ -45,16 +45,31 @@ def empty_state(cfg: ModelConfig, max_slots: int, max_context: int) -> SlotState
                      params, np.zeros((s, v), bool), np.zeros((s, v), np.int32))
 
 
+def layout(mesh):
+    """The serving layout for this mesh: `forward` (per-layer arrays) with one stage, `staged` (stacked
+    layers and cache split over `stage`, run as a pipeline) with more."""
+    return staged if int(dict(mesh.shape).get("stage", 1)) > 1 else forward
+
+
+def serving_weights(model, mesh):
+    return staged.weights(model, mesh) if layout(mesh) is staged else forward.serving_weights(model, mesh)
+
+
+def empty_cache(cfg: ModelConfig, mesh, max_slots: int, max_context: int):
+    return layout(mesh).empty_cache(cfg, mesh, max_slots, max_context)
+
+
 def prefill_step(cfg: ModelConfig, mesh, weights, tokens, lengths, params, seeds, bitmask, lora, top_k: int,
                  prompt_top_k: int = 0):
     """Padded prompts [rows, bucket] -> their K/V, PRNG keys, prompt masks, first tokens (+ logprobs),
     and with `prompt_top_k` the logprobs of every prompt token (`forward.prompt_logprobs`)."""
     with activation_sharding(mesh, INFER_RULES):
         if prompt_top_k:
-            logits, cache, hidden = forward.prefill(cfg, weights, tokens, lengths, return_hidden=True, lora=lora)
+            logits, cache, hidden = layout(mesh).prefill(cfg, weights, tokens, lengths, return_hidden=True,
+                                                         lora=lora)
             prompt = forward.prompt_logprobs(cfg, weights, hidden, tokens, prompt_top_k)
         else:
-            logits, cache = forward.prefill(cfg, weights, tokens, lengths, lora=lora)
+            logits, cache = layout(mesh).prefill(cfg, weights, tokens, lengths, lora=lora)
             prompt = None
         rows, vocab = tokens.shape[0], cfg.vocab_size
         real = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
@@ -67,13 +82,10 @@ def prefill_step(cfg: ModelConfig, mesh, weights, tokens, lengths, params, seeds
     return cache, keys, prompt_mask, first, logprobs, prompt
 
 
-def insert_step(cfg: ModelConfig, cache, state: SlotState, prefilled_cache, keys, prompt_mask, row, slot, token,
-                length, params):
-    """Row `row` of a prefill's outputs -> slot `slot` of the cache and the slot state."""
-    def put(dst, src):
-        return jax.lax.dynamic_update_slice(dst, jax.lax.dynamic_slice_in_dim(src, row, 1, 0), (slot, 0, 0, 0))
-
-    cache = jax.tree.map(put, cache, prefilled_cache)
+def insert_step(cfg: ModelConfig, put_rows, cache, state: SlotState, prefilled_cache, keys, prompt_mask, row, slot,
+                token, length, params):
+    """Row `row` of a prefill's outputs -> slot `slot` of the cache (`put_rows` of the layout) and the state."""
+    cache = jax.tree.map(lambda dst, src: put_rows(dst, src, row, slot), cache, prefilled_cache)
     counts = jnp.zeros((cfg.vocab_size,), jnp.int32).at[token].set(1)  # the first token is an output
     state = SlotState(
         tokens=state.tokens.at[slot].set(token), positions=state.positions.at[slot].set(length),
@@ -86,7 +98,7 @@ def insert_step(cfg: ModelConfig, cache, state: SlotState, prefilled_cache, keys
 def decode_step(cfg: ModelConfig, mesh, weights, cache, state: SlotState, bitmask, lora, attend: int, top_k: int):
     """One token for every slot: forward, sample, advance the state."""
     with activation_sharding(mesh, INFER_RULES):
-        logits, cache = forward.decode(cfg, weights, cache, state.tokens, state.positions, attend, lora)
+        logits, cache = layout(mesh).decode(cfg, weights, cache, state.tokens, state.positions, attend, lora)
         tokens = sample(logits, state.params, state.keys, state.steps, state.prompt_mask, state.counts, bitmask)
         logprobs = token_logprobs(logits, tokens, top_k) if top_k else None
     rows = jnp.arange(tokens.shape[0])
@@ -112,13 +124,14 @@ _COMPILED: dict[tuple, CompiledSteps] = {}
 def compiled_steps(cfg: ModelConfig, mesh, max_slots: int, max_context: int) -> CompiledSteps:
     key = (repr(cfg), mesh, max_slots, max_context)
     if key not in _COMPILED:
-        cache_sharding = forward.cache_sharding(cfg, mesh, max_slots, max_context)
-        cache_shardings = forward.LayerCache([cache_sharding] * cfg.num_layers, [cache_sharding] * cfg.num_layers)
+        impl = layout(mesh)
+        cache_sharding = impl.cache_sharding(cfg, mesh, max_slots, max_context)
+        cache_shardings = impl.cache_shardings(cfg, mesh, max_slots, max_context)
         replicated = NamedSharding(mesh, PartitionSpec())
         state_shardings = jax.tree.map(lambda _: replicated, empty_state(cfg, 1, 1))
         _COMPILED[key] = CompiledSteps(
             prefill=jax.jit(functools.partial(prefill_step, cfg, mesh), static_argnums=(7, 8)),
-            insert=jax.jit(functools.partial(insert_step, cfg), donate_argnums=(0, 1),
+            insert=jax.jit(functools.partial(insert_step, cfg, impl.put_rows), donate_argnums=(0, 1),
                            out_shardings=(cache_shardings, state_shardings)),
             decode=jax.jit(functools.partial(decode_step, cfg, mesh), static_argnums=(5, 6), donate_argnums=(1, 2),
                            out_shardings=(cache_shardings, state_shardings, replicated)),

@@ -1,4 +1,8 @@
-"""Ahead-of-time check: compile the real jitted steps with shape-only parameters and read XLA's figures.
+"""Ahead-of-time check: compile jitted steps with shape-only parameters and read XLA's figures.
+
+Training compiles the real `TrainStep`; inference still compiles the stand-in prefill/decode of
+`plan/steps.py` over the model's stacked KV cache (the serving engine's per-layer programs are not
+wired here yet).
 
 This is how MaxText checks big configurations without the hardware: every argument is a
 `jax.ShapeDtypeStruct` carrying its NamedSharding on a (virtual) mesh, so `jit(...).lower().compile()`
@@ -17,8 +21,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from rsdjax.config import ModelConfig
 from rsdjax.loading import abstract_model
@@ -118,24 +121,19 @@ def compile_infer(cfg: ModelConfig, mesh, batch: int, seq: int, prompt_len: int,
     return out
 
 
-def compile_train(cfg: ModelConfig, mesh, batch: int, seq: int, optimizer=None) -> list[CompiledStep]:
-    """One training step (forward, backward, AdamW update) on `batch` sequences of `seq` tokens,
-    parameters and optimizer state donated."""
-    rules = RULES["train"]
-    optimizer = optimizer or steps.default_optimizer()
-    graphdef, params = abstract_params(cfg, mesh, rules)
-    param_shardings = jax.tree.map(lambda a: a.sharding, params)
-    # optimizer moments are sharded like their parameters; scalars (the step count) are replicated
-    opt_shapes = jax.eval_shape(optimizer.init, params)
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, param_shardings,
-                                          transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
-    opt_state = _abstract(opt_shapes, opt_shardings)
-    tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32,
-                                  sharding=lenient_sharding(mesh, rules, ("batch", None), (batch, seq + 1)))
-    with jax.set_mesh(mesh):
-        step = jax.jit(steps.make_train_step(graphdef, mesh, rules, optimizer), donate_argnums=(0, 1),
-                       out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, PartitionSpec())))
-        return [_figures("train_step", step.lower(params, opt_state, tokens).compile())]
+def compile_train(cfg: ModelConfig, mesh, batch: int, seq: int, grad_accum: int = 1, trainable=None,
+                  optim=None) -> list[CompiledStep]:
+    """The training step `rsdjax train` runs (`rsdjax.train.step.TrainStep`: forward, backward with the
+    config's remat, gradient accumulation, clipping + AdamW of `trainable`), on `batch` sequences of
+    `seq` tokens, the train state donated."""
+    from rsdjax.train.config import OptimConfig
+    from rsdjax.train.optimizer import make_optimizer
+    from rsdjax.train.step import TrainStep
+
+    tx, schedule = make_optimizer(optim or OptimConfig(), 1000)
+    step = TrainStep(abstract_model(cfg), tx, mesh, trainable=trainable or nnx.Param, grad_accum=grad_accum,
+                     schedule=schedule)
+    return [_figures("train_step", step.lower(batch, seq).compile())]
 
 
 # ------------------------------------------------------------------ the planner's view

@@ -1,9 +1,7 @@
-"""The jitted steps the planner compiles ahead of time (and the tests run): prefill, decode, train.
-
-The train step here is deliberately plain (next-token cross-entropy, `jax.value_and_grad`, AdamW):
-it is what `rsdjax plan --aot --mode train` measures and what the pipeline tests differentiate.
-The project's real training step (rsdjax/train/) can replace `make_train_step` in `aot.py` once it
-exists; the model call inside is the same, so pipelining and shard_map TP come along via the config.
+"""Model-level steps over the stacked KV cache: the prefill/decode `rsdjax plan --aot --mode infer`
+compiles (the serving engine's per-layer programs are not wired into the AOT check yet), and the plain
+loss-and-gradient the pipeline and shard_map TP tests differentiate. `--mode train` compiles the real
+`rsdjax.train.step.TrainStep` (see aot.py).
 
 Parameters travel as the pure dict of the model's nnx state ({name: array}); `nnx.merge` rebuilds
 the module inside the trace, so abstract (shape-only) parameters compile without any memory.
@@ -33,23 +31,6 @@ def make_loss_and_grad(graphdef, mesh, rules):
             return next_token_loss(nnx.merge(graphdef, params), tokens)
 
     return jax.value_and_grad(loss)
-
-
-def make_train_step(graphdef, mesh, rules, optimizer: optax.GradientTransformation):
-    """(params, opt_state, tokens) -> (params, opt_state, loss)."""
-    loss_and_grad = make_loss_and_grad(graphdef, mesh, rules)
-
-    def step(params, opt_state, tokens):
-        loss, grads = loss_and_grad(params, tokens)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
-
-
-def default_optimizer() -> optax.GradientTransformation:
-    """AdamW with optax defaults: two moments in the parameter dtype (what the cost model assumes)."""
-    return optax.adamw(1e-4)
 
 
 def make_prefill_step(graphdef, mesh, rules):

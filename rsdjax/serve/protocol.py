@@ -220,6 +220,18 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # known to OpenAI but not served: ignoring them like unknown fields would silently change the answer
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+
+    @field_validator("tools", "functions", "function_call", "tool_choice")
+    @classmethod
+    def _no_tool_calls(cls, v):
+        if v and v != "none":
+            raise ValueError("not supported: this server does not call tools")
+        return v
 
     @field_validator("top_logprobs")
     @classmethod

@@ -119,7 +119,10 @@ def create_router_app(backend_urls: list[str], policy: str = "least-loaded", tim
     app.state.backends = backends
 
     def pick(model, session: str | None, tried: set) -> Backend | None:
-        candidates = [b for b in backends if b.healthy and b.serves(model) and b not in tried]
+        untried = [b for b in backends if b.serves(model) and b not in tried]
+        # none healthy: try the ones marked down anyway (Envoy's "panic" routing) rather than answer
+        # 503 at once -- under overload a slow connect can mark down every backend that is still up
+        candidates = [b for b in untried if b.healthy] or untried
         return chooser.choose(candidates, session) if candidates else None
 
     def begin(b: Backend) -> None:
