@@ -160,8 +160,10 @@ def config_keys(cls: type, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(cls)
     keys = []
     for f in dataclasses.fields(cls):
-        inner = [t for t in typing.get_args(hints[f.name]) if dataclasses.is_dataclass(t)] or [hints[f.name]]
-        if dataclasses.is_dataclass(inner[0]):
+        hint = hints[f.name]
+        optional = typing.get_origin(hint) in (typing.Union, types.UnionType)  # X | None: X's keys (a list is a leaf)
+        inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)] if optional else [hint]
+        if inner and dataclasses.is_dataclass(inner[0]):
             keys += config_keys(inner[0], f"{prefix}{f.name}.")
         else:
             keys.append(prefix + f.name)

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from rsdjax.cli.common import add_mesh_args, add_overrides, split_overrides
+from rsdjax.cli.common import MODEL, add_mesh_args, add_overrides, split_overrides
 
 DEFAULT_SLOTS = 8
 
@@ -42,7 +42,7 @@ def register(sub) -> None:
                    help="KV cache length per slot (default: the longest prompt + max-new-tokens, rounded up)")
     p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, timings) instead of streaming")
     add_mesh_args(p)
-    add_overrides(p)
+    add_overrides(p, MODEL)
     p.set_defaults(func=run)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rsdjax.cli.common import add_mesh_args, add_overrides
+from rsdjax.cli.common import MODEL, add_mesh_args, add_overrides
 
 
 def register(sub) -> None:
@@ -41,7 +41,7 @@ def register(sub) -> None:
                       help="serve the deterministic fake engine (rsdjax.serve.fake_engine) instead of a model")
     fake.add_argument("--fake-step-ms", type=float, default=0.0, help="fake engine: time of one decode step")
     add_mesh_args(p)
-    add_overrides(p)
+    add_overrides(p, MODEL)
     p.set_defaults(func=run)
 
 

@@ -5,7 +5,7 @@ import json
 import time
 from pathlib import Path
 
-from rsdjax.cli.common import add_mesh_args, add_overrides, split_overrides
+from rsdjax.cli.common import MODEL, add_mesh_args, add_overrides, split_overrides
 
 
 def register(sub) -> None:
@@ -16,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("--rows", default="1", help="prefill batch sizes to compile, comma-separated (default 1)")
     p.add_argument("--logprobs", action="store_true", help="also the variants that return logprobs")
     add_mesh_args(p)
-    add_overrides(p)
+    add_overrides(p, MODEL)
     p.set_defaults(func=run)
 
 

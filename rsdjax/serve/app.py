@@ -145,12 +145,16 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[st
 
     install_lora_routes(app, adapters, auth, unknown_fields)
 
-    @app.post("/tokenize", dependencies=auth)
-    async def tokenize(body: TokenizeRequest, request: Request, response: Response):
+    def tokenizer_request(body, request: Request, response: Response) -> None:
+        """What /tokenize and /detokenize check first: the model name, and that there is a tokenizer."""
         tag(response, unknown_fields(body, request))
         check_model(body.model)
         if tokenizer is None:
             raise bad_request("this server has no tokenizer")
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: TokenizeRequest, request: Request, response: Response):
+        tokenizer_request(body, request, response)
 
         def encode():  # off the event loop: a long prompt must not stall every other request
             if body.messages is None:
@@ -165,10 +169,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[st
 
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(body: DetokenizeRequest, request: Request, response: Response):
-        tag(response, unknown_fields(body, request))
-        check_model(body.model)
-        if tokenizer is None:
-            raise bad_request("this server has no tokenizer")
+        tokenizer_request(body, request, response)
         bad = next((t for t in body.tokens if not 0 <= t < tokenizer.vocab_size), None)
         if bad is not None:
             raise bad_request(f"tokens: token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})",
