@@ -41,6 +41,8 @@ def register(sub) -> None:
     e.add_argument("--max-context", type=int, default=None,
                    help="KV cache length per slot (default: the longest prompt + max-new-tokens, rounded up)")
     p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, timings) instead of streaming")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights for every projection and the LM head (per-channel scales)")
     add_mesh_args(p)
     add_overrides(p, MODEL)
     p.set_defaults(func=run)
@@ -114,7 +116,8 @@ def run(args) -> int:
         raise ValueError("generate: give one --lora (serve one adapter per request with rsdjax serve)")
     t0 = time.perf_counter()
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=slots, max_context=max_context,
-                            overrides=split_overrides(args.overrides, "model"), lora=adapters[0] if adapters else None)
+                            overrides=split_overrides(args.overrides, "model"), lora=adapters[0] if adapters else None,
+                            quantize=args.quantize)
     checked_requests(engine, prompts, params, tokenizer)  # a bad request fails before minutes of compiling
     # every shape the generation can reach, before the first token: nothing compiles mid-stream
     compile_for_prompts(engine, prompts, args.max_new_tokens, logprobs=args.logprobs is not None)

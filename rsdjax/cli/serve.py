@@ -40,6 +40,8 @@ def register(sub) -> None:
     fake.add_argument("--fake-engine", action="store_true",
                       help="serve the deterministic fake engine (rsdjax.serve.fake_engine) instead of a model")
     fake.add_argument("--fake-step-ms", type=float, default=0.0, help="fake engine: time of one decode step")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights for every projection and the LM head (per-channel scales)")
     add_mesh_args(p)
     add_overrides(p, MODEL)
     p.set_defaults(func=run)
@@ -68,7 +70,7 @@ def build_engine(args):
     engine, model_tokenizer = load_engine(args.model, mesh=mesh, max_slots=args.max_slots,
                                           max_context=args.max_context, adapters=parse_lora_args(args.lora),
                                           max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                                          overrides=model_over)
+                                          overrides=model_over, quantize=args.quantize)
     return engine, tokenizer or model_tokenizer, args.model.resolve().name
 
 

@@ -15,6 +15,8 @@ def register(sub) -> None:
     p.add_argument("--max-context", type=int, default=None, help="tokens per slot, as `rsdjax serve` will use")
     p.add_argument("--rows", default="1", help="prefill batch sizes to compile, comma-separated (default 1)")
     p.add_argument("--logprobs", action="store_true", help="also the variants that return logprobs")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights for every projection and the LM head (per-channel scales)")
     add_mesh_args(p)
     add_overrides(p, MODEL)
     p.set_defaults(func=run)
@@ -36,7 +38,7 @@ def run(args) -> int:
     mesh = serving_mesh(args, args.max_slots, args.max_context, split_overrides(args.overrides, "model"))
     t0 = time.perf_counter()
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=args.max_slots, max_context=args.max_context,
-                            overrides=split_overrides(args.overrides, "model"))
+                            overrides=split_overrides(args.overrides, "model"), quantize=args.quantize)
     shapes = compile_all(engine, rows=rows)
     if args.logprobs:
         for name, n in compile_all(engine, rows=rows, logprobs=True).items():

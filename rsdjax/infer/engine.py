@@ -294,14 +294,19 @@ def parse_lora_args(values: Sequence[str]) -> dict[str, str]:
 
 def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | None = None,
                 overrides: Sequence[str] = (), lora=None, adapters: dict[str, str] | None = None,
-                max_loras: int = 0, max_lora_rank: int = 16):
+                max_loras: int = 0, max_lora_rank: int = 16, quantize: str | None = None):
     """An HF Llama directory or rsdjax checkpoint -> (SlotEngine, Tokenizer | None).
 
     The tokenizer is `tokenizer.json` in the model directory when there is one. `lora`: a PEFT adapter
     directory, applied (unmerged) before the engine splits the weights per layer: every request gets it.
     `adapters` {name: directory}: served side by side, chosen per request, in a pool of
     `max(max_loras, len(adapters))` entries of rank up to `max_lora_rank` (more can be loaded later).
+    `quantize`: 'int8' stores every projection and the LM head as int8 (rsdjax/model/quant.py); LoRA
+    stays float on top.
     """
+    from rsdjax.model.quant import check_mode, quantize_serving
+
+    quantize = check_mode(quantize)
     from rsdjax.loading import load_model
     from rsdjax.tokenizer import Tokenizer
 
@@ -316,6 +321,8 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
     engine = SlotEngine(model, max_slots=max_slots, max_context=max_context,
                         eos_token_ids=eos_ids_for(path, model.cfg, tokenizer), mesh=mesh,
                         max_loras=max(max_loras, len(adapters)), max_lora_rank=max_lora_rank)
+    if quantize is not None:  # the float per-layer weights are freed once replaced
+        engine.weights = quantize_serving(engine.weights, quantize)
     for name, directory in adapters.items():
         engine.adapters.load(name, directory)
     return engine, tokenizer

@@ -22,6 +22,7 @@ from rsdjax.config import ModelConfig
 from rsdjax.model.axes import CACHE_AXES, PARAM_AXES  # noqa: F401  (CACHE_AXES: part of this module's API)
 from rsdjax.model.lora import lora_delta, lora_rows_delta
 from rsdjax.model.projection import project
+from rsdjax.model.quant import QArray, head_matmul
 from rsdjax.parallel import layer_stack
 from rsdjax.parallel.rules import constrain
 
@@ -189,7 +190,10 @@ def cache_mask(positions, length: int):
 def lm_logits(cfg: ModelConfig, x, final_norm, head):
     """x [B, (T,) E] -> float32 logits [B, (T,) V]. head [vocab, embed] (the embedding when tied)."""
     x = rms_norm(x, final_norm.astype(x.dtype), cfg.rms_norm_eps)
-    logits = jnp.einsum("...e,ve->...v", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    if isinstance(head, QArray):  # int8 (rsdjax/model/quant.py)
+        logits = head_matmul(x, head)
+    else:
+        logits = jnp.einsum("...e,ve->...v", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch",) + ("seq",) * (x.ndim - 2) + ("act_vocab",))
 
 
