@@ -124,3 +124,31 @@ def test_int8_perplexity_of_the_real_model_within_4_percent(smollm2_hf_dir):
           f"({100 * (ppl_int8 / ppl_f32 - 1):+.2f}%)")
     assert ppl_f32 < 100  # the float model itself reads the text sensibly
     assert abs(ppl_int8 / ppl_f32 - 1) < 0.04
+
+
+def test_lora_applies_on_top_of_int8(tiny_hf_dir, tmp_path):
+    """A PEFT adapter on the int8 base: logits near peft + transformers on the float base, and the
+    adapter's effect far above the int8 error (so the comparison means something)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from rsdjax.checkpoint.peft import apply_adapter
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_hf_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():  # B starts at zero: give it values, as training would
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+        peft_model.save_pretrained(tmp_path / "adapter")
+        expected = peft_model.eval()(torch.tensor(TOKENS)).logits.numpy()
+        plain = LlamaForCausalLM.from_pretrained(tiny_hf_dir).eval()(torch.tensor(TOKENS)).logits.numpy()
+    model = apply_adapter(load_model(tiny_hf_dir), tmp_path / "adapter")
+    int8 = quantize_serving(forward.serving_weights(model, make_mesh({})))
+    assert "lora" in int8.layers[0] and isinstance(int8.layers[0]["wq"], QArray)
+    got = np.asarray(all_logits(model.cfg, int8, TOKENS))
+    error, effect = np.abs(got - expected).mean(), np.abs(expected - plain).mean()
+    print(f"int8 + LoRA vs peft: mean abs diff {error:.4g}; the adapter's own effect {effect:.4g}")
+    assert error < 0.1 * effect
