@@ -35,7 +35,10 @@ class RopeScaling:
 @dataclasses.dataclass
 class ModelConfig:
     name: str = "custom"
-    vocab_size: int = 32000
+    vocab_size: int = 32000  # rows of the embedding and LM head
+    # set when rows were padded on load so the mesh divides them (as vLLM pads): the checkpoint's own
+    # vocabulary; ids from here to vocab_size get -inf logits and exports strip them
+    real_vocab_size: int | None = None
     hidden_size: int = 4096
     intermediate_size: int = 11008
     num_layers: int = 32
@@ -58,6 +61,11 @@ class ModelConfig:
     tensor_parallel: str = "compiler"  # compiler: XLA partitions by sharding; shard_map: explicit psums
 
     @property
+    def logical_vocab_size(self) -> int:
+        """Token ids the model knows (vocab_size without load-time padding)."""
+        return self.real_vocab_size or self.vocab_size
+
+    @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
@@ -72,6 +80,8 @@ class ModelConfig:
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"{where}: hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}; set head_dim")
+        if self.real_vocab_size is not None and not 0 < self.real_vocab_size <= self.vocab_size:
+            raise ConfigError(f"{where}: real_vocab_size={self.real_vocab_size} must be in [1, vocab_size={self.vocab_size}]")
         if self.pipeline_microbatches < 0:
             raise ConfigError(f"{where}: pipeline_microbatches must be >= 0, got {self.pipeline_microbatches}")
         if self.tensor_parallel not in ("compiler", "shard_map"):
@@ -160,8 +170,10 @@ def config_keys(cls: type, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(cls)
     keys = []
     for f in dataclasses.fields(cls):
-        inner = [t for t in typing.get_args(hints[f.name]) if dataclasses.is_dataclass(t)] or [hints[f.name]]
-        if dataclasses.is_dataclass(inner[0]):
+        hint = hints[f.name]
+        optional = typing.get_origin(hint) in (typing.Union, types.UnionType)  # X | None: X's keys (a list is a leaf)
+        inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)] if optional else [hint]
+        if inner and dataclasses.is_dataclass(inner[0]):
             keys += config_keys(inner[0], f"{prefix}{f.name}.")
         else:
             keys.append(prefix + f.name)

@@ -35,6 +35,15 @@ def test_help(argv, capsys):
     assert out.startswith("usage: rsdjax " + " ".join(argv)) and "--help" in out
 
 
+@pytest.mark.parametrize("argv, key", [(["train"], "optim.lr"), (["finetune"], "lora.r"), (["generate"], "model.rope_theta"),
+                                       (["serve"], "model.num_layers"), (["warmup"], "model.dtype"),
+                                       (["plan"], "cost.compute_efficiency"), (["shard-report"], "hardware.device.memory_gb.value")])
+def test_help_lists_the_config_keys(argv, key, capsys):
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    assert key in capsys.readouterr().out.split("config keys (key=value):")[1].replace("\n", " ")
+
+
 # (argv before the override, a misspelled key, the valid key the error must name)
 UNKNOWN = [
     (["train", "cpt-demo"], "optim.lrr=1e-3", "optim.lr"),

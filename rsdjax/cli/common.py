@@ -18,27 +18,45 @@ def add_mesh_args(parser: argparse.ArgumentParser, default_hardware: str | None 
                    help="what --hardware's split maximizes: system tokens/s, lowest step latency, or tokens/s per watt")
 
 
-def add_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.num_layers=4")
-
-
 # the config sections a command's `key=value` overrides may name (check_overrides)
 MODEL = ("model", "rsdjax.config:ModelConfig")
 HARDWARE = ("hardware", "rsdjax.hardware:HardwareSpec")
 COST = ("cost", "rsdjax.plan.cost_model:Assumptions")
 
 
-def check_overrides(overrides: list[str], *sections: tuple[str, str]) -> None:
-    """Refuse the first override whose key no section has, naming the nearest valid key."""
+def section_keys(*sections: tuple[str, str]) -> list[str]:
+    """Every dotted key of these config sections (prefix, "module:Dataclass"); a prefix "" is the config itself."""
     import importlib
 
-    from rsdjax.config import check_keys, config_keys
+    from rsdjax.config import config_keys
 
-    valid = []
+    keys = []
     for prefix, where in sections:
         module, name = where.split(":")
-        valid += config_keys(getattr(importlib.import_module(module), name), prefix + ".")
-    check_keys(list(overrides), valid)
+        keys += config_keys(getattr(importlib.import_module(module), name), f"{prefix}." if prefix else "")
+    return keys
+
+
+def check_overrides(overrides: list[str], *sections: tuple[str, str]) -> None:
+    """Refuse the first override whose key no section has, naming the nearest valid key."""
+    from rsdjax.config import check_keys
+
+    check_keys(list(overrides), section_keys(*sections))
+
+
+def add_overrides(parser: argparse.ArgumentParser, *sections: tuple[str, str]) -> None:
+    """`key=value` arguments; `--help` then lists every key the sections accept (read only when asked for,
+    so building the parser imports nothing heavy)."""
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.num_layers=4")
+    if not sections:
+        return
+    format_help = parser.format_help
+
+    def with_keys() -> str:
+        parser.epilog = "config keys (key=value): " + ", ".join(section_keys(*sections))
+        return format_help()
+
+    parser.format_help = with_keys
 
 
 def add_path_arg(parser: argparse.ArgumentParser, dest: str, flags: tuple[str, ...], help: str) -> None:

@@ -8,7 +8,7 @@ def register(sub) -> None:
     p = sub.add_parser("finetune", help="LoRA fine-tuning on Q&A / chat jsonl; writes a PEFT adapter")
     p.add_argument("config", help="config preset (configs/train, e.g. lora-qa-demo) or YAML file")
     add_mesh_args(p)
-    add_overrides(p)
+    add_overrides(p, ("", "rsdjax.sft.config:FinetuneConfig"))
     p.set_defaults(func=run)
 
 

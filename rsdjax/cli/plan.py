@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 
-from rsdjax.cli.common import add_mesh_args, add_overrides, split_overrides
+from rsdjax.cli.common import COST, HARDWARE, MODEL, add_mesh_args, add_overrides, split_overrides
 
 
 def register(sub) -> None:
@@ -41,7 +41,7 @@ def register(sub) -> None:
                    help="compile the step for both tensor-parallel paths (compiler, shard_map) and list the "
                         "collectives in the HLO")
     add_mesh_args(p, default_hardware="cpu")
-    add_overrides(p)
+    add_overrides(p, MODEL, HARDWARE, COST)
     p.set_defaults(func=run)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from rsdjax.cli.common import add_mesh_args, add_overrides, split_overrides
+from rsdjax.cli.common import HARDWARE, MODEL, add_mesh_args, add_overrides, split_overrides
 
 
 def register(sub) -> None:
@@ -24,7 +24,7 @@ def register(sub) -> None:
     p.add_argument("--seq", type=int, default=None, help="KV cache length (infer, default 4096) or sequence "
                                                          "length (train, default 2048) for the picture")
     add_mesh_args(p, default_hardware=None)
-    add_overrides(p)
+    add_overrides(p, MODEL, HARDWARE)
     p.set_defaults(func=run)
 
 

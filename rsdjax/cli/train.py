@@ -20,7 +20,7 @@ def register(sub) -> None:
     from rsdjax.distributed import add_distributed_args
 
     add_distributed_args(p)
-    add_overrides(p)
+    add_overrides(p, ("", "rsdjax.train.config:TrainConfig"))
     p.set_defaults(func=run)
 
 

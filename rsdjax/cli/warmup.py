@@ -5,7 +5,7 @@ import json
 import time
 from pathlib import Path
 
-from rsdjax.cli.common import add_engine_args, add_mesh_args, add_overrides, split_overrides
+from rsdjax.cli.common import MODEL, add_engine_args, add_mesh_args, add_overrides, split_overrides
 
 
 def register(sub) -> None:
@@ -15,9 +15,11 @@ def register(sub) -> None:
     p.add_argument("--max-context", type=int, default=None, help="tokens per slot, as `rsdjax serve` will use")
     p.add_argument("--rows", default="1", help="slot engine: prefill batch sizes to compile, comma-separated (default 1)")
     p.add_argument("--logprobs", action="store_true", help="slot engine: also the variants that return logprobs")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights for every projection and the LM head (per-channel scales)")
     add_engine_args(p.add_argument_group("engine (as `rsdjax serve` will use it)"))
     add_mesh_args(p)
-    add_overrides(p)
+    add_overrides(p, MODEL)
     p.set_defaults(func=run)
 
 
@@ -37,7 +39,8 @@ def run(args) -> int:
     mesh = serving_mesh(args, args.max_slots, args.max_context, split_overrides(args.overrides, "model"))
     t0 = time.perf_counter()
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=args.max_slots, max_context=args.max_context,
-                            overrides=split_overrides(args.overrides, "model"), **engine_options(args))
+                            overrides=split_overrides(args.overrides, "model"), quantize=args.quantize,
+                            **engine_options(args))
     if hasattr(engine, "warmup"):  # the paged engine: every step shape (logprobs are a runtime branch)
         shapes = {"step_shapes": engine.warmup()}
     else:

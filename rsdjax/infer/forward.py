@@ -31,6 +31,7 @@ from rsdjax.config import ConfigError, ModelConfig
 from rsdjax.infer.sampling import token_logprobs
 from rsdjax.model.llama import (Llama, attend_with, cache_mask, causal_mask, decoder_layer, embed_tokens, lm_logits,
                                 resolve_dtype, rope_tables)
+from rsdjax.model.quant import transpose
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, constrain, resolve
 
@@ -88,7 +89,7 @@ def layer_view(p: dict) -> dict:
     """One layer's stored weights in the layout `decoder_layer` expects (transposed views)."""
     p = dict(p)
     for name, order in STORED_ORDER.items():
-        p[name] = jnp.transpose(p[name], tuple(int(i) for i in np.argsort(order)))
+        p[name] = transpose(p[name], tuple(int(i) for i in np.argsort(order)))  # float or int8 (QArray)
     return p
 
 

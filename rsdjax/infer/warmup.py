@@ -39,13 +39,18 @@ def _lora_stand_in(engine, rows: int):
     return engine.adapters.layers, jax.ShapeDtypeStruct((rows,), jnp.int32)
 
 
+def lower_decode(engine, attend: int, logprobs: bool = False):
+    """The decode step lowered as `SlotEngine.generate` calls it (no grammar, base-model slots)."""
+    top_k = MAX_TOP_LOGPROBS if logprobs else 0
+    return engine._steps.decode.lower(engine.weights, engine._cache, engine._state, engine._no_constraint,
+                                      _lora_stand_in(engine, engine.max_slots), int(attend), top_k)
+
+
 def compile_decode(engine, attend_buckets: Iterable[int], logprobs: bool = False) -> int:
     """Compile the decode step for each attention bucket; returns how many were compiled."""
-    steps, n = engine._steps, 0
-    top_k = MAX_TOP_LOGPROBS if logprobs else 0
+    n = 0
     for attend in attend_buckets:
-        steps.decode.lower(engine.weights, engine._cache, engine._state, engine._no_constraint,
-                           _lora_stand_in(engine, engine.max_slots), int(attend), top_k).compile()
+        lower_decode(engine, attend, logprobs).compile()
         n += 1
     return n
 
@@ -91,4 +96,4 @@ def compile_all(engine, rows: Sequence[int] = (1,), logprobs: bool = False) -> d
     return {"prefill_shapes": n_prefill, "decode_shapes": n_decode}
 
 
-__all__ = ["decode_buckets_for", "compile_decode", "compile_prefill", "compile_for_prompts", "compile_all"]
+__all__ = ["decode_buckets_for", "lower_decode", "compile_decode", "compile_prefill", "compile_for_prompts", "compile_all"]

@@ -22,6 +22,7 @@ from rsdjax.config import ModelConfig
 from rsdjax.model.axes import CACHE_AXES, PARAM_AXES  # noqa: F401  (CACHE_AXES: part of this module's API)
 from rsdjax.model.lora import lora_delta, lora_rows_delta
 from rsdjax.model.projection import project
+from rsdjax.model.quant import QArray, head_matmul
 from rsdjax.parallel import layer_stack
 from rsdjax.parallel.rules import constrain
 
@@ -32,6 +33,13 @@ def resolve_dtype(name: str):
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     return jnp.dtype(name)
+
+
+def mask_padded_vocab(cfg: ModelConfig, logits):
+    """-inf for the rows padded on load (ids >= real_vocab_size), so they are never sampled or scored."""
+    if cfg.real_vocab_size is None or cfg.real_vocab_size == cfg.vocab_size:
+        return logits
+    return jnp.where(jnp.arange(cfg.vocab_size) < cfg.real_vocab_size, logits, -jnp.inf)
 
 
 @jax.tree_util.register_dataclass
@@ -189,8 +197,11 @@ def cache_mask(positions, length: int):
 def lm_logits(cfg: ModelConfig, x, final_norm, head):
     """x [B, (T,) E] -> float32 logits [B, (T,) V]. head [vocab, embed] (the embedding when tied)."""
     x = rms_norm(x, final_norm.astype(x.dtype), cfg.rms_norm_eps)
-    logits = jnp.einsum("...e,ve->...v", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch",) + ("seq",) * (x.ndim - 2) + ("act_vocab",))
+    if isinstance(head, QArray):  # int8 (rsdjax/model/quant.py)
+        logits = head_matmul(x, head)
+    else:
+        logits = jnp.einsum("...e,ve->...v", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    return constrain(mask_padded_vocab(cfg, logits), ("batch",) + ("seq",) * (x.ndim - 2) + ("act_vocab",))
 
 
 def layer_scan(cfg: ModelConfig, params: dict, x, aux: tuple, cache: tuple = (), tp=None):

@@ -15,8 +15,12 @@ import math
 import jax
 import jax.numpy as jnp
 
+from rsdjax.model.quant import QArray, qmatmul
+
 
 def project(equation: str, x, w):
+    if isinstance(w, QArray):  # an int8 kernel (rsdjax/model/quant.py): inference only
+        return qmatmul(equation, x, w)
     return _projection(equation)(x, w)
 
 
