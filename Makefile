@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_infer.py
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_serve.py
+	$(BIN)/python scripts/bench_lora.py
 
 clean:
 	rm -rf $(VENV)

@@ -35,7 +35,10 @@ class RopeScaling:
 @dataclasses.dataclass
 class ModelConfig:
     name: str = "custom"
-    vocab_size: int = 32000
+    vocab_size: int = 32000  # rows of the embedding and LM head
+    # set when rows were padded on load so the mesh divides them (as vLLM pads): the checkpoint's own
+    # vocabulary; ids from here to vocab_size get -inf logits and exports strip them
+    real_vocab_size: int | None = None
     hidden_size: int = 4096
     intermediate_size: int = 11008
     num_layers: int = 32
@@ -58,6 +61,11 @@ class ModelConfig:
     tensor_parallel: str = "compiler"  # compiler: XLA partitions by sharding; shard_map: explicit psums
 
     @property
+    def logical_vocab_size(self) -> int:
+        """Token ids the model knows (vocab_size without load-time padding)."""
+        return self.real_vocab_size or self.vocab_size
+
+    @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
@@ -72,6 +80,8 @@ class ModelConfig:
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"{where}: hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}; set head_dim")
+        if self.real_vocab_size is not None and not 0 < self.real_vocab_size <= self.vocab_size:
+            raise ConfigError(f"{where}: real_vocab_size={self.real_vocab_size} must be in [1, vocab_size={self.vocab_size}]")
         if self.pipeline_microbatches < 0:
             raise ConfigError(f"{where}: pipeline_microbatches must be >= 0, got {self.pipeline_microbatches}")
         if self.tensor_parallel not in ("compiler", "shard_map"):

@@ -175,7 +175,8 @@ def extend_tokenizer(base: Tokenizer, texts: Iterable[str], add: int, min_freque
             next_id += 1
     spec["model"]["vocab"] = vocab
     spec["model"]["merges"] = [list(m) for m in merges + new_merges]
-    ext = Tokenizer(HFTokenizer.from_str(json.dumps(spec, ensure_ascii=False)))
+    # the base's special tokens, add_bos_token and chat template carry over: an extended chat tokenizer still chats
+    ext = base.with_hf(HFTokenizer.from_str(json.dumps(spec, ensure_ascii=False)))
     check_extension(base, ext)
     return ext
 

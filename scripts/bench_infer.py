@@ -3,6 +3,10 @@
 
     python scripts/bench_infer.py            # ~125M Llama, f32, prompt 128, 64 new tokens, batch 1 and 16
     python scripts/bench_infer.py --quick    # a tiny model: a smoke run (what the test suite runs)
+    python scripts/bench_infer.py --model PATH   # a real model: HF Llama directory or GGUF file
+
+With --model a GGUF file is first converted by rsdjax (`convert gguf-to-hf`: dequantized, float32)
+so both sides run the same weights; prompts are random ids of the model's vocabulary.
 
 Both sides decode greedily with a random-weight Llama written once as an HF directory (hidden 768,
 12 layers, 12 heads, 4 kv heads, intermediate 2048, vocab 32000). Reported per batch size: output
@@ -48,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed runs per side and batch (default 3, quick 1)")
     p.add_argument("--mesh", default=None, help="run rsdjax on this mesh of virtual CPU devices, e.g. tensor=2 "
                    "(default: one device)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="a real model (HF Llama directory or .gguf file) instead of the random 125M Llama")
     p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "infer.json")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in (args.batches or ("1,2" if args.quick else "1,16")).split(",")]
@@ -91,12 +97,30 @@ def decode_weight_bytes(hf_config: dict) -> int:
     """Bytes a decode step must read: every weight but the embedding table (only B rows are gathered)."""
     e, m, v, l = (hf_config[k] for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers"))
     h, kv = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
-    d = e // h
+    d = hf_config.get("head_dim") or e // h
     per_layer = e * d * (2 * h + 2 * kv) + 3 * e * m + 2 * e
     return 4 * (l * per_layer + e + e * v)  # float32; + final norm + lm_head
 
 
 # ---------------------------------------------------------------- the two sides
+
+
+def real_model(src: Path, path: Path) -> dict:
+    """`src` as an HF float32 directory at `path` (a GGUF converted by rsdjax); its HF config keys."""
+    import shutil
+
+    from rsdjax.checkpoint.hf import save_hf
+    from rsdjax.loading import load_model
+    from rsdjax.tokenizer import Tokenizer
+
+    if src.suffix.lower() == ".gguf":
+        save_hf(load_model(src, param_dtype="keep"), path, tokenizer=Tokenizer.for_model(src))
+    else:
+        shutil.copytree(src, path)
+    cfg = json.loads((path / "config.json").read_text())
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "head_dim")
+    return {k: cfg[k] for k in keys if cfg.get(k) is not None}
 
 
 def make_model(path: Path, config: dict) -> None:
@@ -190,16 +214,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import numpy as np
 
-    config = MODEL_QUICK if args.quick else MODEL_125M
-    context = args.prompt_len + args.new_tokens
-    if context > config["max_position_embeddings"]:
-        raise SystemExit(f"prompt-len + new-tokens = {context} exceeds the model's {config['max_position_embeddings']}")
     load_before = os.getloadavg()
     mesh = None
     if args.mesh:  # before anything starts JAX: it decides how many virtual devices there are
         from rsdjax.parallel.mesh import mesh_from_args
 
         mesh = mesh_from_args(args.mesh)
+    tmp_dir = tempfile.TemporaryDirectory(prefix="bench_infer_")
+    path = Path(tmp_dir.name) / "model"
+    config = real_model(args.model, path) if args.model else MODEL_QUICK if args.quick else MODEL_125M
+    context = args.prompt_len + args.new_tokens
+    if context > config["max_position_embeddings"]:
+        raise SystemExit(f"prompt-len + new-tokens = {context} exceeds the model's {config['max_position_embeddings']}")
     bandwidth = measure_bandwidth((64 if args.quick else 1024) << 20)
     weight_bytes = decode_weight_bytes(config)
     limit_step_s = weight_bytes / bandwidth["bytes_per_s"]
@@ -208,9 +234,9 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(0)
     runs = []
-    with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
-        path = Path(tmp) / "model"
-        make_model(path, config)
+    with tmp_dir:
+        if not args.model:
+            make_model(path, config)
         for batch in args.batches:
             prompts = rng.integers(3, config["vocab_size"], (batch, args.prompt_len)).tolist()
             ours_once = rsdjax_runner(path, prompts, args.new_tokens, context, mesh)
@@ -235,7 +261,7 @@ def main(argv=None) -> int:
                    "fraction_of_decode_limit": limit_step_s / ours["tpot_s"],
                    "hf_fraction_of_decode_limit": limit_step_s / peer["tpot_s"],
                    "greedy_sequences_identical": f"{sum(same)}/{len(same)}"}
-            target = TARGETS.get(batch, {}) if not args.quick else {}
+            target = TARGETS.get(batch, {}) if not (args.quick or args.model) else {}
             run["targets"] = {k: {"target": v, "met": run[k] >= v} for k, v in target.items()}
             runs.append(run)
             print(f"batch {batch:>3}: rsdjax {ours['tokens_per_s']:8.1f} tok/s  TTFT {ours['ttft_s'] * 1e3:7.1f} ms  "
@@ -246,6 +272,7 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "inference", "quick": args.quick, "model": config, "dtype": "float32",
+        "model_path": str(args.model) if args.model else None,
         "rsdjax_mesh": args.mesh or "one device", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_before": load_before,

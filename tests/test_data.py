@@ -11,7 +11,7 @@ from rsdjax.data.packing import BATCH_KEYS, PackedWindows, pack_window
 from rsdjax.data.pipeline import Mixture, build_mixture, global_batch
 from rsdjax.data.sources import expand_paths, iter_documents
 from rsdjax.data.store import build_store
-from rsdjax.tokenizer import EOS, Tokenizer
+from rsdjax.tokenizer import BOS, EOS, Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,8 @@ def test_store_concatenates_documents_with_eos_and_is_built_once(tmp_path, tok):
     src = _write_docs(tmp_path / "src", docs)
     store = build_store("s", [src], tok, tmp_path / "cache")
     eos = tok.token_id(EOS)
-    expected = [i for d in docs for i in tok.encode(d) + [eos]]
+    assert tok.add_bos  # the Llama-3 convention of rsdjax-trained tokenizers: BOS opens every document
+    expected = [i for d in docs for i in [tok.token_id(BOS)] + tok.encode(d) + [eos]]
     assert store.tokens.tolist() == expected and store.num_docs == 3
     mtime = (store.directory / "tokens.u32").stat().st_mtime_ns
     again = build_store("s", [src], tok, tmp_path / "cache")

@@ -138,3 +138,30 @@ def test_unknown_and_bad_adapters(live, adapters, tmp_path):
     assert r.status_code == 400 and "adapter_config.json" in r.json()["error"]["message"]
     r = HTTP.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "qa", "lora_path": str(adapters["qa"][0])})
     assert r.status_code == 400 and "already loaded" in r.json()["error"]["message"]
+
+
+def test_pool_sharded_like_the_kernels_on_tensor_parallel(adapters):
+    """On tensor=4 the pool's A/B split over `tensor` where their kernels do (heads, mlp), and a
+    batch of the base and three adapters still equals peft."""
+    from rsdjax.infer.engine import load_engine
+    from rsdjax.infer.interface import Request, SamplingParams
+    from rsdjax.parallel.mesh import make_mesh
+
+    mesh = make_mesh({"tensor": 4})
+    engine, _ = load_engine(adapters["base"][0], mesh=mesh, max_slots=4, max_context=32, max_lora_rank=8,
+                            adapters={n: str(adapters[n][0]) for n in ("qa", "legal", "small")})
+    layer = engine.adapters.layers[0]
+    assert "tensor" in layer["wq"]["b"].sharding.spec and "tensor" in layer["w_up"]["b"].sharding.spec
+    assert "tensor" in layer["w_down"]["a"].sharding.spec and "tensor" in layer["wo"]["a"].sharding.spec
+    names = ["base", "qa", "legal", "small"]
+    params = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
+    requests = [Request(n, PROMPT, params, 0 if n == "base" else engine.adapters.acquire(n)) for n in names]
+    prefixes = engine.prefill_many(requests)
+    out = {p.request.id: [p.first_token.token_id] for p in prefixes}
+    for slot, prefix in enumerate(prefixes):
+        engine.insert(prefix, slot)
+    while any(len(v) < N for v in out.values()):
+        for event in engine.generate():
+            out[event.request_id].append(event.token_id)
+    for n in names:
+        assert out[n][:N] == adapters[n][1], n

@@ -82,7 +82,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
         rope = {**legacy_scaling, "rope_theta": cfg.rope_theta}
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.logical_vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.resolved_head_dim,
         "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
@@ -139,6 +139,8 @@ class _Source:
                                           "are floating point (F32, F16 or BF16)")
 
     def expected(self, name, shape):
+        if name in ("embed", "lm_head"):  # the file has the real vocabulary; padding rows are added on read
+            shape = _unpadded(name, shape, self.cfg)
         if name in LAYER_TENSORS:
             hf_name, kind, _ = LAYER_TENSORS[name]
             return [(f"model.layers.{i}.{hf_name}", kind, _hf_shape(kind, shape[1:])) for i in range(shape[0])]
@@ -152,12 +154,19 @@ class _Source:
             parts = [_from_hf(kind, self.refs[f"model.layers.{i}.{hf_name}"].load(), self.cfg)[index[1:]] for i in layers]
             return np.stack(parts)
         kind = "t" if name == "lm_head" else None
-        return _from_hf(kind, self.refs[GLOBAL_TENSORS[name]].load(), self.cfg)[index]
+        full = _from_hf(kind, self.refs[GLOBAL_TENSORS[name]].load(), self.cfg)
+        if name in ("embed", "lm_head") and tuple(full.shape) != tuple(shape):
+            axis = 0 if name == "embed" else 1  # zero rows: their logits are masked to -inf anyway
+            pad = [(0, 0), (0, 0)]
+            pad[axis] = (0, shape[axis] - full.shape[axis])
+            full = np.pad(np.asarray(full), pad)
+        return full[index]
 
 
-def load_hf_state(directory: Path, cfg: ModelConfig, abstract_state, shardings, param_dtype=None):
-    """Arrays for every variable of `abstract_state`, each created shard by shard on its devices."""
-    source = _Source(index_directory(directory), cfg, abstract_state, Path(directory))
+def load_hf_state(directory: Path, cfg: ModelConfig, abstract_state, shardings, param_dtype=None, refs=None):
+    """Arrays for every variable of `abstract_state`, each created shard by shard on its devices.
+    `refs`: tensors by HF name (default: the directory's safetensors; a GGUF passes its own)."""
+    source = _Source(index_directory(directory) if refs is None else refs, cfg, abstract_state, Path(directory))
 
     def make(name, var, sharding):
         dtype = param_dtype or var.dtype
@@ -166,6 +175,12 @@ def load_hf_state(directory: Path, cfg: ModelConfig, abstract_state, shardings, 
             lambda idx: np.asarray(source.read(name, _full(idx, var.shape), var.shape), dtype=dtype))
 
     return {name: make(name, var, shardings[name]) for name, var in abstract_state.items()}
+
+
+def _unpadded(name: str, shape, cfg: ModelConfig) -> tuple[int, ...]:
+    shape = list(shape)
+    shape[0 if name == "embed" else 1] = cfg.logical_vocab_size
+    return tuple(shape)
 
 
 def _full(idx, shape):
@@ -180,8 +195,10 @@ def file_dtype(directory: Path) -> np.dtype:
 # ---------------------------------------------------------------- export
 
 
-def save_hf(model, directory: Path, max_shard_bytes: int = 2 << 30, tokenizer_dir: Path | None = None) -> Path:
-    """Write `model` as an HF Llama directory. Writes into DIR.tmp and renames, so DIR is never half-written."""
+def save_hf(model, directory: Path, max_shard_bytes: int = 2 << 30, tokenizer_dir: Path | None = None,
+            tokenizer=None) -> Path:
+    """Write `model` as an HF Llama directory. Writes into DIR.tmp and renames, so DIR is never half-written.
+    The tokenizer: files copied from `tokenizer_dir`, or a `Tokenizer` saved (`tokenizer`)."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise CheckpointError(f"{directory}: exists and is not empty; refusing to overwrite")
@@ -193,17 +210,20 @@ def save_hf(model, directory: Path, max_shard_bytes: int = 2 << 30, tokenizer_di
     host = lambda a: np.asarray(jax.device_get(a))  # noqa: E731  (gathers one slice at a time)
     writer = ShardedWriter(tmp, max_shard_bytes)
     dtype = host(state["embed"][...][:1]).dtype
-    writer.add(GLOBAL_TENSORS["embed"], host(state["embed"][...]))
+    real = cfg.logical_vocab_size  # rows padded for a mesh on load are not part of the model
+    writer.add(GLOBAL_TENSORS["embed"], host(state["embed"][...][:real]))
     for i in range(cfg.num_layers):
         for name, (hf_name, kind, _) in LAYER_TENSORS.items():
             writer.add(f"model.layers.{i}.{hf_name}", _to_hf(kind, host(state[name][...][i])))
     writer.add(GLOBAL_TENSORS["final_norm"], host(state["final_norm"][...]))
     if not cfg.tie_word_embeddings:
-        writer.add(GLOBAL_TENSORS["lm_head"], host(state["lm_head"][...]).T)
+        writer.add(GLOBAL_TENSORS["lm_head"], host(state["lm_head"][...][:, :real]).T)
     writer.close()
     (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, str(np.dtype(dtype).name)), indent=2))
-    if tokenizer_dir is not None:
-        for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    elif tokenizer_dir is not None:
+        for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
             if (Path(tokenizer_dir) / fname).exists():
                 shutil.copy(Path(tokenizer_dir) / fname, tmp / fname)
     publish_dir(tmp, directory)

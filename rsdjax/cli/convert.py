@@ -1,35 +1,48 @@
-"""`rsdjax convert hf-to-rsdjax|rsdjax-to-hf --model SRC -o DST` (or SRC DST positionally)."""
+"""`rsdjax convert hf-to-rsdjax|rsdjax-to-hf|gguf-to-rsdjax|gguf-to-hf --model SRC -o DST` (or SRC DST)."""
 from __future__ import annotations
+
+import shutil
 
 from rsdjax.cli.common import add_mesh_args, add_path_arg
 
+DIRECTIONS = ("hf-to-rsdjax", "rsdjax-to-hf", "gguf-to-rsdjax", "gguf-to-hf")
+
 
 def register(sub) -> None:
-    p = sub.add_parser("convert", help="convert between HF Llama directories and rsdjax checkpoints")
-    p.add_argument("direction", choices=["hf-to-rsdjax", "rsdjax-to-hf"])
-    add_path_arg(p, "model", ("--model",), "the model to convert (HF Llama directory or rsdjax checkpoint)")
+    p = sub.add_parser("convert", help="convert between HF Llama directories, GGUF files and rsdjax checkpoints")
+    p.add_argument("direction", choices=DIRECTIONS)
+    add_path_arg(p, "model", ("--model",),
+                 "the model to convert (HF Llama directory, rsdjax checkpoint, or a .gguf file for gguf-to-*)")
     add_path_arg(p, "output", ("-o", "--output"), "the directory to write (must not exist or be empty)")
-    p.add_argument("--max-shard-size", type=float, default=2.0, help="GB per safetensors file (rsdjax-to-hf)")
+    p.add_argument("--max-shard-size", type=float, default=2.0, help="GB per safetensors file (*-to-hf)")
     add_mesh_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from rsdjax.checkpoint.hf import save_hf
-    from rsdjax.cli.common import mesh_from_args
-    from rsdjax.cli.common import path_arg
+    from rsdjax.cli.common import mesh_from_args, path_arg
     from rsdjax.loading import load_model, save_model
+    from rsdjax.tokenizer import Tokenizer
 
     args.src, args.dst = path_arg(args, "model"), path_arg(args, "output")
     if args.dst.exists() and any(args.dst.iterdir()):
         raise ValueError(f"{args.dst}: exists and is not empty; refusing to overwrite")
+    if args.direction.startswith("gguf-") != (args.src.suffix.lower() == ".gguf"):
+        raise ValueError(f"{args.src}: {args.direction} needs "
+                         f"{'a .gguf file' if args.direction.startswith('gguf-') else 'a model directory'}")
     mesh = mesh_from_args(args) if (args.mesh or args.hardware) else None
-    # keep the source dtype so that a round trip is bit-identical
+    # keep the source dtype so that a round trip is bit-identical (a GGUF is dequantized to float32)
     model = load_model(args.src, mesh=mesh, param_dtype="keep")
-    if args.direction == "hf-to-rsdjax":
+    tokenizer = Tokenizer.for_model(args.src)
+    if args.direction.endswith("-to-rsdjax"):
         save_model(model, args.dst)
+        if tokenizer is not None:
+            tokenizer.save(args.dst)
     else:
-        tokenizer_dir = args.src if (args.src / "tokenizer.json").exists() else None
-        save_hf(model, args.dst, max_shard_bytes=int(args.max_shard_size * 1e9), tokenizer_dir=tokenizer_dir)
+        save_hf(model, args.dst, max_shard_bytes=int(args.max_shard_size * 1e9), tokenizer=tokenizer)
+    generation = args.src / "generation_config.json"
+    if args.src.is_dir() and generation.exists():
+        shutil.copy(generation, args.dst / generation.name)
     print(f"wrote {args.dst}")
     return 0

@@ -13,14 +13,17 @@ DEFAULT_SLOTS = 8
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate from a model (HF dir or rsdjax checkpoint) sharded over a mesh")
-    p.add_argument("--model", type=Path, required=True, help="HF Llama directory or rsdjax checkpoint")
+    p.add_argument("--model", type=Path, required=True, help="HF Llama directory, GGUF file or rsdjax checkpoint")
     p.add_argument("--prompt", action="append", default=[], help="text prompt (needs tokenizer.json); repeat for a batch")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                    help="comma-separated token ids, e.g. 1,2,3; repeat for a batch")
     p.add_argument("--lora", action="append", default=[], metavar="[NAME=]DIR",
                    help="PEFT LoRA adapter directory to apply to the model (serve's syntax; one adapter)")
-    p.add_argument("--chat", action="store_true", help="send each --prompt as a user message in the Llama-3 chat format")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend <|begin_of_text|> to text prompts")
+    p.add_argument("--chat", action="store_true",
+                   help="send each --prompt as a user message through the model's chat template")
+    p.add_argument("--system", default=None, help="with --chat: a system message before each prompt")
+    p.add_argument("--no-bos", action="store_true",
+                   help="do not prepend BOS to text prompts (by default: when the tokenizer adds one)")
     s = p.add_argument_group("sampling")
     # named like the API fields (max_tokens, stop_token_ids); the first spellings still work
     s.add_argument("--max-tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=64)
@@ -86,15 +89,16 @@ def run(args) -> int:
     for flag, value in (("--max-slots", args.max_slots), ("--max-context", args.max_context)):
         if value is not None and value < 1:
             raise ValueError(f"generate: {flag} must be >= 1, got {value}")
-    tokenizer = Tokenizer.load(args.model) if (args.model / "tokenizer.json").exists() else None
+    tokenizer = Tokenizer.for_model(args.model)
     if args.prompt and tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.json, so --prompt cannot be used; give --prompt-ids")
     prompts = [parse_ids(t, "--prompt-ids") for t in args.prompt_ids]
+    system = [{"role": "system", "content": args.system}] if args.system else []
     for text in args.prompt:
         if args.chat:
-            prompts.append(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+            prompts.append(tokenizer.apply_chat_template(system + [{"role": "user", "content": text}]))
         else:
-            prompts.append(tokenizer.encode(text, add_bos=not args.no_bos))
+            prompts.append(tokenizer.encode(text, add_bos=tokenizer.add_bos and not args.no_bos))
     params = SamplingParams(
         max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,

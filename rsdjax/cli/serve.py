@@ -9,7 +9,7 @@ from rsdjax.cli.common import MODEL, add_mesh_args, add_overrides
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
-    p.add_argument("--model", type=Path, help="HF Llama directory or rsdjax checkpoint")
+    p.add_argument("--model", type=Path, help="HF Llama directory, GGUF file or rsdjax checkpoint")
     p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (default: the model's)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="a PEFT LoRA adapter served as model NAME beside the base (repeatable; a bare DIR is "
@@ -71,7 +71,8 @@ def build_engine(args):
                                           max_context=args.max_context, adapters=parse_lora_args(args.lora),
                                           max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                                           overrides=model_over, quantize=args.quantize)
-    return engine, tokenizer or model_tokenizer, args.model.resolve().name
+    name = args.model.resolve().name
+    return engine, tokenizer or model_tokenizer, name[:-5] if name.lower().endswith(".gguf") else name
 
 
 def run(args) -> int:
@@ -88,11 +89,16 @@ def run(args) -> int:
     from rsdjax.cli.common import MODEL, check_overrides
 
     check_overrides(args.overrides, MODEL)
+    from rsdjax.checkpoint.generation_config import sampling_defaults
+
     engine, tokenizer, default_name = build_engine(args)
+    defaults = sampling_defaults(args.model) if args.model is not None and not args.fake_engine else {}
     app = create_app(engine, tokenizer, args.names or [default_name], api_key=args.api_key,
                      max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
                      request_timeout=args.request_timeout or None, max_tokens_default=args.max_tokens_default,
-                     strict_fields=args.strict_fields)
+                     strict_fields=args.strict_fields, sampling_defaults=defaults)
+    if defaults:
+        print(f"serve: sampling defaults from generation_config.json: {defaults}")
     if tokenizer is None:
         print("serve: no tokenizer.json found: only token-id prompts on /v1/completions will work")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -1,4 +1,4 @@
-"""The token store: every document of a source tokenized once, EOS after each, in one uint32 file.
+"""The token store: every document of a source tokenized once, [BOS where the model adds one] + ids + EOS.
 
 A store lives in `<cache_dir>/<source name>-<key>/` where the key hashes the tokenizer and the
 source files (path, size, mtime), so changing either builds a new store and an unchanged source is
@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from rsdjax.data.sources import DataError, iter_documents
-from rsdjax.tokenizer import EOS, Tokenizer
+from rsdjax.tokenizer import Tokenizer
 
 STORE_VERSION = 1
 TOKENS_FILE = "tokens.u32"
@@ -47,15 +47,23 @@ class TokenStore:
 
 
 def eos_id_of(tok: Tokenizer) -> int:
-    eos = tok.token_id(EOS)
+    """The tokenizer's own EOS (tokenizer_config.json's eos_token), put after every document."""
+    eos = tok.eos_id
     if eos is None:
-        raise DataError(f"{tok.path}: tokenizer has no {EOS} token to put between documents")
+        raise DataError(f"{tok.path}: tokenizer has no EOS token to put between documents "
+                        f"(eos_token {tok.special('eos_token')!r} in tokenizer_config.json is not in its vocabulary)")
     return eos
+
+
+def bos_prefix(tok: Tokenizer) -> list[int]:
+    """[BOS] where the model adds one to plain text (add_bos_token), else nothing."""
+    return [tok.bos_id] if tok.add_bos else []
 
 
 def store_key(files: Sequence[Path], tok: Tokenizer) -> str:
     h = hashlib.sha256(f"rsdjax-token-store-v{STORE_VERSION}".encode())
     h.update(tok.hf.to_str().encode())
+    h.update(f"|eos={eos_id_of(tok)}|bos={bos_prefix(tok)}".encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -67,6 +75,7 @@ def build_store(name: str, files: Sequence[Path], tok: Tokenizer, cache_dir: Pat
     if not files:
         raise DataError(f"data source '{name}': its paths match no .txt or .jsonl files")
     eos = eos_id_of(tok)
+    bos = bos_prefix(tok)
     final = Path(cache_dir) / f"{name}-{store_key(files, tok)}"
     if (final / META_FILE).exists():
         return TokenStore.open(final)
@@ -80,7 +89,7 @@ def build_store(name: str, files: Sequence[Path], tok: Tokenizer, cache_dir: Pat
             def flush():
                 nonlocal num_tokens, num_docs
                 for enc in tok.hf.encode_batch(batch, add_special_tokens=False):
-                    ids = np.asarray(enc.ids + [eos], np.uint32)
+                    ids = np.asarray(bos + enc.ids + [eos], np.uint32)
                     out.write(ids.tobytes())
                     num_tokens += ids.size
                     num_docs += 1

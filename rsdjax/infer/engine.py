@@ -18,7 +18,6 @@ length therefore does not recompile. Use from one thread.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -104,6 +103,11 @@ class SlotEngine:
         self._no_constraint = jax.device_put(no_constraint(self.max_slots, cfg.vocab_size), self._steps.state_sharding)
         self._rng = np.random.default_rng()  # seeds for requests that bring none
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model knows (rows padded for the mesh excluded)."""
+        return self.cfg.logical_vocab_size
+
     # ------------------------------------------------------------ the Engine protocol
 
     def check(self, request: Request) -> None:
@@ -112,10 +116,10 @@ class SlotEngine:
         where = f"request {request.id}"
         if not ids:
             raise ValueError(f"{where}: empty prompt")
-        bad = [t for t in ids if not 0 <= int(t) < self.cfg.vocab_size]
+        bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
         if bad:
-            raise ValueError(f"{where}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
-        validate(p, self.cfg.vocab_size, where)
+            raise ValueError(f"{where}: token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        validate(p, self.vocab_size, where)
         if len(ids) + p.max_tokens > self.max_context:
             raise PromptTooLongError(len(ids), p.max_tokens, self.max_context)
 
@@ -259,22 +263,11 @@ def prompt_logprob_entries(prompt_ids: list[int], k: int, arrays, row: int) -> l
 
 def eos_ids_for(path: Path, cfg, tokenizer) -> list[int]:
     """EOS ids from the model config, generation_config.json and the tokenizer (chat models end turns
-    with <|eot_id|>, which only the tokenizer or generation config knows)."""
-    ids: list[int] = []
-    sources = [cfg.eos_token_id]
-    gen = Path(path) / "generation_config.json"
-    if gen.exists():
-        try:
-            sources.append(json.loads(gen.read_text()).get("eos_token_id"))
-        except json.JSONDecodeError:
-            pass  # an unreadable generation config only loses extra EOS ids
-    if tokenizer is not None:
-        sources.append(tokenizer.eos_ids)
-    for src in sources:
-        for t in src if isinstance(src, list) else [src]:
-            if t is not None and int(t) not in ids and 0 <= int(t) < cfg.vocab_size:
-                ids.append(int(t))
-    return ids
+    with a token only the tokenizer or generation config knows). An unreadable generation_config.json
+    is an error, not a silent loss of EOS ids."""
+    from rsdjax.checkpoint.generation_config import eos_ids
+
+    return eos_ids(path, cfg, tokenizer)
 
 
 def parse_lora_args(values: Sequence[str]) -> dict[str, str]:
@@ -295,9 +288,9 @@ def parse_lora_args(values: Sequence[str]) -> dict[str, str]:
 def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | None = None,
                 overrides: Sequence[str] = (), lora=None, adapters: dict[str, str] | None = None,
                 max_loras: int = 0, max_lora_rank: int = 16, quantize: str | None = None):
-    """An HF Llama directory or rsdjax checkpoint -> (SlotEngine, Tokenizer | None).
+    """An HF Llama directory, GGUF file or rsdjax checkpoint -> (SlotEngine, Tokenizer | None).
 
-    The tokenizer is `tokenizer.json` in the model directory when there is one. `lora`: a PEFT adapter
+    The tokenizer is `tokenizer.json` in the model directory (or the GGUF's own) when there is one. `lora`: a PEFT adapter
     directory, applied (unmerged) before the engine splits the weights per layer: every request gets it.
     `adapters` {name: directory}: served side by side, chosen per request, in a pool of
     `max(max_loras, len(adapters))` entries of rank up to `max_lora_rank` (more can be loaded later).
@@ -316,7 +309,7 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
         from rsdjax.checkpoint.peft import apply_adapter
 
         model = apply_adapter(model, lora)
-    tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
+    tokenizer = Tokenizer.for_model(path)
     adapters = dict(adapters or {})
     engine = SlotEngine(model, max_slots=max_slots, max_context=max_context,
                         eos_token_ids=eos_ids_for(path, model.cfg, tokenizer), mesh=mesh,

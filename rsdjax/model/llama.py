@@ -35,6 +35,13 @@ def resolve_dtype(name: str):
     return jnp.dtype(name)
 
 
+def mask_padded_vocab(cfg: ModelConfig, logits):
+    """-inf for the rows padded on load (ids >= real_vocab_size), so they are never sampled or scored."""
+    if cfg.real_vocab_size is None or cfg.real_vocab_size == cfg.vocab_size:
+        return logits
+    return jnp.where(jnp.arange(cfg.vocab_size) < cfg.real_vocab_size, logits, -jnp.inf)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
@@ -194,7 +201,7 @@ def lm_logits(cfg: ModelConfig, x, final_norm, head):
         logits = head_matmul(x, head)
     else:
         logits = jnp.einsum("...e,ve->...v", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch",) + ("seq",) * (x.ndim - 2) + ("act_vocab",))
+    return constrain(mask_padded_vocab(cfg, logits), ("batch",) + ("seq",) * (x.ndim - 2) + ("act_vocab",))
 
 
 def layer_scan(cfg: ModelConfig, params: dict, x, aux: tuple, cache: tuple = (), tp=None):

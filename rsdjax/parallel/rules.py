@@ -69,9 +69,11 @@ def resolve(logical: Sequence[str | None], shape: Sequence[int], mesh_shape: dic
             if size % n:
                 if i + 1 < len(rows):
                     continue
+                fits = [d for d in range(1, min(size, 64) + 1) if size % d == 0]
                 raise ShardingError(
                     f"{name}: shape {tuple(shape)} dim {dim} (logical '{axis_name}', size {size}) "
-                    f"is not divisible by mesh axis {'x'.join(live)}={n}")
+                    f"is not divisible by mesh axis {'x'.join(live)}={n}; sizes that divide it: "
+                    f"{', '.join(map(str, fits))}")
             chosen = live
             break
         used.update(chosen)

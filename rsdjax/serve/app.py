@@ -40,7 +40,8 @@ log = logging.getLogger("rsdjax.serve")
 def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[str], api_key: str | None = None,
                max_waiting: int = 256, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
-               max_tokens_default: int | None = DEFAULT_MAX_TOKENS, strict_fields: bool = False) -> FastAPI:
+               max_tokens_default: int | None = DEFAULT_MAX_TOKENS, strict_fields: bool = False,
+               sampling_defaults: dict | None = None) -> FastAPI:
     if not model_names:
         raise ValueError("create_app: need at least one served model name")
     if request_timeout is not None and not request_timeout > 0:
@@ -53,7 +54,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[st
     vocab = getattr(engine, "vocab_size", None) or (tokenizer.vocab_size if tokenizer is not None else None)
     adapters = getattr(engine, "adapters", None)  # an AdapterPool when the engine serves LoRA adapters
     ctx = GenContext(scheduler, tokenizer, metrics, engine.max_context, vocab, request_timeout, max_tokens_default,
-                     adapters)
+                     adapters, dict(sampling_defaults or {}))
 
     def unknown_fields(body, request: Request) -> list[str]:
         """vLLM's leniency: log the fields we ignore (or refuse them when strict)."""
@@ -158,7 +159,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer | None, model_names: list[st
 
         def encode():  # off the event loop: a long prompt must not stall every other request
             if body.messages is None:
-                return tokenizer.encode(body.prompt, add_bos=body.add_special_tokens)
+                return tokenizer.encode(body.prompt, add_bos=body.add_special_tokens and tokenizer.add_bos)
             try:
                 return tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
             except ValueError as e:

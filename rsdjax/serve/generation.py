@@ -43,6 +43,8 @@ class GenContext:
     request_timeout: float | None = None  # seconds from arrival to the last token; None = no limit
     max_tokens_default: int | None = None  # caps chat's default max_tokens (the context's remaining room)
     adapters: Any = None  # the engine's `AdapterPool` when it serves LoRA adapters by name
+    # the checkpoint's generation_config.json sampling settings, for fields a request leaves unset
+    sampling_defaults: dict = dataclasses.field(default_factory=dict)
 
 
 def new_id(prefix: str) -> str:

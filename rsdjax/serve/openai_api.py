@@ -29,7 +29,7 @@ def _encode_prompts(ctx: g.GenContext, body: CompletionRequest) -> list[list[int
         if isinstance(p, str):
             if ctx.tokenizer is None:
                 raise bad_request("prompt: this server has no tokenizer; send the prompt as token ids", "prompt")
-            p = ctx.tokenizer.encode(p, add_bos=True)
+            p = ctx.tokenizer.encode(p, add_bos=ctx.tokenizer.add_bos)
         prompts.append(p)
     return prompts
 
@@ -101,7 +101,8 @@ async def create_completion(ctx: g.GenContext, model: str, body: CompletionReque
     wanted = [k for k in (echo_top, body.prompt_logprobs) if k is not None]
     prompt_k = max(wanted) if wanted else None
     guides = await guides_for(ctx, body, len(prompts) * body.n)
-    params = [[body.sampling_params(engine_max_tokens, body.logprobs, j, prompt_k, guides[i * body.n + j])
+    params = [[body.sampling_params(engine_max_tokens, body.logprobs, j, prompt_k, guides[i * body.n + j],
+                                       ctx.sampling_defaults)
                for j in range(body.n)] for i in range(len(prompts))]
     choices = g.start_choices(ctx, prompts, params, adapter)
     rid, created = g.new_id("cmpl"), int(time.time())
@@ -176,7 +177,8 @@ async def create_chat_completion(ctx: g.GenContext, model: str, body: ChatComple
     g.check_prompt(ctx, ids, max_tokens, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
     guides = await guides_for(ctx, body, body.n)
-    choices = g.start_choices(ctx, [ids], [[body.sampling_params(max_tokens, top, j, body.prompt_logprobs, guides[j])
+    choices = g.start_choices(ctx, [ids], [[body.sampling_params(max_tokens, top, j, body.prompt_logprobs, guides[j],
+                                                                ctx.sampling_defaults)
                                             for j in range(body.n)]], adapter)
     rid, created = g.new_id("chatcmpl"), int(time.time())
     completion_tokens = [0] * len(choices)

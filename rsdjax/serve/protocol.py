@@ -149,10 +149,13 @@ class _GenerationRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int,
-                        prompt_logprobs: int | None = None, guide=None) -> SamplingParams:
+                        prompt_logprobs: int | None = None, guide=None, defaults: dict | None = None) -> SamplingParams:
+        """`defaults` (the checkpoint's generation_config.json) fill the sampling fields the request did not set."""
+        given = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+        s = {**given, **{k: v for k, v in (defaults or {}).items() if k in given and k not in self.model_fields_set}}
         return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=max(self.top_k, 0), min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            max_tokens=max_tokens, temperature=s["temperature"], top_p=s["top_p"],
+            top_k=max(s["top_k"], 0), min_p=s["min_p"], repetition_penalty=s["repetition_penalty"],
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             # n samples from one seeded request must differ from each other yet be reproducible
             seed=None if self.seed is None else self.seed + choice,

@@ -11,7 +11,7 @@ from typing import Sequence
 from rsdjax.tokenizer import Tokenizer
 
 
-def answer(model, tokenizer: Tokenizer, questions: Sequence[str], template: str = "llama3",
+def answer(model, tokenizer: Tokenizer, questions: Sequence[str], template: str = "chat",
            max_new_tokens: int = 48, mesh=None) -> list[str]:
     """The model's greedy answer to each question."""
     from rsdjax.eval.qa import greedy_answers
@@ -27,7 +27,7 @@ def answer(model, tokenizer: Tokenizer, questions: Sequence[str], template: str 
 
 
 def compare_answers(base: str | Path, adapter: str | Path, questions: Sequence[str],
-                    tokenizer: str | Path | None = None, template: str = "llama3", max_new_tokens: int = 48,
+                    tokenizer: str | Path | None = None, template: str = "chat", max_new_tokens: int = 48,
                     mesh=None) -> list[dict]:
     """[{question, before, after}]: the base model's answers, then with the PEFT adapter applied."""
     from rsdjax.loading import load_model

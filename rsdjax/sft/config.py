@@ -25,7 +25,7 @@ class SFTDataConfig:
     eval: str | None = None
     seq_len: int = 256
     pack: bool = True  # several short examples per row, kept apart by segment_ids
-    template: str = "llama3"  # llama3 (chat special tokens) | plain ("Question: ...\nAnswer: ...")
+    template: str = "chat"  # chat (the tokenizer's own template) | llama3 | plain ("Question: ...\nAnswer: ...")
 
 
 def _sft_optim() -> OptimConfig:

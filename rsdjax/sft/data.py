@@ -2,7 +2,9 @@
 
 A line is either `{"question": ..., "answer": ...}` (optionally `"system"`) or
 `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`.
-Each example is rendered with a chat template into (token ids, is_answer) and becomes
+Each example is rendered with the tokenizer's own chat template (`chat`; the Llama-3 format for
+rsdjax-trained tokenizers), the Llama-3 template (`llama3`), or `plain` text into (token ids,
+is_answer) and becomes
     tokens = ids[:-1], targets = ids[1:], loss_mask = is_answer[1:]
 so the model learns to produce the answers (and their end-of-turn token), never the prompt.
 
@@ -20,9 +22,10 @@ from typing import Iterator
 
 import numpy as np
 
+from rsdjax.chat import LLAMA3_TEMPLATE
 from rsdjax.tokenizer import Tokenizer
 
-TEMPLATES = ("llama3", "plain")
+TEMPLATES = ("chat", "llama3", "plain")
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -81,12 +84,18 @@ def to_messages(record, where: str) -> list[dict]:
     return head + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
 
-def render(tokenizer: Tokenizer, messages: list[dict], template: str = "llama3",
+def render(tokenizer: Tokenizer, messages: list[dict], template: str = "chat",
            add_generation_prompt: bool = False) -> list[tuple[list[int], bool]]:
-    """(token ids, is_answer) pieces. `llama3` is the Llama-3 chat format (`Tokenizer.chat_pieces`);
-    `plain` is "Question: ...\\nAnswer: ..." + EOS for tokenizers without chat special tokens."""
-    if template == "llama3":
-        return tokenizer.chat_pieces(messages, add_generation_prompt=add_generation_prompt)
+    """(token ids, is_answer) pieces. `chat`: the tokenizer's template, answers = the assistant turns it
+    renders (`Tokenizer.chat_ids_and_mask`); `llama3`: the same with the Llama-3 template; `plain`:
+    "Question: ...\\nAnswer: ..." + EOS for tokenizers without a chat format."""
+    if template in ("chat", "llama3"):
+        if template == "llama3":
+            tokenizer = dataclasses.replace(tokenizer, chat_template=LLAMA3_TEMPLATE)
+        if add_generation_prompt:
+            return [(tokenizer.apply_chat_template(messages, add_generation_prompt=True), False)]
+        ids, mask = tokenizer.chat_ids_and_mask(messages)
+        return _runs(ids, mask)
     if template != "plain":
         raise SFTDataError(f"unknown chat template {template!r} (known: {', '.join(TEMPLATES)})")
     eos = tokenizer.eos_ids[:1]
@@ -101,7 +110,18 @@ def render(tokenizer: Tokenizer, messages: list[dict], template: str = "llama3",
     return pieces
 
 
-def encode(tokenizer: Tokenizer, messages: list[dict], template: str = "llama3") -> Example:
+def _runs(ids: list[int], mask: list[bool]) -> list[tuple[list[int], bool]]:
+    """Consecutive tokens with the same mask value as one piece."""
+    pieces: list[tuple[list[int], bool]] = []
+    for i, m in zip(ids, mask):
+        if pieces and pieces[-1][1] == m:
+            pieces[-1][0].append(i)
+        else:
+            pieces.append(([i], m))
+    return pieces
+
+
+def encode(tokenizer: Tokenizer, messages: list[dict], template: str = "chat") -> Example:
     ids, answer = [], []
     for piece, is_answer in render(tokenizer, messages, template):
         ids += piece
@@ -112,7 +132,7 @@ def encode(tokenizer: Tokenizer, messages: list[dict], template: str = "llama3")
 
 
 def load_examples(path: str | Path, tokenizer: Tokenizer, seq_len: int,
-                  template: str = "llama3") -> tuple[list[Example], dict]:
+                  template: str = "chat") -> tuple[list[Example], dict]:
     """Encode a jsonl file; examples longer than `seq_len` are cut (stats say how many, and how many
     lost all their answer tokens and were dropped)."""
     examples, stats = [], {"examples": 0, "truncated": 0, "dropped": 0, "answer_tokens": 0}
