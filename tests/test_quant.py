@@ -114,6 +114,7 @@ def perplexity(logits, tokens) -> float:
 # The target is 2%; measured +3.75% (per-row activations everywhere: +5.4%; weight-only
 # dequantized in float, which XLA:CPU cannot run without a float copy of each weight: -0.6%).
 # This bound guards what is reached; docs/inference.md says what is missing.
+@pytest.mark.slow
 def test_int8_perplexity_of_the_real_model_within_4_percent(smollm2_hf_dir):
     model = load_model(smollm2_hf_dir)
     tokens = held_out_tokens(Tokenizer.load(smollm2_hf_dir))
