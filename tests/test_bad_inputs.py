@@ -16,6 +16,7 @@ from rsdjax.loading import load_model
 from rsdjax.model.lora import LoraConfig, attach_lora
 from rsdjax.tokenizer import Tokenizer
 from serve_support import fake_server
+from test_gguf import write_gguf
 
 GEN = ["--max-new-tokens", "1"]
 
@@ -30,7 +31,24 @@ def good(tiny_hf_dir, tiny_tokenizer_dir, tmp_path_factory):
         shutil.copy(f, model / f.name)
     save_adapter(attach_lora(load_model(model), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])),
                  root / "adapter")
+    _write_ggufs(model, root / "gguf")
     return root
+
+
+def _write_ggufs(model_dir: Path, out: Path) -> None:
+    """The tiny model as llama.cpp's own writer stores it, plus three broken variants of it."""
+    import gguf
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    out.mkdir()
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    good = write_gguf(out / "model.gguf", ref)
+    (out / "cut.gguf").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (out / "text.gguf").write_text("this is not a GGUF file\n")
+    write_gguf(out / "qwen.gguf", ref, arch="qwen2")
+    write_gguf(out / "iq.gguf", ref, extra_tensor=("blk.0.attn_q.weight", np.zeros((128, 128 // 32 * 18), np.uint8),
+                                                   gguf.GGMLQuantizationType.IQ4_NL))
 
 
 def copy_of(good, name: str) -> Path:
@@ -76,6 +94,13 @@ def generate_case(*args):
     def setup(good):
         return ["generate", "--model", str(good / "model"), *GEN, *args], [good / "model"]
     return setup
+
+
+def gguf_case(good, name: str):
+    """`rsdjax convert gguf-to-rsdjax` on a broken GGUF: refused, and no output directory is left."""
+    out = good / "cases" / "converted"
+    shutil.rmtree(out, ignore_errors=True)
+    return ["convert", "gguf-to-rsdjax", str(good / "gguf" / name), str(out)], [good / "gguf"]
 
 
 def lora_case(edit):
@@ -142,6 +167,14 @@ CLI_CASES = {
     "missing tensor": (model_case(lambda d: edit_header(weights(d), lambda h: h.__setitem__(
         "renamed.weight", h.pop(first_tensor(h, "layers.1.mlp.up_proj.weight"))))),
                        "tensor 'model.layers.1.mlp.up_proj.weight' is missing"),
+    # GGUF files
+    "truncated GGUF": (lambda g: gguf_case(g, "cut.gguf"), "not a readable GGUF file"),
+    "a text file named .gguf": (lambda g: gguf_case(g, "text.gguf"), "not a readable GGUF file"),
+    "GGUF of another architecture": (lambda g: gguf_case(g, "qwen.gguf"), "architecture is 'qwen2', rsdjax loads only 'llama'"),
+    "GGUF with a type rsdjax does not dequantize": (lambda g: gguf_case(g, "iq.gguf"),
+                                                     "IQ4_NL, which rsdjax does not dequantize"),
+    "generate on a truncated GGUF": (lambda g: (["generate", "--model", str(g / "gguf" / "cut.gguf"), "--prompt-ids", "1",
+                                                 *GEN], [g / "gguf"]), "not a readable GGUF file"),
     # tokenizers
     "tokenizer.json not JSON": (lambda g: (["generate", "--model", str(_broken_tokenizer(g)), "--prompt", "hi", *GEN],
                                            [g / "cases" / "model"]), "tokenizer.json: cannot read tokenizer"),
