@@ -19,7 +19,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 

@@ -72,7 +72,7 @@ def test_eval_sharded_equals_one_device(tiny_hf_dir, setup):
 
 def test_bits_per_byte_compares_tokenizers(tiny_tokenizer_dir):
     """Same text, two tokenizers: tokens differ, bytes do not, so bits/byte shares one denominator."""
-    from rsdjax.eval.data import TextStats, text_rows
+    from rsdjax.eval.data import text_rows
     from rsdjax.eval.metrics import SourceResult
     from rsdjax.tokenizer import Tokenizer
     from rsdjax.vocab import extend_tokenizer

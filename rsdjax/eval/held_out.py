@@ -9,7 +9,6 @@ as one without.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from rsdjax.data.sources import DataError, expand_paths
 from rsdjax.eval.data import document_prefix
