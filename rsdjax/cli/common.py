@@ -151,7 +151,7 @@ def serving_mesh(args, max_slots: int | None, max_context: int | None, model_ove
     from rsdjax.loading import read_model_config
     from rsdjax.plan.cost_model import Workload
 
-    from rsdjax.infer.engine import DEFAULT_MAX_CONTEXT
+    from rsdjax.infer.shapes import DEFAULT_MAX_CONTEXT
 
     cfg = apply_overrides(read_model_config(args.model), list(model_overrides))
     context = max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)  # the engine's default

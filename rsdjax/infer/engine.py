@@ -30,14 +30,12 @@ from rsdjax.infer.adapters import AdapterPool
 from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, TokenEvent
 from rsdjax.infer.sampling import (MAX_TOP_LOGPROBS, SamplingArrays, fill_bitmasks, no_constraint, seed_pair,
                                    validate)
+from rsdjax.infer.shapes import DEFAULT_MAX_CONTEXT, bucket_for, buckets
 from rsdjax.infer.steps import compiled_steps, empty_cache, empty_state, serving_weights
 from rsdjax.parallel.mesh import make_mesh
 
 MIN_PREFILL_BUCKET = 16
 MIN_ATTEND_BUCKET = 64
-# max_context=None means the model's max_position_embeddings, but at most this: a 128K-token cache per
-# slot rarely fits next to the weights; pass max_context explicitly for longer contexts.
-DEFAULT_MAX_CONTEXT = 4096
 
 
 @dataclasses.dataclass
@@ -56,19 +54,6 @@ class _Slot:
     length: int  # tokens in the cache once the pending token is written = that token's position
     generated: int  # tokens sampled (the first one came from prefill)
     done: bool = False
-
-
-def buckets(smallest: int, limit: int) -> tuple[int, ...]:
-    """Powers of two from `smallest` below `limit`, then `limit` itself."""
-    out, b = [], smallest
-    while b < limit:
-        out.append(b)
-        b *= 2
-    return tuple(out) + (limit,)
-
-
-def _bucket(n: int, sizes: Sequence[int]) -> int:
-    return next(b for b in sizes if b >= n)
 
 
 class SlotEngine:
@@ -137,7 +122,7 @@ class SlotEngine:
 
     def _prefill_batch(self, requests: list[Request]) -> list[Prefix]:
         rows = 1 << (len(requests) - 1).bit_length()
-        length = _bucket(max(len(r.prompt_ids) for r in requests), self.prefill_buckets)
+        length = bucket_for(max(len(r.prompt_ids) for r in requests), self.prefill_buckets)
         tokens = np.zeros((rows, length), np.int32)
         lengths = np.ones(rows, np.int32)
         seeds = np.zeros((rows, 2), np.uint32)
@@ -185,7 +170,7 @@ class SlotEngine:
         active = [(i, s) for i, s in enumerate(self._slots) if s is not None and not s.done]
         if not active:
             return []
-        attend = _bucket(max(s.length for _, s in active) + 1, self.attend_buckets)
+        attend = bucket_for(max(s.length for _, s in active) + 1, self.attend_buckets)
         top_k = MAX_TOP_LOGPROBS if any(s.request.params.logprobs is not None for _, s in active) else 0
         guides = [None] * self.max_slots
         for i, s in active:
@@ -337,4 +322,4 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
     return engine, tokenizer
 
 
-__all__ = ["SlotEngine", "load_engine", "buckets"]
+__all__ = ["SlotEngine", "load_engine"]

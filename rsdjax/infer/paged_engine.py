@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
 
 import jax
 import numpy as np
 
 from rsdjax.config import ConfigError
 from rsdjax.infer import forward
-from rsdjax.infer.engine import DEFAULT_MAX_CONTEXT, buckets
 from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, SamplingParams, TokenEvent
 from rsdjax.infer.pages import PagePool, extend_hashes
 from rsdjax.infer.paged_forward import compiled_steps, empty_pools, empty_seq_state, page_bytes
 from rsdjax.infer.sampling import SamplingArrays, keys_from_seeds, seed_pair, validate
+from rsdjax.infer.shapes import DEFAULT_MAX_CONTEXT, bucket_for, buckets
 from rsdjax.parallel.mesh import make_mesh, mesh_shape_of
 
 DEFAULT_KV_CACHE_GB = 1.0  # where the backend reports no free memory (XLA:CPU)
@@ -55,10 +54,6 @@ class _Seq:
     @property
     def decoding(self) -> bool:
         return self.computed == len(self.tokens) - 1 and self.generated > 0
-
-
-def _bucket(n: int, sizes: Sequence[int]) -> int:
-    return next(b for b in sizes if b >= n)
 
 
 class PagedEngine:
@@ -245,10 +240,10 @@ class PagedEngine:
 
     def _run(self, seqs: list[_Seq], lengths: list[int]) -> list[TokenEvent]:
         """One device call: row i runs `lengths[i]` tokens of seqs[i] from its `computed` position."""
-        rows = _bucket(len(seqs), self.batch_sizes) if max(lengths) == 1 else 1
-        width = 1 if max(lengths) == 1 else _bucket(max(lengths), self.chunk_sizes)
+        rows = bucket_for(len(seqs), self.batch_sizes) if max(lengths) == 1 else 1
+        width = 1 if max(lengths) == 1 else bucket_for(max(lengths), self.chunk_sizes)
         reach = max(s.computed + n for s, n in zip(seqs, lengths))
-        attend = _bucket(math.ceil(reach / self.page_size), self.attend_pages)
+        attend = bucket_for(math.ceil(reach / self.page_size), self.attend_pages)
         tokens = np.zeros((rows, width), np.int32)
         positions = np.full((rows, width), -1, np.int32)
         tables = np.zeros((rows, attend), np.int32)

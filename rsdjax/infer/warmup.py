@@ -16,10 +16,7 @@ import jax.numpy as jnp
 
 from rsdjax.infer.interface import SamplingParams
 from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, bitmask_words
-
-
-def _bucket(n: int, sizes: Sequence[int]) -> int:
-    return next(b for b in sizes if b >= n)
+from rsdjax.infer.shapes import bucket_for
 
 
 def decode_buckets_for(engine, prompt_lengths: Iterable[int], max_new_tokens: int) -> list[int]:
@@ -27,8 +24,8 @@ def decode_buckets_for(engine, prompt_lengths: Iterable[int], max_new_tokens: in
     decode step to the longest prompt's last (every bucket in between, since slots finish unevenly)."""
     lengths = list(prompt_lengths)
     sizes = engine.attend_buckets
-    lo = _bucket(min(lengths) + 1, sizes)
-    hi = _bucket(min(max(lengths) + max_new_tokens, engine.max_context), sizes)
+    lo = bucket_for(min(lengths) + 1, sizes)
+    hi = bucket_for(min(max(lengths) + max_new_tokens, engine.max_context), sizes)
     return [b for b in sizes if lo <= b <= hi]
 
 
@@ -81,7 +78,7 @@ def compile_for_prompts(engine, prompts: Sequence[Sequence[int]], max_new_tokens
     and insert, and every decode bucket (later batches, when prompts outnumber slots, may add prefills)."""
     first = [len(p) for p in prompts[:engine.max_slots]]
     rows = 1 << (len(first) - 1).bit_length()
-    compile_prefill(engine, rows, _bucket(max(first), engine.prefill_buckets), logprobs)
+    compile_prefill(engine, rows, bucket_for(max(first), engine.prefill_buckets), logprobs)
     compile_decode(engine, decode_buckets_for(engine, map(len, prompts), max_new_tokens), logprobs)
 
 
