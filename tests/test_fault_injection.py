@@ -102,7 +102,9 @@ def test_streams_hangups_and_a_killed_backend(backends, tiny_tokenizer_dir):
             else:
                 assert i in hang_ups and want(i).startswith(text)
         outcomes = [o for o, _, _ in streams]
-        assert outcomes.count("hung up") == HANGUPS and outcomes.count("done") >= STREAMS // 4
+        # a client due to hang up on the victim may get the kill's error event first: then it cannot hang up
+        assert all(outcomes[i] in ("hung up", "error") for i in hang_ups), [outcomes[i] for i in hang_ups]
+        assert outcomes.count("hung up") >= HANGUPS // 2 and outcomes.count("done") >= STREAMS // 4
         assert outcomes.count("error") >= 1, "the kill hit no stream in flight"
         assert all(text == want(STREAMS + i) for i, (text, _) in enumerate(plain))
         took = [s for *_, s in streams] + [s for _, s in plain]
