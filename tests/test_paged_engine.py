@@ -127,6 +127,10 @@ def test_bad_requests_are_refused_with_the_reason(model_dir):
         engine.prefill(Request("long", [5] * 120, SamplingParams(max_tokens=10)))
     with pytest.raises(ValueError, match="token id 1000000 outside the vocabulary"):
         engine.prefill(Request("bad", [10**6], SamplingParams()))
+    with pytest.raises(ValueError, match="does not serve prompt_logprobs yet"):
+        engine.prefill(Request("scoring", [5, 6], SamplingParams(prompt_logprobs=1)))
+    with pytest.raises(ValueError, match="does not serve per-request LoRA adapters yet"):
+        engine.prefill(Request("adapter", [5, 6], SamplingParams(), adapter=1))
 
 
 def test_warmup_compiles_every_shape(model_dir):

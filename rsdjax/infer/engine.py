@@ -27,6 +27,7 @@ import numpy as np
 from rsdjax.config import ConfigError
 from rsdjax.infer import forward
 from rsdjax.infer.adapters import AdapterPool
+from rsdjax.infer.events import token_event
 from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, TokenEvent
 from rsdjax.infer.sampling import (MAX_TOP_LOGPROBS, SamplingArrays, fill_bitmasks, no_constraint, seed_pair,
                                    validate)
@@ -215,21 +216,11 @@ class SlotEngine:
         return self.adapters.layers, np.asarray(adapters, np.int32)
 
     def _event(self, s: _Slot, slot: int, token: int, logprobs, row: int) -> TokenEvent:
-        p = s.request.params
-        finish = None
-        if p.guide is not None:  # once its grammar is complete, the guide allows only EOS: that ends it
-            p.guide.consume(token)
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            finish = "stop"
-        elif s.generated >= p.max_tokens:
-            finish = "length"
-        s.done = finish is not None
-        lp = top = None
-        if p.logprobs is not None and logprobs is not None:
-            chosen, top_ids, top_values = logprobs
-            lp = float(chosen[row])
-            top = {int(t): float(v) for t, v in zip(top_ids[row, :p.logprobs], top_values[row, :p.logprobs])} or None
-        return TokenEvent(s.request.id, slot, token, logprob=lp, top_logprobs=top, finish_reason=finish)
+        if s.request.params.guide is not None:  # once its grammar is complete, the guide allows only EOS
+            s.request.params.guide.consume(token)
+        event = token_event(s.request, slot, token, s.generated, self.eos_token_ids, logprobs, row)
+        s.done = event.finish_reason is not None
+        return event
 
 
 def prompt_logprob_entries(prompt_ids: list[int], k: int, arrays, row: int) -> list:

@@ -25,6 +25,7 @@ import numpy as np
 
 from rsdjax.config import ConfigError
 from rsdjax.infer import forward
+from rsdjax.infer.events import token_event
 from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, SamplingParams, TokenEvent
 from rsdjax.infer.pages import PagePool, extend_hashes
 from rsdjax.infer.paged_forward import compiled_steps, empty_pools, empty_seq_state, page_bytes
@@ -133,6 +134,11 @@ class PagedEngine:
         if bad:
             raise ValueError(f"{where}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
         validate(p, self.cfg.vocab_size, where)
+        missing = [name for name, asked in (("structured output", p.guide is not None),
+                                            ("prompt_logprobs", p.prompt_logprobs is not None),
+                                            ("per-request LoRA adapters", request.adapter != 0)) if asked]
+        if missing:  # refused rather than silently ignored
+            raise ValueError(f"{where}: the paged engine does not serve {', '.join(missing)} yet (use --engine slots)")
         limit = min(self.max_context, self.num_pages * self.page_size)
         if len(ids) + p.max_tokens > limit:
             raise PromptTooLongError(len(ids), p.max_tokens, limit)
@@ -280,19 +286,9 @@ class PagedEngine:
             seq.registered = full
 
     def _event(self, s: _Seq, token: int, logprobs, row: int) -> TokenEvent:
-        p = s.request.params
-        finish = None
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            finish = "stop"
-        elif s.generated >= p.max_tokens:
-            finish = "length"
-        s.done = finish is not None
-        lp = top = None
-        if p.logprobs is not None and logprobs is not None:
-            chosen, top_ids, top_values = logprobs
-            lp = float(chosen[row])
-            top = {int(t): float(v) for t, v in zip(top_ids[row, :p.logprobs], top_values[row, :p.logprobs])} or None
-        return TokenEvent(s.request.id, s.slot, token, logprob=lp, top_logprobs=top, finish_reason=finish)
+        event = token_event(s.request, s.slot, token, s.generated, self.eos_token_ids, logprobs, row)
+        s.done = event.finish_reason is not None
+        return event
 
     # ------------------------------------------------------------ warm-up and figures
 
