@@ -109,5 +109,13 @@ def tree_digest(directory: Path) -> str:
     return h.hexdigest()
 
 
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir):
+    """The tiny tokenizer, loaded (rsdjax's Tokenizer)."""
+    from rsdjax.tokenizer import Tokenizer
+
+    return Tokenizer.load(tiny_tokenizer_dir)
+
+
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))

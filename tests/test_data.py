@@ -11,12 +11,7 @@ from rsdjax.data.packing import BATCH_KEYS, PackedWindows, pack_window
 from rsdjax.data.pipeline import Mixture, build_mixture, global_batch
 from rsdjax.data.sources import expand_paths, iter_documents
 from rsdjax.data.store import build_store
-from rsdjax.tokenizer import BOS, EOS, Tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return Tokenizer.load(tiny_tokenizer_dir)
+from rsdjax.tokenizer import BOS, EOS
 
 
 def _write_docs(directory, docs, name="docs.jsonl"):

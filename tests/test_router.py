@@ -6,13 +6,7 @@ import openai
 import pytest
 
 from rsdjax.serve.launch import free_port
-from rsdjax.tokenizer import Tokenizer
 from serve_support import HTTP, client, fake_server, metric, router, wait_until
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

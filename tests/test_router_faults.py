@@ -8,15 +8,9 @@ import httpx
 import pytest
 
 from rsdjax.serve.launch import ServerThread
-from rsdjax.tokenizer import Tokenizer
 from serve_support import HTTP, fake_server, metric, router, wait_until
 
 BODY = {"model": "fake", "prompt": "hello", "max_tokens": 200, "ignore_eos": True}  # 200 x 50 ms = 10 s of work
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 def all_free(engine) -> bool:

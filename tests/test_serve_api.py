@@ -7,15 +7,9 @@ import json
 
 import pytest
 
-from rsdjax.tokenizer import Tokenizer
 from serve_support import HTTP, client, fake_server, metric, reference, wait_until
 
 PROMPTS = ["The quick brown fox", "日本語のテキスト", "jumps over the lazy dog", "a"]
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

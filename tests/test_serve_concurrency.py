@@ -6,13 +6,7 @@ import time
 import httpx
 import pytest
 
-from rsdjax.tokenizer import Tokenizer
 from serve_support import HTTP, async_client, client, fake_server, metric, reference, wait_until
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 def test_32_simultaneous_requests_give_what_each_gives_alone(tok):

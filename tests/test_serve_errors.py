@@ -5,13 +5,7 @@ import httpx
 import openai
 import pytest
 
-from rsdjax.tokenizer import Tokenizer
 from serve_support import HTTP, client, fake_server, metric, wait_until
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,9 @@ from rsdjax.serve.fake_engine import FakeEngine
 from rsdjax.serve.launch import ServerThread
 from rsdjax.serve.metrics import ServerMetrics
 from rsdjax.serve.scheduler import Scheduler
-from rsdjax.tokenizer import Tokenizer
 from serve_support import HTTP, fake_server, metric, wait_until
 
 IDS = [5, 6, 7, 8]
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,7 @@ import json
 import pytest
 
 from rsdjax.infer.interface import SamplingParams
-from rsdjax.tokenizer import Tokenizer
 from serve_support import HTTP, client, fake_server
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from rsdjax.sft.data import batches, encode, load_examples, pack, read_jsonl
 from rsdjax.train.config import OptimConfig
 from rsdjax.train.optimizer import make_optimizer
 from rsdjax.train.step import TrainStep
-from rsdjax.tokenizer import Tokenizer
 
 QA = [{"question": "What is the capital of Japan?", "answer": "Tokyo."},
       {"question": "日本で一番高い山は？", "answer": "富士山です。",
@@ -32,11 +31,6 @@ QA = [{"question": "What is the capital of Japan?", "answer": "Tokyo."},
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 def test_qa_and_chat_lines(tmp_path, tok):

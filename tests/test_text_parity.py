@@ -2,20 +2,13 @@
 for the same greedy request, with stop strings and with stop ids (one text stopper for both)."""
 import dataclasses
 
-import pytest
 
 from rsdjax.infer.generate import generate
 from rsdjax.infer.interface import SamplingParams
 from rsdjax.serve.fake_engine import FakeEngine
-from rsdjax.tokenizer import Tokenizer
 from serve_support import client, fake_server
 
 PROMPT = "The quick brown fox"
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 def test_cli_and_server_text_are_equal(tok):

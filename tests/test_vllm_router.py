@@ -14,7 +14,6 @@ import pytest
 
 from rsdjax.serve.fake_engine import FakeEngine
 from rsdjax.serve.launch import free_port, spawn, stop_process
-from rsdjax.tokenizer import Tokenizer
 from serve_support import client, reference
 
 pytestmark = pytest.mark.slow  # ~30 s: two servers and six routers as subprocesses
@@ -26,11 +25,6 @@ ROUTER = shutil.which("vllm-router") or os.path.join(os.path.dirname(os.sys.exec
 def serve_fake(tokenizer_dir, tmp_path, name):
     return spawn("serve", ["--fake-engine", "--tokenizer", str(tokenizer_dir), "--fake-step-ms", "5"],
                  log_file=tmp_path / f"{name}.log", timeout=60)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return Tokenizer.load(tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
