@@ -92,12 +92,14 @@ def planned_mesh_shape(args, cfg, workload, runnable=None, hardware_overrides: l
     return plan.mesh
 
 
-def engine_runnable(max_slots: int | None):
-    """What the serving engine can run: any split (stage > 1 pipelines, rsdjax/infer/staged.py) whose data
-    axis divides the slots."""
+def engine_runnable(max_slots: int | None, engine: str = "paged"):
+    """What the serving engine can run: a split whose data axis divides the slots; with the slot engine
+    also stage > 1 (a pipeline, rsdjax/infer/staged.py), which the paged engine does not run."""
     def check(mesh: dict[str, int]) -> str | None:
         if max_slots and max_slots % mesh["data"]:
             return f"{max_slots} slots do not split over data={mesh['data']}"
+        if engine == "paged" and mesh.get("stage", 1) > 1:
+            return f"the paged engine does not pipeline stages (stage={mesh['stage']}): use --engine slots"
         return None
     return check
 
@@ -115,9 +117,9 @@ def mesh_from_args(args, hardware_overrides: list[str] = (), cfg=None, workload=
 
 def add_engine_args(group) -> None:
     """The paged engine's options (`rsdjax serve` and `rsdjax generate`), named as vLLM names them."""
-    group.add_argument("--engine", choices=["paged", "slots"], default="slots",
-                       help="slots: one contiguous cache per slot (the default; LoRA per request, prompt logprobs, "
-                            "structured output); paged: paged KV cache, prefix caching, chunked prefill, preemption")
+    group.add_argument("--engine", choices=["paged", "slots"], default="paged",
+                       help="paged (the default): paged KV cache, prefix caching, chunked prefill, preemption; "
+                            "slots: one contiguous cache per slot (also pipelines layers over stage > 1)")
     group.add_argument("--page-size", type=int, default=16, help="tokens per KV page (vLLM's block size; 16-128)")
     group.add_argument("--kv-cache-gb", type=float, default=None,
                        help="KV page pool per device in GiB (default: --kv-memory-fraction of the free device "
@@ -155,4 +157,5 @@ def serving_mesh(args, max_slots: int | None, max_context: int | None, model_ove
 
     cfg = apply_overrides(read_model_config(args.model), list(model_overrides))
     context = max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)  # the engine's default
-    return mesh_from_args(args, cfg=cfg, workload=Workload("infer", 0, context), runnable=engine_runnable(max_slots))
+    return mesh_from_args(args, cfg=cfg, workload=Workload("infer", 0, context),
+                          runnable=engine_runnable(max_slots, args.engine))

@@ -47,6 +47,7 @@ class _Entry:
     name: str
     path: str
     rank: int
+    serial: int  # which load this is: no other load, earlier or later, has the same
     users: int = 0
     draining: bool = False
 
@@ -67,6 +68,7 @@ class AdapterPool:
         self._entries: dict[int, _Entry] = {}  # pool index (1..max_loras) -> adapter
         self._names: dict[str, int] = {}  # live names only (an unloaded, draining adapter has none)
         self.loads = 0
+        self._serials = 0
         n = self.max_loras + 1
         mesh_shape = mesh_shape_of(mesh)
         self._shardings, self._shapes = {}, {}
@@ -85,6 +87,25 @@ class AdapterPool:
              for k in TARGET_MODULES} for _ in range(cfg.num_layers)]
         # one jitted writer for every load: (stack, index, value) -> stack with entry `index` replaced
         self._write = jax.jit(lambda stack, i, v: jax.lax.dynamic_update_index_in_dim(stack, v, i, 0))
+
+    # ------------------------------------------------------------ what the engines read
+
+    def step_argument(self, adapters) -> tuple:
+        """The jitted steps' `lora` argument: (the pool's per-layer arrays, the adapter entry of each
+        batch row; 0 = the base)."""
+        bad = [a for a in adapters if not 0 <= a <= self.max_loras]
+        if bad:
+            raise ValueError(f"adapter entry {bad[0]} does not exist (max_loras={self.max_loras})")
+        return self.layers, np.asarray(adapters, np.int32)
+
+    def cache_key(self, index: int) -> int:
+        """A number for the adapter now in entry `index` (0 = the base) that no other load shares, so
+        K/V cached under one adapter is never found by a request for whatever replaces it."""
+        with self._lock:
+            entry = self._entries.get(index)
+            if index == 0:
+                return 0
+            return entry.serial if entry is not None else -index  # gone: matches nothing cached
 
     # ------------------------------------------------------------ the registry
 
@@ -134,7 +155,8 @@ class AdapterPool:
             if not free:
                 raise AdapterError(f"all {self.max_loras} adapter entries are in use (--max-loras); unload one first")
             index = free[0]
-            self._entries[index] = _Entry(name, str(path), config.r, draining=True)  # reserved, not yet visible
+            self._serials += 1
+            self._entries[index] = _Entry(name, str(path), config.r, self._serials, draining=True)  # reserved, not yet visible
         try:
             self._write_entry(index, weights, config.r, config.scaling)
         except BaseException:

@@ -27,10 +27,9 @@ import numpy as np
 from rsdjax.config import ConfigError
 from rsdjax.infer import forward
 from rsdjax.infer.adapters import AdapterPool
-from rsdjax.infer.events import token_event
-from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, TokenEvent
-from rsdjax.infer.sampling import (MAX_TOP_LOGPROBS, SamplingArrays, fill_bitmasks, no_constraint, seed_pair,
-                                   validate)
+from rsdjax.infer.events import check_request, prompt_logprob_entries, token_event
+from rsdjax.infer.interface import Prefix, Request, TokenEvent
+from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, fill_bitmasks, no_constraint, seed_pair
 from rsdjax.infer.shapes import DEFAULT_MAX_CONTEXT, bucket_for, buckets
 from rsdjax.infer.steps import compiled_steps, empty_cache, empty_state, serving_weights
 from rsdjax.parallel.mesh import make_mesh
@@ -98,16 +97,7 @@ class SlotEngine:
 
     def check(self, request: Request) -> None:
         """Raise (ValueError subclasses) if the request cannot run; called by prefill."""
-        ids, p = request.prompt_ids, request.params
-        where = f"request {request.id}"
-        if not ids:
-            raise ValueError(f"{where}: empty prompt")
-        bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
-        if bad:
-            raise ValueError(f"{where}: token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
-        validate(p, self.vocab_size, where)
-        if len(ids) + p.max_tokens > self.max_context:
-            raise PromptTooLongError(len(ids), p.max_tokens, self.max_context)
+        check_request(request, self.vocab_size, self.max_context)
 
     def prefill(self, request: Request) -> Prefix:
         return self.prefill_many([request])[0]
@@ -207,34 +197,13 @@ class SlotEngine:
     # ------------------------------------------------------------ helpers
 
     def _lora(self, adapters: list[int]):
-        """The steps' `lora` argument: None without an adapter pool, else (pool arrays, index per row)."""
-        if self.adapters is None:
-            return None
-        bad = [a for a in adapters if not 0 <= a <= self.adapters.max_loras]
-        if bad:
-            raise ValueError(f"adapter entry {bad[0]} does not exist (max_loras={self.adapters.max_loras})")
-        return self.adapters.layers, np.asarray(adapters, np.int32)
+        """The steps' `lora` argument: None without an adapter pool."""
+        return None if self.adapters is None else self.adapters.step_argument(adapters)
 
     def _event(self, s: _Slot, slot: int, token: int, logprobs, row: int) -> TokenEvent:
-        if s.request.params.guide is not None:  # once its grammar is complete, the guide allows only EOS
-            s.request.params.guide.consume(token)
         event = token_event(s.request, slot, token, s.generated, self.eos_token_ids, logprobs, row)
         s.done = event.finish_reason is not None
         return event
-
-
-def prompt_logprob_entries(prompt_ids: list[int], k: int, arrays, row: int) -> list:
-    """`TokenEvent.prompt_logprobs` for one prompt from the prefill's (chosen, top ids, top values)
-    [rows, T(, k)] arrays: None for the first token, then (logprob, top k plus the token itself, as
-    vLLM reports prompt logprobs, the token's rank)."""
-    chosen, top_ids, top_values, rank = arrays
-    out: list = [None]
-    for t in range(1, len(prompt_ids)):
-        top = {int(i): float(v) for i, v in zip(top_ids[row, t - 1, :k], top_values[row, t - 1, :k])}
-        lp = float(chosen[row, t - 1])
-        top.setdefault(int(prompt_ids[t]), lp)
-        out.append((lp, top, int(rank[row, t - 1])))
-    return out
 
 
 def eos_ids_for(path: Path, cfg, tokenizer) -> list[int]:
@@ -263,12 +232,13 @@ def parse_lora_args(values: Sequence[str]) -> dict[str, str]:
 
 def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | None = None,
                 overrides: Sequence[str] = (), lora=None, adapters: dict[str, str] | None = None,
-                max_loras: int = 0, max_lora_rank: int = 16, quantize: str | None = None, kind: str = "slots",
+                max_loras: int = 0, max_lora_rank: int = 16, quantize: str | None = None, kind: str = "paged",
                 **paged_options):
     """An HF Llama directory, GGUF file or rsdjax checkpoint -> (engine, Tokenizer | None).
 
-    `kind`: "paged" (`rsdjax.infer.paged_engine.PagedEngine`; `paged_options` are its page_size,
-    kv_cache_gb, num_pages, prefix_caching, max_step_tokens) or "slots" (the contiguous `SlotEngine`).
+    `kind`: "paged" (the default: `rsdjax.infer.paged_engine.PagedEngine`; `paged_options` are its
+    page_size, kv_cache_gb, num_pages, prefix_caching, max_step_tokens) or "slots" (the contiguous
+    `SlotEngine`, which alone pipelines layers over `stage` > 1).
     The tokenizer is `tokenizer.json` in the model directory (or the GGUF's own) when there is one. `lora`: a PEFT adapter
     directory, applied (unmerged) before the engine splits the weights per layer: every request gets it.
     `adapters` {name: directory}: served side by side, chosen per request, in a pool of
@@ -283,9 +253,6 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
     from rsdjax.model.quant import check_mode, quantize_serving
 
     quantize = check_mode(quantize)
-    if kind == "paged" and (adapters or max_loras or quantize is not None):
-        raise ConfigError("the paged engine does not serve LoRA adapters per request or int8 weights yet: use "
-                          "the slot engine (--engine slots) for --lora NAME=DIR / --max-loras / --quantize")
     from rsdjax.loading import load_model
     from rsdjax.tokenizer import Tokenizer
 
@@ -298,18 +265,18 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
     tokenizer = Tokenizer.for_model(path)
     adapters = dict(adapters or {})
     eos = eos_ids_for(path, model.cfg, tokenizer)
+    common = dict(max_slots=max_slots, max_context=max_context, eos_token_ids=eos, mesh=mesh,
+                  max_loras=max(max_loras, len(adapters)), max_lora_rank=max_lora_rank)
     if kind == "paged":
         from rsdjax.infer.paged_engine import PagedEngine
 
-        engine = PagedEngine(model, max_slots=max_slots, max_context=max_context, eos_token_ids=eos, mesh=mesh,
-                             **paged_options)
+        engine = PagedEngine(model, **common, **paged_options)
     else:
-        engine = SlotEngine(model, max_slots=max_slots, max_context=max_context, eos_token_ids=eos, mesh=mesh,
-                            max_loras=max(max_loras, len(adapters)), max_lora_rank=max_lora_rank)
-        if quantize is not None:  # the float per-layer weights are freed once replaced
-            engine.weights = quantize_serving(engine.weights, quantize)
-        for name, directory in adapters.items():
-            engine.adapters.load(name, directory)
+        engine = SlotEngine(model, **common)
+    if quantize is not None:  # the float per-layer weights are freed once replaced
+        engine.weights = quantize_serving(engine.weights, quantize)
+    for name, directory in adapters.items():
+        engine.adapters.load(name, directory)
     return engine, tokenizer
 
 

@@ -224,12 +224,12 @@ def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths, return_hidden:
 PROMPT_LOGPROB_CHUNK = 128  # positions whose [rows, chunk, vocab] logits exist at once
 
 
-def prompt_logprobs(cfg: ModelConfig, w: ServingWeights, hidden, tokens, k: int):
+def prompt_logprobs(cfg: ModelConfig, w: ServingWeights, hidden, targets, k: int):
     """Log-probabilities of each prompt's next tokens under the model's raw distribution.
 
-    hidden [B, T, E] (from `prefill(..., return_hidden=True)`), tokens [B, T] -> (chosen [B, T],
-    top ids [B, T, k], top values [B, T, k], rank [B, T]: 1 + how many tokens are more likely);
-    position t scores token t + 1 (the last is padding).
+    hidden [B, T, E] (the last layer's output, e.g. from `prefill(..., return_hidden=True)`), targets
+    [B, T]: the token position t is scored on (the prompt's token t + 1; `next_tokens`) -> (chosen
+    [B, T], top ids [B, T, k], top values [B, T, k], rank [B, T]: 1 + how many tokens are more likely).
     The vocabulary-wide logits are made a chunk of positions at a time (`lax.map`), so a long
     prompt never holds [T, vocab] floats.
     """
@@ -237,7 +237,7 @@ def prompt_logprobs(cfg: ModelConfig, w: ServingWeights, hidden, tokens, k: int)
     chunk = min(t, PROMPT_LOGPROB_CHUNK)
     n = -(-t // chunk)
     pad = n * chunk - t
-    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad + 1)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
 
     def one(args):
@@ -253,6 +253,11 @@ def prompt_logprobs(cfg: ModelConfig, w: ServingWeights, hidden, tokens, k: int)
     out = jax.lax.map(one, (split(hidden), split(targets)))
     join = lambda a: jnp.moveaxis(a, 0, 1).reshape(b, n * chunk, *a.shape[3:])[:, :t]  # noqa: E731
     return tuple(join(a) for a in out)
+
+
+def next_tokens(tokens):
+    """tokens [B, T] -> the token each position predicts [B, T] (the last column is padding)."""
+    return jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
 
 
 def decode(cfg: ModelConfig, w: ServingWeights, cache: LayerCache, tokens, positions, attend: int, lora=None):

@@ -13,7 +13,13 @@ none is left, the newest sequence holding pages is preempted: its pages go back,
 and its sampling state, and it is recomputed from its tokens later (prompt + what it generated),
 so its output is the same and no request is lost. Decode rows are padded to the smallest compiled
 batch size that holds them, so a step costs what is running; `warmup()` compiles every shape.
-Use from one thread.
+
+What the slot engine serves, served the same way: the same sampler with each row's grammar bitmask
+(structured output; a guide advances only on tokens that are outputs, so a recomputed request
+keeps its grammar state), prompt logprobs from every prompt chunk (such a request skips the prefix
+cache until its first token, since cached positions were never scored), and per-request LoRA
+adapters from the same `AdapterPool` (each row gathers its own A/B; cached pages are keyed by the
+adapter that wrote them). Use from one thread.
 """
 from __future__ import annotations
 
@@ -25,17 +31,23 @@ import numpy as np
 
 from rsdjax.config import ConfigError
 from rsdjax.infer import forward
-from rsdjax.infer.events import token_event
-from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, SamplingParams, TokenEvent
+from rsdjax.infer.adapters import AdapterPool
+from rsdjax.infer.events import check_request, prompt_logprob_entries, token_event
+from rsdjax.infer.interface import Prefix, Request, SamplingParams, TokenEvent
 from rsdjax.infer.pages import PagePool, extend_hashes
-from rsdjax.infer.paged_forward import compiled_steps, empty_pools, empty_seq_state, page_bytes
-from rsdjax.infer.sampling import SamplingArrays, keys_from_seeds, seed_pair, validate
+from rsdjax.infer.paged_forward import (StepBatch, compiled_steps, empty_pools, empty_seq_state, page_bytes,
+                                        pages_for_budget)
+from rsdjax.infer.sampling import SamplingArrays, fill_bitmasks, keys_from_seeds, no_constraint, seed_pair
 from rsdjax.infer.shapes import DEFAULT_MAX_CONTEXT, bucket_for, buckets
 from rsdjax.parallel.mesh import make_mesh, mesh_shape_of
 
 DEFAULT_KV_CACHE_GB = 1.0  # where the backend reports no free memory (XLA:CPU)
 MIN_ATTEND_TOKENS = 256
 MIN_CHUNK = 16
+# attended pages and chunk lengths grow 4x from one compiled shape to the next (batch sizes 2x): warm-up
+# compiles every (rows, width, attend) pair, and with 2x steps that was ~45 shapes at 8 slots x 4096
+# tokens; a step that attends up to 4x the pages it needs costs a wider gather, not a compile mid-stream
+SHAPE_GROWTH = 4
 
 
 @dataclasses.dataclass(eq=False)
@@ -51,6 +63,13 @@ class _Seq:
     generated: int = 0
     done: bool = False
     preemptions: int = 0
+    cache_key: int = 0  # its adapter's (`AdapterPool.cache_key`): the root of its page hashes
+    scored: list = dataclasses.field(default_factory=list)  # prompt logprob arrays, one tuple per chunk
+
+    @property
+    def scoring(self) -> bool:
+        """Its prompt's logprobs are wanted and not yet delivered (they come with the first token)."""
+        return self.request.params.prompt_logprobs is not None and self.generated == 0
 
     @property
     def decoding(self) -> bool:
@@ -61,7 +80,8 @@ class PagedEngine:
     def __init__(self, model, max_slots: int = 32, max_context: int | None = None,
                  eos_token_ids: list[int] | None = None, mesh=None, page_size: int = 16,
                  kv_cache_gb: float | None = None, kv_memory_fraction: float = 0.9, num_pages: int | None = None,
-                 prefix_caching: bool = True, max_step_tokens: int = 256):
+                 prefix_caching: bool = True, max_step_tokens: int = 256, max_loras: int = 0,
+                 max_lora_rank: int = 16):
         cfg = self.cfg = model.cfg
         self.max_slots = int(max_slots)
         self.max_context = int(max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT))
@@ -80,17 +100,23 @@ class PagedEngine:
                               if t is not None]
         self.mesh = mesh if mesh is not None else forward.model_mesh(model) or make_mesh({})
         data = mesh_shape_of(self.mesh).get("data", 1)
+        if mesh_shape_of(self.mesh).get("stage", 1) > 1:
+            raise ConfigError(f"the paged engine does not pipeline stages (stage={mesh_shape_of(self.mesh)['stage']}): "
+                              "use the slot engine (--engine slots) or a mesh with stage=1")
 
         self.pages_per_seq = math.ceil(self.max_context / self.page_size)
-        self.num_pages = int(num_pages or self._pages_for_budget(kv_cache_gb, kv_memory_fraction))
+        # never more than every slot at full context (+1 page so a full engine still has one to give)
+        self.num_pages = int(num_pages or min(
+            pages_for_budget(cfg, self.mesh, self.page_size, kv_cache_gb, kv_memory_fraction, DEFAULT_KV_CACHE_GB),
+            self.max_slots * self.pages_per_seq + 1))
         if self.num_pages < 1:
             raise ConfigError(f"the KV cache budget holds no page of {self.page_size} tokens "
                               f"({page_bytes(cfg, self.page_size)} bytes each): raise --kv-cache-gb")
         # shapes: decode rows (a multiple of `data`, so rows split over it), attended pages, chunk lengths
         self.batch_sizes = tuple(sorted({max(data, b) for b in buckets(1, self.max_slots)}))
         self.attend_pages = buckets(max(1, min(self.pages_per_seq, MIN_ATTEND_TOKENS // self.page_size)),
-                                    self.pages_per_seq)
-        self.chunk_sizes = buckets(MIN_CHUNK, max(MIN_CHUNK, min(self.max_step_tokens, self.max_context)))
+                                    self.pages_per_seq, SHAPE_GROWTH)
+        self.chunk_sizes = buckets(MIN_CHUNK, max(MIN_CHUNK, min(self.max_step_tokens, self.max_context)), SHAPE_GROWTH)
 
         self.weights = forward.serving_weights(model, self.mesh)
         self._steps = compiled_steps(cfg, self.mesh, self.num_pages, self.page_size)
@@ -101,47 +127,21 @@ class PagedEngine:
         self._admitted = 0
         self.preemptions = 0
         self._rng = np.random.default_rng()
+        # multi-LoRA: the slot engine's stacked adapter pool, one entry per batch row
+        self.adapters = AdapterPool(cfg, self.mesh, max_loras, max_lora_rank) if max_loras else None
 
-    def _pages_for_budget(self, kv_cache_gb, fraction) -> int:
-        per_device = page_bytes(self.cfg, self.page_size)
-        spec = self._pool_spec_shards()
-        per_device //= spec
-        if kv_cache_gb is None:
-            stats = jax.local_devices()[0].memory_stats() or {}
-            free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
-            budget = free * fraction if free > 0 else DEFAULT_KV_CACHE_GB * 2**30
-        else:
-            budget = float(kv_cache_gb) * 2**30
-        # never more than every slot at full context (+1 page so a full engine still has one to give)
-        return min(int(budget // per_device), self.max_slots * self.pages_per_seq + 1)
-
-    def _pool_spec_shards(self) -> int:
-        from rsdjax.infer.paged_forward import pool_sharding
-
-        sharding = pool_sharding(self.cfg, self.mesh, 1, self.page_size)
-        shape = mesh_shape_of(self.mesh)
-        return math.prod(shape[a] for entry in sharding.spec if entry
-                         for a in ((entry,) if isinstance(entry, str) else entry))
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model knows (rows padded for the mesh excluded)."""
+        return self.cfg.logical_vocab_size
 
     # ------------------------------------------------------------ the Engine protocol
 
     def check(self, request: Request) -> None:
-        ids, p = request.prompt_ids, request.params
-        where = f"request {request.id}"
-        if not ids:
-            raise ValueError(f"{where}: empty prompt")
-        bad = [t for t in ids if not 0 <= int(t) < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"{where}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
-        validate(p, self.cfg.vocab_size, where)
-        missing = [name for name, asked in (("structured output", p.guide is not None),
-                                            ("prompt_logprobs", p.prompt_logprobs is not None),
-                                            ("per-request LoRA adapters", request.adapter != 0)) if asked]
-        if missing:  # refused rather than silently ignored
-            raise ValueError(f"{where}: the paged engine does not serve {', '.join(missing)} yet (use --engine slots)")
-        limit = min(self.max_context, self.num_pages * self.page_size)
-        if len(ids) + p.max_tokens > limit:
-            raise PromptTooLongError(len(ids), p.max_tokens, limit)
+        check_request(request, self.vocab_size, min(self.max_context, self.num_pages * self.page_size))
+        if request.adapter and self.adapters is None:
+            raise ValueError(f"request {request.id}: adapter entry {request.adapter}, but the engine has no "
+                             "adapter pool (max_loras=0)")
 
     def prefill(self, request: Request) -> Prefix:
         self.check(request)
@@ -155,7 +155,8 @@ class PagedEngine:
         r = prefix.request
         self._arm(slot, r)
         self._admitted += 1
-        self._seqs[slot] = _Seq(r, slot, self._admitted, [int(t) for t in r.prompt_ids])
+        key = self.adapters.cache_key(r.adapter) if r.adapter else 0
+        self._seqs[slot] = _Seq(r, slot, self._admitted, [int(t) for t in r.prompt_ids], cache_key=key)
 
     def _arm(self, slot: int, r: Request) -> None:
         seed = r.params.seed if r.params.seed is not None else int(self._rng.integers(0, 2**63))
@@ -186,7 +187,7 @@ class PagedEngine:
         if decode:
             events += self._run(decode, [1] * len(decode))
         for seq, n in chunks:
-            events += self._run([seq], [n])
+            events += self._run([seq], [n], chunk=True)
         return events
 
     # ------------------------------------------------------------ scheduling
@@ -210,8 +211,10 @@ class PagedEngine:
         return plan
 
     def _match_prefix(self, seq: _Seq) -> None:
+        if seq.scoring:  # every prompt position must run to be scored
+            return
         full = (len(seq.tokens) - 1) // self.page_size  # the last token is always computed (its logits)
-        extend_hashes(seq.hashes, seq.tokens, self.page_size, full)
+        extend_hashes(seq.hashes, seq.tokens, self.page_size, full, seq.cache_key)
         seq.pages = self.pool.match(seq.hashes[:full])
         seq.computed, seq.registered = len(seq.pages) * self.page_size, len(seq.pages)
         if seq.preemptions == 0:  # a recompute is not a new query
@@ -239,54 +242,76 @@ class PagedEngine:
     def _preempt(self, seq: _Seq) -> None:
         self.pool.release(seq.pages)
         seq.pages, seq.computed, seq.registered = [], 0, 0
+        if seq.scoring:  # its recompute scores the prompt again
+            seq.scored = []
         seq.preemptions += 1
         self.preemptions += 1
 
     # ------------------------------------------------------------ running a step
 
-    def _run(self, seqs: list[_Seq], lengths: list[int]) -> list[TokenEvent]:
-        """One device call: row i runs `lengths[i]` tokens of seqs[i] from its `computed` position."""
-        rows = bucket_for(len(seqs), self.batch_sizes) if max(lengths) == 1 else 1
-        width = 1 if max(lengths) == 1 else bucket_for(max(lengths), self.chunk_sizes)
+    def _run(self, seqs: list[_Seq], lengths: list[int], chunk: bool = False) -> list[TokenEvent]:
+        """One device call: row i runs `lengths[i]` tokens of seqs[i] from its `computed` position;
+        `chunk`: one prompt chunk (a chunk shape, even for one token), else decode rows."""
+        rows = 1 if chunk else bucket_for(len(seqs), self.batch_sizes)
+        width = bucket_for(max(lengths), self.chunk_sizes) if chunk else 1
         reach = max(s.computed + n for s, n in zip(seqs, lengths))
-        attend = bucket_for(math.ceil(reach / self.page_size), self.attend_pages)
-        tokens = np.zeros((rows, width), np.int32)
-        positions = np.full((rows, width), -1, np.int32)
-        tables = np.zeros((rows, attend), np.int32)
-        last = np.zeros(rows, np.int32)
-        slot_rows = np.full(rows, self.max_slots, np.int32)  # padding rows use the spare state row
-        emit = np.zeros(rows, bool)
+        batch = self._empty_batch(rows, width, bucket_for(math.ceil(reach / self.page_size), self.attend_pages))
         for i, (s, n) in enumerate(zip(seqs, lengths)):
-            tokens[i, :n] = s.tokens[s.computed:s.computed + n]
-            positions[i, :n] = np.arange(s.computed, s.computed + n)
-            tables[i, :len(s.pages)] = s.pages
-            last[i], slot_rows[i] = n - 1, s.slot
-            emit[i] = s.computed + n == len(s.tokens)
+            batch.tokens[i, :n] = s.tokens[s.computed:s.computed + n]
+            batch.positions[i, :n] = np.arange(s.computed, s.computed + n)
+            batch.block_tables[i, :len(s.pages)] = s.pages
+            batch.last[i], batch.rows[i] = n - 1, s.slot
+            batch.emit[i] = s.computed + n == len(s.tokens)
+            scored = s.tokens[s.computed + 1:s.computed + n + 1]
+            batch.targets[i, :len(scored)] = scored
+        guides = [s.request.params.guide if batch.emit[i] else None for i, s in enumerate(seqs)]
+        if any(guides):
+            batch.bitmask = fill_bitmasks(guides + [None] * (rows - len(seqs)), self.cfg.vocab_size)
         want = any(s.request.params.logprobs is not None for s in seqs)
-        self._pools, self._state, (sampled, logprobs) = self._steps.step(
-            self.weights, self._pools, self._state, tokens, positions, tables, last, slot_rows, emit, np.bool_(want))
+        scoring = chunk and seqs[0].scoring
+        lora = self._lora([s.request.adapter for s in seqs] + [0] * (rows - len(seqs)))
+        self._pools, self._state, (sampled, logprobs, prompt) = self._steps.step(
+            self.weights, self._pools, self._state, batch, lora, np.bool_(want), np.bool_(scoring))
         sampled = np.asarray(sampled)
         logprobs = tuple(np.asarray(a) for a in logprobs) if want else None
+        if scoring:
+            seqs[0].scored.append(tuple(np.asarray(a)[0, :lengths[0]] for a in prompt))
         events = []
         for i, (s, n) in enumerate(zip(seqs, lengths)):
             s.computed += n
             self._register_full_pages(s)
-            if emit[i]:
+            if batch.emit[i]:
                 s.tokens.append(int(sampled[i]))
                 s.generated += 1
                 events.append(self._event(s, int(sampled[i]), logprobs, i))
         return events
 
+    def _empty_batch(self, rows: int, width: int, attend: int) -> StepBatch:
+        """Every row padding (positions -1, the spare state row, no grammar) until filled in."""
+        return StepBatch(np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32),
+                         np.zeros((rows, attend), np.int32), np.zeros(rows, np.int32),
+                         np.full(rows, self.max_slots, np.int32), np.zeros(rows, bool),
+                         no_constraint(rows, self.cfg.vocab_size), np.zeros((rows, width), np.int32))
+
+    def _lora(self, adapters: list[int]):
+        """The step's `lora` argument: None without an adapter pool."""
+        return None if self.adapters is None else self.adapters.step_argument(adapters)
+
     def _register_full_pages(self, seq: _Seq) -> None:
         full = seq.computed // self.page_size
         if full > seq.registered:
-            extend_hashes(seq.hashes, seq.tokens, self.page_size, full)
+            extend_hashes(seq.hashes, seq.tokens, self.page_size, full, seq.cache_key)
             for j in range(seq.registered, full):
                 self.pool.register(seq.pages[j], seq.hashes[j])
             seq.registered = full
 
     def _event(self, s: _Seq, token: int, logprobs, row: int) -> TokenEvent:
         event = token_event(s.request, s.slot, token, s.generated, self.eos_token_ids, logprobs, row)
+        if s.generated == 1 and s.request.params.prompt_logprobs is not None:
+            scored = tuple(np.concatenate([c[j] for c in s.scored])[None] for j in range(4))  # [1, prompt, ...]
+            event.prompt_logprobs = prompt_logprob_entries(s.request.prompt_ids, s.request.params.prompt_logprobs,
+                                                           scored, 0)
+            s.scored = []
         s.done = event.finish_reason is not None
         return event
 
@@ -296,15 +321,18 @@ class PagedEngine:
         """Compile (and run once, writing nothing) every shape `generate` can use; returns how many.
         With the persistent compile cache (rsdjax/compile_cache.py) a restart loads them from disk."""
         self._arm(self.max_slots, Request("warmup", [0], SamplingParams(seed=0)))  # the spare row
-        shapes = [(b, 1) for b in self.batch_sizes] + [(1, c) for c in self.chunk_sizes]
-        for rows, width in shapes:
-            for attend in self.attend_pages:
-                self._pools, self._state, _ = self._steps.step(
-                    self.weights, self._pools, self._state, np.zeros((rows, width), np.int32),
-                    np.full((rows, width), -1, np.int32), np.zeros((rows, attend), np.int32),
-                    np.zeros(rows, np.int32), np.full(rows, self.max_slots, np.int32), np.zeros(rows, bool), np.bool_(False))
+        shapes = self.shapes()
+        for rows, width, attend in shapes:
+            self._pools, self._state, _ = self._steps.step(
+                self.weights, self._pools, self._state, self._empty_batch(rows, width, attend),
+                self._lora([0] * rows), np.bool_(False), np.bool_(False))
         jax.block_until_ready(self._pools)
-        return len(shapes) * len(self.attend_pages)
+        return len(shapes)
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """(rows, tokens per row, attended pages) of every step `generate` can run."""
+        steps = [(b, 1) for b in self.batch_sizes] + [(1, c) for c in self.chunk_sizes]
+        return [(rows, width, attend) for rows, width in steps for attend in self.attend_pages]
 
     def stats(self) -> dict:
         q = self.pool.query_tokens

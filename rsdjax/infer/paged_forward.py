@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,24 @@ def pool_sharding(cfg: ModelConfig, mesh, num_pages: int, page_size: int) -> Nam
     spec = resolve(POOL_AXES, pool_shape(cfg, num_pages, page_size), mesh_shape_of(mesh), INFER_RULES,
                    name="kv page pool")
     return NamedSharding(mesh, spec)
+
+
+def pages_for_budget(cfg: ModelConfig, mesh, page_size: int, kv_cache_gb: float | None, fraction: float,
+                     default_gb: float) -> int:
+    """Pages a per-device byte budget holds: `kv_cache_gb`, else `fraction` of the device's free memory
+    (`default_gb` where the backend reports none, as XLA:CPU does); a page's bytes split over the mesh
+    axes its pool is sharded on."""
+    spec = pool_sharding(cfg, mesh, 1, page_size).spec
+    shape = mesh_shape_of(mesh)
+    shards = math.prod(shape[a] for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry))
+    per_device = page_bytes(cfg, page_size) // shards
+    if kv_cache_gb is None:
+        stats = jax.local_devices()[0].memory_stats() or {}
+        free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+        budget = free * fraction if free > 0 else default_gb * 2**30
+    else:
+        budget = float(kv_cache_gb) * 2**30
+    return int(budget // per_device)
 
 
 def empty_pools(cfg: ModelConfig, mesh, num_pages: int, page_size: int) -> forward.LayerCache:
@@ -96,9 +115,10 @@ def paged_kv(k_pool, v_pool, k, v, write_pages, write_offsets, block_tables):
 
 
 def paged_forward(cfg: ModelConfig, w: forward.ServingWeights, pools: forward.LayerCache, tokens, positions,
-                  block_tables, last):
+                  block_tables, last, lora=None):
     """tokens, positions [R, C] (position -1 = padding); block_tables [R, n]; last [R]: the column of
-    each row whose logits are wanted -> logits [R, V] and the updated pools."""
+    each row whose logits are wanted; lora: None or (adapter pool arrays, adapter per row), as the slot
+    engine's (`forward.with_adapters`) -> logits [R, V], the updated pools, the last layer's output [R, C, E]."""
     page_size, num_pages = pools.k[0].shape[1], pools.k[0].shape[0]
     real = positions >= 0
     pos = jnp.maximum(positions, 0)
@@ -116,28 +136,52 @@ def paged_forward(cfg: ModelConfig, w: forward.ServingWeights, pools: forward.La
             new_v.append(constrain(v_pool, POOL_AXES))
             return k_all, v_all
 
-        x = decoder_layer(cfg, x, forward.layer_view(p), rope, attend_with(mask, through_pages))
+        x = decoder_layer(cfg, x, forward.with_adapters(p, lora, i), rope, attend_with(mask, through_pages))
     x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    return forward._logits(cfg, w, x_last), forward.LayerCache(new_k, new_v)
+    return forward._logits(cfg, w, x_last), forward.LayerCache(new_k, new_v), x
 
 
-def run_step(cfg: ModelConfig, mesh, weights, pools, state: SeqState, tokens, positions, block_tables, last, rows,
-             emit, want_logprobs):
-    """Forward R rows, sample one token per row from its slot's state (rows [R]: slot of each row), and
-    advance the state of the rows that `emit` (their token is a real output, not a mid-prompt chunk).
-    Logprobs (top MAX_TOP_LOGPROBS) behind a runtime branch, so asking for them compiles nothing new."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepBatch:
+    """One step's rows (R) of C tokens each: decode (C = 1, R = a batch size) or one prompt chunk (R = 1)."""
+
+    tokens: jax.Array  # i32 [R, C]
+    positions: jax.Array  # i32 [R, C]: -1 = padding
+    block_tables: jax.Array  # i32 [R, n]: the pages a row attends, in order
+    last: jax.Array  # i32 [R]: the column whose logits are sampled
+    rows: jax.Array  # i32 [R]: the slot (state row) of each row; padding rows use the spare one
+    emit: jax.Array  # bool [R]: the sampled token is an output (not a mid-prompt chunk's)
+    bitmask: jax.Array  # i32 [R, ceil(V / 32)]: the tokens each row's grammar allows (all ones: any)
+    targets: jax.Array  # i32 [R, C]: the token each position is scored on (prompt logprobs)
+
+
+def run_step(cfg: ModelConfig, mesh, weights, pools, state: SeqState, batch: StepBatch, lora, want_logprobs,
+             want_prompt_logprobs):
+    """Forward R rows, sample one token per row from its slot's state, and advance the state of the
+    rows that emit. Logprobs (top MAX_TOP_LOGPROBS) behind runtime branches, so asking for them
+    compiles nothing new; prompt logprobs only in chunk shapes (C > 1: decode rows score nothing)."""
     with activation_sharding(mesh, INFER_RULES):
-        logits, pools = paged_forward(cfg, weights, pools, tokens, positions, block_tables, last)
+        logits, pools, hidden = paged_forward(cfg, weights, pools, batch.tokens, batch.positions,
+                                              batch.block_tables, batch.last, lora)
+        rows = batch.rows
         params = jax.tree.map(lambda a: a[rows], state.params)
         sampled = sample(logits, params, state.keys[rows], state.steps[rows], state.prompt_mask[rows],
-                         state.counts[rows])
-        r, k = logits.shape[0], MAX_TOP_LOGPROBS
+                         state.counts[rows], batch.bitmask)
+        r, c, k = logits.shape[0], batch.tokens.shape[1], MAX_TOP_LOGPROBS
         none = (jnp.zeros(r, jnp.float32), jnp.zeros((r, k), jnp.int32), jnp.zeros((r, k), jnp.float32))
         logprobs = jax.lax.cond(want_logprobs, lambda: token_logprobs(logits, sampled, k), lambda: none)
-    inc = emit.astype(jnp.int32)
+        prompt = None
+        if c > 1:
+            unscored = (jnp.zeros((r, c), jnp.float32), jnp.zeros((r, c, k), jnp.int32),
+                        jnp.zeros((r, c, k), jnp.float32), jnp.zeros((r, c), jnp.int32))
+            prompt = jax.lax.cond(want_prompt_logprobs,
+                                  lambda: forward.prompt_logprobs(cfg, weights, hidden, batch.targets, k),
+                                  lambda: unscored)
+    inc = batch.emit.astype(jnp.int32)
     state = dataclasses.replace(state, steps=state.steps.at[rows].add(inc),
                                 counts=state.counts.at[rows, sampled].add(inc))
-    return pools, state, (sampled, logprobs)
+    return pools, state, (sampled, logprobs, prompt)
 
 
 def arm_slot(state: SeqState, slot, key, params, prompt_mask) -> SeqState:
@@ -150,7 +194,8 @@ def arm_slot(state: SeqState, slot, key, params, prompt_mask) -> SeqState:
 
 @dataclasses.dataclass(frozen=True)
 class PagedSteps:
-    step: object  # (weights, pools, state, tokens, positions, block_tables, last, rows, emit, want_logprobs)
+    # (weights, pools, state, batch, lora, want_logprobs, want_prompt_logprobs) -> (pools, state, outputs)
+    step: object
     arm: object  # (state, slot, key, params, prompt_mask) -> state
     pool_sharding: NamedSharding
     replicated: NamedSharding

@@ -1,5 +1,5 @@
 """The compiled-shape vocabulary both serving engines (and their warm-up) share: sizes are powers of
-two up to a limit, and a length runs in the smallest size that holds it, so a new length never
+two (or four) up to a limit, and a length runs in the smallest size that holds it, so a new length never
 recompiles."""
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from typing import Sequence
 DEFAULT_MAX_CONTEXT = 4096
 
 
-def buckets(smallest: int, limit: int) -> tuple[int, ...]:
-    """Powers of two from `smallest` below `limit`, then `limit` itself."""
+def buckets(smallest: int, limit: int, factor: int = 2) -> tuple[int, ...]:
+    """`smallest` times powers of `factor` below `limit`, then `limit` itself."""
     out, b = [], smallest
     while b < limit:
         out.append(b)
-        b *= 2
+        b *= factor
     return tuple(out) + (limit,)
 
 

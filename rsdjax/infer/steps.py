@@ -67,7 +67,7 @@ def prefill_step(cfg: ModelConfig, mesh, weights, tokens, lengths, params, seeds
         if prompt_top_k:
             logits, cache, hidden = layout(mesh).prefill(cfg, weights, tokens, lengths, return_hidden=True,
                                                          lora=lora)
-            prompt = forward.prompt_logprobs(cfg, weights, hidden, tokens, prompt_top_k)
+            prompt = forward.prompt_logprobs(cfg, weights, hidden, forward.next_tokens(tokens), prompt_top_k)
         else:
             logits, cache = layout(mesh).prefill(cfg, weights, tokens, lengths, lora=lora)
             prompt = None
