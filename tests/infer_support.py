@@ -10,6 +10,7 @@ with every slot free.
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -57,6 +58,13 @@ def shared_engine(path: Path, max_slots: int = 4, max_context: int = 128, mesh: 
     for slot in range(engine.max_slots):
         engine.free(slot)
     return engine, tokenizer
+
+
+def compiled_shapes(engine) -> dict:
+    """{step name: shapes compiled so far} for either engine (`_steps` holds its jitted steps)."""
+    steps = engine._steps
+    return {f.name: getattr(steps, f.name)._cache_size() for f in dataclasses.fields(steps)
+            if hasattr(getattr(steps, f.name), "_cache_size")}
 
 
 def hf_model(path: Path):

@@ -32,13 +32,20 @@ def warmup(model: Path, cache_dir: Path, *extra: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# what `rsdjax warmup --max-slots 1 --max-context 128` compiles: slots: decode at attend 64 and 128,
+# prefill at 16..128; paged (8 pages of 16): decode at 1 row and chunks of 16, 64, 128, all attending 8 pages
+SHAPES = {"slots": {"decode_shapes": 2, "prefill_shapes": 4}, "paged": {"step_shapes": 4}}
+
+
 @pytest.mark.slow
-def test_warmup_then_generate_loads_everything_from_the_cache_and_a_corrupt_entry_is_recompiled(tiny_hf_dir, tmp_path):
+@pytest.mark.parametrize("engine", list(SHAPES))
+def test_warmup_then_generate_loads_everything_from_the_cache_and_a_corrupt_entry_is_recompiled(tiny_hf_dir, tmp_path,
+                                                                                                engine):
     cache = tmp_path / "cache"
-    shape = ("--max-slots", "1", "--max-context", "128")
+    shape = ("--max-slots", "1", "--max-context", "128", "--engine", engine)
     filled = warmup(tiny_hf_dir, cache, *shape)
     assert filled["cache_dir"] == str(cache) and filled["cache_hits"] == 0
-    assert filled["decode_shapes"] == 2 and filled["prefill_shapes"] == 4  # attend 64, 128; prefill 16..128
+    assert {k: filled[k] for k in SHAPES[engine]} == SHAPES[engine]
     assert filled["compiled"] > 0
 
     after_warmup = generate(tiny_hf_dir, cache, *shape)["compile"]

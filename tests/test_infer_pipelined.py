@@ -36,7 +36,8 @@ def expected(four_layer_dir):
 
 @pytest.mark.parametrize("mesh", ["stage=2,tensor=4", "stage=4,tensor=2"])
 def test_pipelined_engine_matches_transformers_greedy(four_layer_dir, expected, mesh):
-    engine, _ = load_engine(four_layer_dir, mesh=make_mesh(resolve_mesh_shape(mesh)), max_slots=4, max_context=64)
+    engine, _ = load_engine(four_layer_dir, mesh=make_mesh(resolve_mesh_shape(mesh)), max_slots=4, max_context=64,
+                            kind="slots")  # the slot engine alone pipelines stages
     # the cache's layer dim lives on the stages, with the weights of those layers
     assert engine._cache.k.sharding.spec[0] == "stage" and engine.weights.layers["wq"].sharding.spec[0] == "stage"
     greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)

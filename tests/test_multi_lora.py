@@ -7,6 +7,7 @@ import openai
 import pytest
 import torch
 
+from infer_support import compiled_shapes as compiled
 from infer_support import confident_hf_dir, hf_model
 from rsdjax.serve.app import create_app
 from rsdjax.serve.launch import ServerThread
@@ -51,22 +52,26 @@ def adapters(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def live(adapters):
+# paged: pages of 4 tokens, so the prompt's first page is cached and found again; pages are keyed by
+# the adapter that wrote them, else the base's page would serve an adapter's request (and vice versa)
+ENGINES = {"paged": dict(kind="paged", page_size=4), "slots": dict(kind="slots")}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def live(request, adapters):
     from rsdjax.infer.engine import load_engine
 
     engine, _ = load_engine(adapters["base"][0], max_slots=4, max_context=64, max_loras=3, max_lora_rank=8,
-                            adapters={"qa": str(adapters["qa"][0]), "legal": str(adapters["legal"][0])})
+                            adapters={"qa": str(adapters["qa"][0]), "legal": str(adapters["legal"][0])},
+                            **ENGINES[request.param])
+    if hasattr(engine, "warmup"):  # as `rsdjax serve` does: every shape compiled before the first request
+        engine.warmup()
     with ServerThread(create_app(engine, None, ["base"])) as server:
         yield server.url, engine
 
 
 def ids_of(choice) -> list[int]:
     return [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]  # no tokenizer: ids as text
-
-
-def compiled(engine) -> tuple:
-    return engine._steps.prefill._cache_size(), engine._steps.decode._cache_size()
 
 
 async def complete(url, model, n=N):
@@ -95,6 +100,8 @@ def test_adapters_and_base_in_one_batch_equal_peft(live, adapters):
     adapted = 5  # qa and legal alone, then qa, legal and small in the batch
     assert metric(url, "rsdjax:lora_requests_total") == adapted
     assert metric(url, "rsdjax:lora_generation_tokens_total") == adapted * N
+    if hasattr(engine, "pool"):  # paged: the repeated prompts found their cached first page
+        assert engine.stats()["prefix_cache_hits"] > 0
     cards = {m.id: m for m in client(url).models.list().data}
     assert set(cards) == {"base", "qa", "legal", "small"}
     assert cards["qa"].parent == "base" and cards["qa"].root == str(adapters["qa"][0]) and cards["base"].parent is None
@@ -140,7 +147,8 @@ def test_unknown_and_bad_adapters(live, adapters, tmp_path):
     assert r.status_code == 400 and "already loaded" in r.json()["error"]["message"]
 
 
-def test_pool_sharded_like_the_kernels_on_tensor_parallel(adapters):
+@pytest.mark.parametrize("kind", list(ENGINES))
+def test_pool_sharded_like_the_kernels_on_tensor_parallel(adapters, kind):
     """On tensor=4 the pool's A/B split over `tensor` where their kernels do (heads, mlp), and a
     batch of the base and three adapters still equals peft."""
     from rsdjax.infer.engine import load_engine
@@ -149,16 +157,17 @@ def test_pool_sharded_like_the_kernels_on_tensor_parallel(adapters):
 
     mesh = make_mesh({"tensor": 4})
     engine, _ = load_engine(adapters["base"][0], mesh=mesh, max_slots=4, max_context=32, max_lora_rank=8,
-                            adapters={n: str(adapters[n][0]) for n in ("qa", "legal", "small")})
+                            adapters={n: str(adapters[n][0]) for n in ("qa", "legal", "small")}, **ENGINES[kind])
     layer = engine.adapters.layers[0]
     assert "tensor" in layer["wq"]["b"].sharding.spec and "tensor" in layer["w_up"]["b"].sharding.spec
     assert "tensor" in layer["w_down"]["a"].sharding.spec and "tensor" in layer["wo"]["a"].sharding.spec
     names = ["base", "qa", "legal", "small"]
     params = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
-    requests = [Request(n, PROMPT, params, 0 if n == "base" else engine.adapters.acquire(n)) for n in names]
-    prefixes = engine.prefill_many(requests)
-    out = {p.request.id: [p.first_token.token_id] for p in prefixes}
-    for slot, prefix in enumerate(prefixes):
+    out = {n: [] for n in names}
+    for slot, n in enumerate(names):
+        prefix = engine.prefill(Request(n, PROMPT, params, 0 if n == "base" else engine.adapters.acquire(n)))
+        if prefix.first_token is not None:  # the slot engine samples it in prefill, the paged one in generate
+            out[n].append(prefix.first_token.token_id)
         engine.insert(prefix, slot)
     while any(len(v) < N for v in out.values()):
         for event in engine.generate():

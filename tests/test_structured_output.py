@@ -1,4 +1,5 @@
-"""Structured output through the server over the real slot engine (tiny model, byte-level tokenizer).
+"""Structured output through the server over the real engines, paged and slots (tiny model, byte-level
+tokenizer).
 
 The model is random, so whatever holds comes from the grammar masks applied in the jitted sampler:
 sampled (temperature 1) outputs under a nested schema all validate with `jsonschema`, regex and
@@ -12,6 +13,7 @@ import re
 import jsonschema
 import pytest
 
+from infer_support import compiled_shapes as compiled
 from infer_support import confident_dir_with_tokenizer, shared_engine
 from rsdjax.serve.app import create_app
 from rsdjax.serve.launch import ServerThread
@@ -37,17 +39,14 @@ DATE = r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]"
 CITIES = ["Tokyo", "Osaka", "New \"York\""]
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory, tiny_tokenizer_dir):
+@pytest.fixture(scope="module", params=["paged", "slots"])
+def live(request, tmp_path_factory, tiny_tokenizer_dir):
     model_dir = confident_dir_with_tokenizer(tmp_path_factory, tiny_tokenizer_dir)
-    engine, tokenizer = shared_engine(model_dir, max_slots=8, max_context=128)
+    engine, tokenizer = shared_engine(model_dir, max_slots=8, max_context=128, kind=request.param)
+    if hasattr(engine, "warmup"):  # as `rsdjax serve` does: every shape compiled before the first request
+        engine.warmup()
     with ServerThread(create_app(engine, tokenizer, ["tiny"])) as server:
         yield server.url, engine
-
-
-def compiled(engine) -> dict:
-    steps = engine._steps
-    return {"prefill": steps.prefill._cache_size(), "decode": steps.decode._cache_size()}
 
 
 async def sample_all(url, requests):
