@@ -207,12 +207,15 @@ class SlotEngine:
     # ------------------------------------------------------------ helpers
 
     def _lora(self, adapters: list[int]):
-        """The steps' `lora` argument: None without an adapter pool, else (pool arrays, index per row)."""
+        """The steps' `lora` argument: (pool arrays, entry per row), or None without a pool or when every
+        row is on the base (the step compiled without LoRA then: a base batch pays nothing for the pool)."""
         if self.adapters is None:
             return None
         bad = [a for a in adapters if not 0 <= a <= self.adapters.max_loras]
         if bad:
             raise ValueError(f"adapter entry {bad[0]} does not exist (max_loras={self.adapters.max_loras})")
+        if not any(adapters):
+            return None
         return self.adapters.layers, np.asarray(adapters, np.int32)
 
     def _event(self, s: _Slot, slot: int, token: int, logprobs, row: int) -> TokenEvent:
