@@ -64,16 +64,16 @@ def test_train_cli_hardware_runs_the_planned_split(capsys, tmp_path):
     assert expected.mesh_str in captured.out + captured.err  # the dry run reports the mesh it lowered on
 
 
-def test_calibration_table_meets_the_fit_target(capsys):
+def test_calibration_table_meets_the_fit_and_holdout_targets(capsys):
     assert main(["plan", "--calibration", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     roles = {p["role"] for p in out["points"]}
     assert roles == {"fit", "holdout", "excluded"} and len(out["constants"]) == 6
-    for p in out["points"]:
+    for p in out["points"]:  # the targets: fitted points within 15%, held-out points within 30%
         if p["role"] == "fit":
             assert abs(p["error"]) <= 0.15, p
-        elif p["role"] == "holdout":  # the target is 30%; one TensorRT-LLM point misses it (docs/cost_model.md)
-            assert abs(p["error"]) <= 0.5, p
+        elif p["role"] == "holdout":
+            assert abs(p["error"]) <= 0.30, p
 
 
 def test_serve_and_warmup_share_the_planned_split(tmp_path_factory, capsys):
