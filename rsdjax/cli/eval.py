@@ -110,7 +110,7 @@ def _planner_inputs(args) -> dict:
     cfg = read_model_config(args.model)
     seq = args.seq_len or min(1024, cfg.max_position_embeddings)
     return {"cfg": cfg, "workload": Workload("infer", max(args.batch_size, 1), seq, prompt=seq),
-            "runnable": engine_runnable(None, "slots")}  # the harness runs the slot engine
+            "runnable": engine_runnable(None)}
 
 
 def _batch_shards(mesh) -> int:

@@ -25,13 +25,13 @@ import jax
 import numpy as np
 
 from rsdjax.config import ConfigError
-from rsdjax.infer import forward
+from rsdjax.infer import forward, staged
 from rsdjax.infer.adapters import AdapterPool
 from rsdjax.infer.events import check_request, prompt_logprob_entries, token_event
 from rsdjax.infer.interface import Prefix, Request, TokenEvent
 from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, fill_bitmasks, no_constraint, seed_pair
 from rsdjax.infer.shapes import DEFAULT_MAX_CONTEXT, bucket_for, buckets
-from rsdjax.infer.steps import compiled_steps, empty_cache, empty_state, serving_weights
+from rsdjax.infer.steps import compiled_steps, empty_cache, empty_state, layout, serving_weights
 from rsdjax.parallel.mesh import make_mesh
 
 MIN_PREFILL_BUCKET = 16
@@ -78,6 +78,8 @@ class SlotEngine:
             self.prefill_buckets += (self.max_context,)
         self.attend_buckets = buckets(MIN_ATTEND_BUCKET, self.max_context)
 
+        if max_loras and layout(self.mesh) is staged:  # refused here, not at the first request
+            raise ConfigError(staged.NO_ADAPTERS)
         self.weights = serving_weights(model, self.mesh)  # stage > 1: stacked over stages (infer/staged.py)
         self._steps = compiled_steps(cfg, self.mesh, self.max_slots, self.max_context)
         self._cache = empty_cache(cfg, self.mesh, self.max_slots, self.max_context)
@@ -197,7 +199,8 @@ class SlotEngine:
     # ------------------------------------------------------------ helpers
 
     def _lora(self, adapters: list[int]):
-        """The steps' `lora` argument: None without an adapter pool."""
+        """The steps' `lora` argument: (pool arrays, entry per row), or None without a pool or when every
+        row is on the base (the step compiled without LoRA then: a base batch pays nothing for the pool)."""
         return None if self.adapters is None else self.adapters.step_argument(adapters)
 
     def _event(self, s: _Slot, slot: int, token: int, logprobs, row: int) -> TokenEvent:

@@ -294,7 +294,7 @@ class PagedEngine:
                          no_constraint(rows, self.cfg.vocab_size), np.zeros((rows, width), np.int32))
 
     def _lora(self, adapters: list[int]):
-        """The step's `lora` argument: None without an adapter pool."""
+        """The step's `lora` argument: None without an adapter pool or when every row is on the base."""
         return None if self.adapters is None else self.adapters.step_argument(adapters)
 
     def _register_full_pages(self, seq: _Seq) -> None:
@@ -322,12 +322,15 @@ class PagedEngine:
         With the persistent compile cache (rsdjax/compile_cache.py) a restart loads them from disk."""
         self._arm(self.max_slots, Request("warmup", [0], SamplingParams(seed=0)))  # the spare row
         shapes = self.shapes()
+        # with an adapter pool each shape has two variants: base rows only (no LoRA), and rows on adapters
+        variants = [[0], [1]] if self.adapters is not None else [[0]]
         for rows, width, attend in shapes:
-            self._pools, self._state, _ = self._steps.step(
-                self.weights, self._pools, self._state, self._empty_batch(rows, width, attend),
-                self._lora([0] * rows), np.bool_(False), np.bool_(False))
+            for entry in variants:
+                self._pools, self._state, _ = self._steps.step(
+                    self.weights, self._pools, self._state, self._empty_batch(rows, width, attend),
+                    self._lora(entry * rows), np.bool_(False), np.bool_(False))
         jax.block_until_ready(self._pools)
-        return len(shapes)
+        return len(shapes) * len(variants)
 
     def shapes(self) -> list[tuple[int, int, int]]:
         """(rows, tokens per row, attended pages) of every step `generate` can run."""
