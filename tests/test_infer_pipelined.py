@@ -44,3 +44,16 @@ def test_pipelined_engine_matches_transformers_greedy(four_layer_dir, expected, 
     got = [c.token_ids for c in generate(engine, PROMPTS, greedy)]
     assert got == expected
     assert np.all([len(t) == NEW_TOKENS for t in got])
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"kind": "paged"}, "layers are sharded over 'stage'"),
+    ({"quantize": "int8"}, "--quantize int8 is not served on a mesh with stage > 1"),
+    ({"max_loras": 1}, "per-request LoRA adapters are not served on a mesh with stage > 1"),
+])
+def test_engine_refuses_what_it_does_not_pipeline_when_loading(four_layer_dir, options, message):
+    """What `--hardware` keeps on stage=1 (cli.common.pipeline_refusal) is what the engine refuses on stages:
+    refused when the engine is built, in words, not at the first request."""
+    with pytest.raises(ValueError, match=message):
+        load_engine(four_layer_dir, mesh=make_mesh(resolve_mesh_shape("stage=2,tensor=4")), max_slots=4,
+                    max_context=64, **options)

@@ -138,6 +138,22 @@ def test_pipeline_bubble_and_decode_rounds(llama8b):
     assert decode.microbatches == 4  # S microbatches in flight while decoding
 
 
+def test_per_query_head_kv_reads_charge_each_query_head_of_a_gqa_group():
+    """TensorRT-LLM 0.5's decode kernel reads a KV head once per query head: on tensor=4 Llama-70B's 16 local
+    query heads read what 2 cached KV heads hold, 8 times over; an MHA model (Llama-2-7B) is unchanged."""
+    hw, wl = load_hardware("h100-node"), Workload("infer", 64, 4096, prompt=2048)
+    grouped = Assumptions(attention="flash", kv_reads="grouped")
+    per_head = Assumptions(attention="flash", kv_reads="per_query_head")
+    cfg70 = load_model_config("llama3.1-70b")
+    a, b = (estimate(cfg70, hw, one(tensor=4), wl, x).times["decode_memory_s"] for x in (grouped, per_head))
+    mean_context = 2048 + 2048 // 2  # a flash kernel reads the filled cache: the prompt and half the output
+    heads, kv_heads = cfg70.num_heads // 4, cfg70.num_kv_heads // 4  # 16 and 2 per device
+    extra = 2 * cfg70.num_layers * 64 * mean_context * (heads - kv_heads) * cfg70.resolved_head_dim * 2  # bf16
+    assert b - a == pytest.approx(extra / (hw.device.mem_bandwidth_gbs.value * 1e9 * 0.7), rel=1e-6)
+    cfg7 = load_model_config("llama2-7b")
+    assert estimate(cfg7, hw, one(), wl, grouped).decode_round_s == estimate(cfg7, hw, one(), wl, per_head).decode_round_s
+
+
 def test_cli_plan_json_names_the_best_mesh(capsys):
     assert main(["plan", "--model", "llama3.1-70b", "--hardware", "cs3x4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -157,6 +173,8 @@ def test_cli_plan_table_and_scaling(capsys):
     (["--mode", "train", "--batch", "0"], "--batch must be positive"),
     (["bogus=1"], "unknown config key 'bogus'"),
     (["cost.dtype=int8"], "unknown dtype"),
+    (["cost.attention=fast"], "cost.attention must be 'full' or 'flash'"),
+    (["cost.kv_reads=some"], "cost.kv_reads must be 'grouped' or 'per_query_head'"),
     (["model.num_heads=0"], "num_heads must be positive"),
 ])
 def test_cli_plan_bad_input_is_one_line_exit_2(capsys, argv, message):

@@ -52,6 +52,21 @@ def test_serving_skips_splits_the_engine_cannot_run():
     assert 6 % plan.mesh["data"] == 0 and plan.mesh["stage"] == 1 and "fit" in reason
 
 
+@pytest.mark.parametrize("engine_args,words", [
+    ({"engine": "paged"}, "the paged engine"),
+    ({"engine": "slots", "quantize": "int8"}, "--quantize int8"),
+    ({"engine": "slots", "quantize": None, "max_loras": 2, "lora": []}, "per-request LoRA adapters"),
+])
+def test_serving_stays_on_one_stage_when_the_engine_options_need_it(engine_args, words):
+    """The pipelined engine refuses these (tests/test_infer_pipelined.py), so --hardware skips cs3x4's stage=4."""
+    cfg, hw = load_model_config("llama3.1-70b"), load_hardware("cs3x4")
+    plan, reason = choose(cfg, hw, Workload("infer", 0, 4096),
+                          runnable=engine_runnable(8, argparse.Namespace(**engine_args)))
+    assert plan.mesh["stage"] == 1 and f"stage=4,fsdp=1,tensor=1 ({words}" in reason and "stage=1 only" in reason
+    merged = argparse.Namespace(engine="slots", quantize=None, lora=["adapter"])  # generate: applied to the weights
+    assert choose(cfg, hw, Workload("infer", 0, 4096), runnable=engine_runnable(8, merged))[0].mesh["stage"] == 4
+
+
 def test_train_cli_hardware_runs_the_planned_split(capsys, tmp_path):
     from rsdjax.cli.train import train_workload
     from rsdjax.train.config import load_train_config
@@ -64,16 +79,16 @@ def test_train_cli_hardware_runs_the_planned_split(capsys, tmp_path):
     assert expected.mesh_str in captured.out + captured.err  # the dry run reports the mesh it lowered on
 
 
-def test_calibration_table_meets_the_fit_target(capsys):
+def test_calibration_table_meets_the_fit_and_holdout_targets(capsys):
     assert main(["plan", "--calibration", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     roles = {p["role"] for p in out["points"]}
     assert roles == {"fit", "holdout", "excluded"} and len(out["constants"]) == 6
-    for p in out["points"]:
+    for p in out["points"]:  # the issue's targets: fitted points within 15%, held-out points within 30%
         if p["role"] == "fit":
             assert abs(p["error"]) <= 0.15, p
-        elif p["role"] == "holdout":  # the target is 30%; one TensorRT-LLM point misses it (docs/cost_model.md)
-            assert abs(p["error"]) <= 0.5, p
+        elif p["role"] == "holdout":
+            assert abs(p["error"]) <= 0.30, p
 
 
 def test_serve_and_warmup_share_the_planned_split(tmp_path_factory, capsys):

@@ -92,12 +92,30 @@ def planned_mesh_shape(args, cfg, workload, runnable=None, hardware_overrides: l
     return plan.mesh
 
 
-def engine_runnable(max_slots: int | None):
-    """What the serving engine can run: any split (stage > 1 pipelines, rsdjax/infer/staged.py) whose data
-    axis divides the slots."""
+def pipeline_refusal(args) -> str | None:
+    """What in a serving command's arguments the pipelined engine (stage > 1, rsdjax/infer/staged.py) does
+    not run, in words (the engine refuses each when loading); None if nothing."""
+    if getattr(args, "engine", None) == "paged":
+        return "the paged engine (--engine paged)"
+    if getattr(args, "quantize", None):
+        return f"--quantize {args.quantize}"
+    # serve's --lora NAME=DIR are per-request adapters (it has --max-loras); generate's --lora is applied to
+    # the weights before they are split, which a pipeline runs
+    if getattr(args, "max_loras", None) is not None and (args.max_loras or args.lora):
+        return "per-request LoRA adapters (--lora NAME=DIR, --max-loras)"
+    return None
+
+
+def engine_runnable(max_slots: int | None, args=None):
+    """What the serving engine can run: a split whose data axis divides the slots; stage > 1 (a pipeline,
+    rsdjax/infer/staged.py) unless these engine arguments need one stage (pipeline_refusal)."""
+    refusal = pipeline_refusal(args) if args is not None else None
+
     def check(mesh: dict[str, int]) -> str | None:
         if max_slots and max_slots % mesh["data"]:
             return f"{max_slots} slots do not split over data={mesh['data']}"
+        if refusal and mesh["stage"] > 1:
+            return f"{refusal} runs on stage=1 only"
         return None
     return check
 
@@ -155,4 +173,5 @@ def serving_mesh(args, max_slots: int | None, max_context: int | None, model_ove
 
     cfg = apply_overrides(read_model_config(args.model), list(model_overrides))
     context = max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)  # the engine's default
-    return mesh_from_args(args, cfg=cfg, workload=Workload("infer", 0, context), runnable=engine_runnable(max_slots))
+    return mesh_from_args(args, cfg=cfg, workload=Workload("infer", 0, context),
+                          runnable=engine_runnable(max_slots, args))

@@ -111,7 +111,7 @@ def run(args) -> int:
                                                       cfg.max_position_embeddings)
     slots = args.max_slots or min(len(prompts), DEFAULT_SLOTS)
     workload = Workload("infer", 0, max_context, prompt=min(max_context, max(map(len, prompts))))
-    mesh = mesh_from_args(args, cfg=cfg, workload=workload, runnable=engine_runnable(args.max_slots)) \
+    mesh = mesh_from_args(args, cfg=cfg, workload=workload, runnable=engine_runnable(args.max_slots, args)) \
         if (args.mesh or args.hardware) else None
     if mesh is not None:  # slots shard over `data`: round up so they divide it
         data = int(mesh.shape["data"])

@@ -77,7 +77,7 @@ def run(args) -> int:
     else:
         cfg = load_model_config(args.model, model_over)
     assume = apply_overrides(Assumptions.calibrated(), split_overrides(args.overrides, "cost"))
-    assume.dtype_bytes(hardware)  # validates cost.dtype
+    assume.validate(hardware)
     seq = args.seq or (4096 if args.mode == "infer" else 2048)
     batch = args.batch if args.batch is not None else (0 if args.mode == "infer" else hardware.num_devices)
     for name, value in (("--seq", seq), ("--batch", batch), ("--prompt", args.prompt),

@@ -1,13 +1,14 @@
-"""Many LoRA adapters served at once: stacked on the device, each batch row gathering its own.
+"""Many LoRA adapters served at once: stacked on the device, each batch row picking its own.
 
-`AdapterPool` keeps, for every layer and every projection, A `[max_loras + 1, in..., max_rank]`
-and B `[max_loras + 1, max_rank, out...]` (the adapter's scale folded into B). Entry 0 is all zeros:
-the base model. An adapter of smaller rank is zero-padded (zero columns add nothing), a projection or
-layer it does not adapt stays zero. The engine hands the pool and one index per batch row to its
-jitted steps, and `model.lora.lora_rows_delta` gathers each row's A and B (Punica / S-LoRA), so any
-mix of adapters and the base runs in one batch, and loading one only writes new values into arrays
-of the same shapes: nothing compiles again. A and B carry their kernel's logical axes (heads / mlp
-over `tensor`), so they are sharded like the kernels they adapt.
+`AdapterPool` keeps, for every layer and every projection, A `[in..., max_loras, max_rank]` and B
+`[max_loras, max_rank, out...]` (the adapter's scale folded into B; the layouts are the ones
+`rsdjax.model.lora_rows` multiplies without copying). Pool entry i (1..max_loras) is row i - 1;
+entry 0, the base model, takes no room. An adapter of smaller rank is zero-padded (zero columns add
+nothing), a projection or layer it does not adapt stays zero. The engine hands the pool and one
+entry per batch row to its jitted steps, and `lora_rows_delta` adds each row's own low-rank term
+(Punica / S-LoRA), so any mix of adapters and the base runs in one batch, and loading one only
+writes new values into arrays of the same shapes: nothing compiles again. A and B carry their
+kernel's logical axes (heads / mlp over `tensor`), so they are sharded like the kernels they adapt.
 
 Names are the registry: `acquire(name)` (a request starts) pins the adapter, `release` unpins it;
 `unload(name)` removes the name at once (new requests get `UnknownAdapterError`) and frees its entry
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from rsdjax.model.llama import resolve_dtype
 from rsdjax.model.lora import TARGET_MODULES, lora_axes
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, resolve
@@ -67,24 +69,27 @@ class AdapterPool:
         self._entries: dict[int, _Entry] = {}  # pool index (1..max_loras) -> adapter
         self._names: dict[str, int] = {}  # live names only (an unloaded, draining adapter has none)
         self.loads = 0
-        n = self.max_loras + 1
+        n = self.max_loras
         mesh_shape = mesh_shape_of(mesh)
         self._shardings, self._shapes = {}, {}
         for kernel, (ins, outs) in kernel_shapes(cfg).items():
             a_axes, b_axes = lora_axes(kernel)
-            a_shape, b_shape = (n, *ins, self.max_rank), (n, self.max_rank, *outs)
+            a_shape, b_shape = (*ins, n, self.max_rank), (n, self.max_rank, *outs)
+            a_axes = (*a_axes[1:-1], ADAPTERS_AXIS, a_axes[-1])  # the kernel's input axes, entries, rank
+            b_axes = (ADAPTERS_AXIS, *b_axes[1:])
             self._shapes[kernel] = (a_shape, b_shape)
             self._shardings[kernel] = tuple(
-                NamedSharding(mesh, resolve((ADAPTERS_AXIS, *axes[1:]), shape, mesh_shape, INFER_RULES,
-                                            name=f"lora {kernel}.{which}"))
+                NamedSharding(mesh, resolve(axes, shape, mesh_shape, INFER_RULES, name=f"lora {kernel}.{which}"))
                 for axes, shape, which in ((a_axes, a_shape, "A"), (b_axes, b_shape, "B")))
-        dtype = jnp.float32
+        # the compute dtype: the step would cast float32 factors to it anyway (same values, half the bytes in bf16)
+        dtype = resolve_dtype(cfg.dtype)
         self.layers: list[dict] = [
             {k: {"a": jax.device_put(jnp.zeros(self._shapes[k][0], dtype), self._shardings[k][0]),
                  "b": jax.device_put(jnp.zeros(self._shapes[k][1], dtype), self._shardings[k][1])}
              for k in TARGET_MODULES} for _ in range(cfg.num_layers)]
-        # one jitted writer for every load: (stack, index, value) -> stack with entry `index` replaced
-        self._write = jax.jit(lambda stack, i, v: jax.lax.dynamic_update_index_in_dim(stack, v, i, 0))
+        # one jitted writer per entry axis: (stack, row, value) -> stack with that row replaced
+        self._write = jax.jit(lambda stack, i, v, axis: jax.lax.dynamic_update_index_in_dim(
+            stack, v.astype(stack.dtype), i, axis), static_argnums=3)
 
     # ------------------------------------------------------------ the registry
 
@@ -148,10 +153,11 @@ class AdapterPool:
         return index
 
     def _write_entry(self, index: int, weights: dict, rank: int, scaling: float) -> None:
-        i = jnp.int32(index)
+        i = jnp.int32(index - 1)  # entry 0 (the base) is not stored
         for kernel in TARGET_MODULES:
             (a_shape, b_shape) = self._shapes[kernel]
-            a = np.zeros((self.cfg.num_layers, *a_shape[1:]), np.float32)
+            n_in = len(a_shape) - 2
+            a = np.zeros((self.cfg.num_layers, *a_shape[:n_in], self.max_rank), np.float32)
             b = np.zeros((self.cfg.num_layers, *b_shape[1:]), np.float32)
             if kernel in weights:
                 wa, wb = weights[kernel]  # [L, in..., r], [L, r, out...]; rows of layers not adapted are 0
@@ -160,8 +166,10 @@ class AdapterPool:
             for layer in range(self.cfg.num_layers):
                 arrays = self.layers[layer][kernel]
                 # replace the entry's values in new arrays: a step already running keeps the old ones
-                arrays["a"] = self._write(arrays["a"], i, a[layer])
-                arrays["b"] = self._write(arrays["b"], i, b[layer])
+                arrays["a"] = self._write(arrays["a"], i, a[layer], n_in)
+                arrays["b"] = self._write(arrays["b"], i, b[layer], 0)
 
     def bytes_per_adapter(self) -> int:
-        return sum(4 * (math.prod(a[1:]) + math.prod(b[1:])) for a, b in self._shapes.values()) * self.cfg.num_layers
+        itemsize = jnp.dtype(resolve_dtype(self.cfg.dtype)).itemsize
+        return sum(itemsize * (math.prod(a) + math.prod(b)) for a, b in self._shapes.values()) \
+            * self.cfg.num_layers // self.max_loras

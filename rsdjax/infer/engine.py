@@ -25,14 +25,14 @@ import jax
 import numpy as np
 
 from rsdjax.config import ConfigError
-from rsdjax.infer import forward
+from rsdjax.infer import forward, staged
 from rsdjax.infer.adapters import AdapterPool
 from rsdjax.infer.events import token_event
 from rsdjax.infer.interface import Prefix, PromptTooLongError, Request, TokenEvent
 from rsdjax.infer.sampling import (MAX_TOP_LOGPROBS, SamplingArrays, fill_bitmasks, no_constraint, seed_pair,
                                    validate)
 from rsdjax.infer.shapes import DEFAULT_MAX_CONTEXT, bucket_for, buckets
-from rsdjax.infer.steps import compiled_steps, empty_cache, empty_state, serving_weights
+from rsdjax.infer.steps import compiled_steps, empty_cache, empty_state, layout, serving_weights
 from rsdjax.parallel.mesh import make_mesh
 
 MIN_PREFILL_BUCKET = 16
@@ -79,6 +79,8 @@ class SlotEngine:
             self.prefill_buckets += (self.max_context,)
         self.attend_buckets = buckets(MIN_ATTEND_BUCKET, self.max_context)
 
+        if max_loras and layout(self.mesh) is staged:  # refused here, not at the first request
+            raise ConfigError(staged.NO_ADAPTERS)
         self.weights = serving_weights(model, self.mesh)  # stage > 1: stacked over stages (infer/staged.py)
         self._steps = compiled_steps(cfg, self.mesh, self.max_slots, self.max_context)
         self._cache = empty_cache(cfg, self.mesh, self.max_slots, self.max_context)
@@ -207,12 +209,15 @@ class SlotEngine:
     # ------------------------------------------------------------ helpers
 
     def _lora(self, adapters: list[int]):
-        """The steps' `lora` argument: None without an adapter pool, else (pool arrays, index per row)."""
+        """The steps' `lora` argument: (pool arrays, entry per row), or None without a pool or when every
+        row is on the base (the step compiled without LoRA then: a base batch pays nothing for the pool)."""
         if self.adapters is None:
             return None
         bad = [a for a in adapters if not 0 <= a <= self.adapters.max_loras]
         if bad:
             raise ValueError(f"adapter entry {bad[0]} does not exist (max_loras={self.adapters.max_loras})")
+        if not any(adapters):
+            return None
         return self.adapters.layers, np.asarray(adapters, np.int32)
 
     def _event(self, s: _Slot, slot: int, token: int, logprobs, row: int) -> TokenEvent:

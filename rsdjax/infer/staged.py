@@ -101,10 +101,13 @@ def _logits(cfg: ModelConfig, w: StackedWeights, x):
     return lm_logits(cfg, x, w.final_norm, w.embed if w.lm_head is None else w.lm_head)
 
 
+NO_ADAPTERS = ("per-request LoRA adapters are not served on a mesh with stage > 1 yet; use stage=1 "
+               "(or merge the adapter: rsdjax lora merge)")
+
+
 def _no_adapters(lora) -> None:
     if lora is not None:
-        raise ConfigError("per-request LoRA adapters are not served on a mesh with stage > 1 yet; use stage=1 "
-                          "(or merge the adapter: rsdjax lora merge)")
+        raise ConfigError(NO_ADAPTERS)
 
 
 def prefill(cfg: ModelConfig, w: StackedWeights, tokens, lengths, return_hidden: bool = False, lora=None):

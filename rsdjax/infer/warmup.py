@@ -29,25 +29,30 @@ def decode_buckets_for(engine, prompt_lengths: Iterable[int], max_new_tokens: in
     return [b for b in sizes if lo <= b <= hi]
 
 
-def _lora_stand_in(engine, rows: int):
-    """The steps' `lora` argument for `rows` rows (None without an adapter pool)."""
+def _lora_stand_ins(engine, rows: int) -> list:
+    """The steps' `lora` arguments for `rows` rows: None (no pool, or only base rows) and, with an
+    adapter pool, the pool with an entry per row (`SlotEngine._lora`)."""
     if engine.adapters is None:
-        return None
-    return engine.adapters.layers, jax.ShapeDtypeStruct((rows,), jnp.int32)
+        return [None]
+    return [None, (engine.adapters.layers, jax.ShapeDtypeStruct((rows,), jnp.int32))]
 
 
-def lower_decode(engine, attend: int, logprobs: bool = False):
-    """The decode step lowered as `SlotEngine.generate` calls it (no grammar, base-model slots)."""
+def lower_decode(engine, attend: int, logprobs: bool = False, adapters: bool = False):
+    """The decode step lowered as `SlotEngine.generate` calls it (no grammar; base-model slots, or
+    with `adapters` slots on the adapter pool)."""
     top_k = MAX_TOP_LOGPROBS if logprobs else 0
+    lora = _lora_stand_ins(engine, engine.max_slots)[-1 if adapters else 0]
     return engine._steps.decode.lower(engine.weights, engine._cache, engine._state, engine._no_constraint,
-                                      _lora_stand_in(engine, engine.max_slots), int(attend), top_k)
+                                      lora, int(attend), top_k)
 
 
 def compile_decode(engine, attend_buckets: Iterable[int], logprobs: bool = False) -> int:
-    """Compile the decode step for each attention bucket; returns how many were compiled."""
+    """Compile the decode step for each attention bucket (with an adapter pool, also its variant
+    with adapters in the batch); returns how many attention buckets were compiled."""
     n = 0
     for attend in attend_buckets:
-        lower_decode(engine, attend, logprobs).compile()
+        for adapters in (False, True) if engine.adapters is not None else (False,):
+            lower_decode(engine, attend, logprobs, adapters).compile()
         n += 1
     return n
 
@@ -61,9 +66,9 @@ def compile_prefill(engine, rows: int, length: int, logprobs: bool = False):
     seeds = jax.ShapeDtypeStruct((rows, 2), jnp.uint32)
     params = SamplingArrays.from_params([SamplingParams()] * rows)
     bitmask = jax.ShapeDtypeStruct((rows, bitmask_words(engine.cfg.vocab_size)), jnp.int32)
-    lowered = steps.prefill.lower(engine.weights, tokens, lengths, params, seeds, bitmask,
-                                  _lora_stand_in(engine, rows), top_k)
-    compiled = lowered.compile()
+    for lora in _lora_stand_ins(engine, rows):
+        lowered = steps.prefill.lower(engine.weights, tokens, lengths, params, seeds, bitmask, lora, top_k)
+        compiled = lowered.compile()  # both variants have the same outputs: the insert below serves both
     # the insert sees prefill's outputs as committed arrays: give the stand-ins their shardings too
     outs = jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
                         lowered.out_info, compiled.output_shardings)

@@ -20,7 +20,8 @@ from flax import nnx
 
 from rsdjax.config import ModelConfig
 from rsdjax.model.axes import CACHE_AXES, PARAM_AXES  # noqa: F401  (CACHE_AXES: part of this module's API)
-from rsdjax.model.lora import lora_delta, lora_rows_delta
+from rsdjax.model.lora import lora_delta
+from rsdjax.model.lora_rows import lora_rows_delta
 from rsdjax.model.projection import project
 from rsdjax.model.quant import QArray, head_matmul
 from rsdjax.parallel import layer_stack

@@ -204,33 +204,6 @@ def lora_delta(x, lora: dict, name: str, equation: str):
     return jnp.einsum(f"{rest}{r},{r}{k_out}->{out}", h, t["b"]) * t["scale"].astype(x.dtype)
 
 
-def lora_rows_delta(x, rows: dict, name: str, equation: str):
-    """Batched LoRA: row i of x uses adapter rows["index"][i].
-
-    rows[name]: {"a": [adapters, in..., r], "b": [adapters, r, out...]} with the scale folded into b
-    and adapter 0 all zeros (the base model); x's first axis is the batch. Two exact forms, picked by
-    shape (static): with more rows than adapters, every adapter's low-rank product is formed and each
-    row keeps its own (reads each pool once); with fewer, each row gathers its A and B (Punica /
-    S-LoRA's gather, which copies an adapter per row).
-    """
-    lhs, out = equation.split("->")
-    xs, ks = lhs.split(",")
-    k_in = "".join(c for c in ks if c in xs)
-    k_out = "".join(c for c in ks if c not in xs)
-    rest = "".join(c for c in xs if c not in ks)
-    batch = xs[0]
-    r, n = [c for c in "rzyxwvuq" if c not in equation][:2]
-    index = rows["index"]
-    a, b = rows[name]["a"].astype(x.dtype), rows[name]["b"].astype(x.dtype)
-    if a.shape[0] <= x.shape[0]:
-        h = jnp.einsum(f"{xs},{n}{k_in}{r}->{rest}{n}{r}", x, a)  # [rest..., adapters, r]
-        pick = jax.nn.one_hot(index, a.shape[0], dtype=x.dtype)  # [B, adapters]
-        h = h * pick.reshape(pick.shape[0], *([1] * (len(rest) - 1)), pick.shape[1], 1)
-        return jnp.einsum(f"{rest}{n}{r},{n}{r}{k_out}->{out}", h, b)
-    h = jnp.einsum(f"{xs},{batch}{k_in}{r}->{rest}{r}", x, a[index])  # a[index]: [B, in..., r]
-    return jnp.einsum(f"{rest}{r},{batch}{r}{k_out}->{out}", h, b[index])
-
-
 # ---------------------------------------------------------------- the transform
 
 

@@ -119,6 +119,8 @@ def quantize_serving(weights, mode: str = "int8", groups: dict[str, int] | None 
     The embedding gather stays float; a tied LM head gets its own int8 copy of the embedding.
     """
     check_mode(mode)
+    if isinstance(weights.layers, dict):  # the pipelined layout (stage > 1) keeps the layers stacked
+        raise QuantizeError(f"--quantize {mode} is not served on a mesh with stage > 1 yet; use stage=1")
 
     groups = DEFAULT_GROUPS if groups is None else groups
 

@@ -46,6 +46,9 @@ class Assumptions:
     kv_dtype: str = "auto"  # KV cache precision; auto: the same as dtype
     attention: str = "full"  # full: rsdjax's masked attention over every key, scores in memory;
     #                          flash: a fused causal kernel (skips the masked half, keeps no scores): other stacks
+    kv_reads: str = "grouped"  # decode attention reads each cached KV head once (grouped: GQA-aware kernels, ours);
+    #                            per_query_head: once per query head of its group (one thread block per query
+    #                            head, e.g. TensorRT-LLM 0.5's masked MHA kernel, before its GQA "XQA" kernel)
     optimizer_moments: int = 2  # AdamW: mu and nu, stored in the parameter dtype (optax default)
     compute_efficiency: float = 0.5  # achieved fraction of peak FLOPs in matmul-bound work (prefill, training)
     memory_efficiency: float = 0.7  # achieved fraction of memory bandwidth while streaming weights and KV
@@ -61,11 +64,27 @@ class Assumptions:
         """An efficiency term for this hardware's device: its calibrated value, else the default."""
         return float(self.device_terms.get(hardware.device.name, {}).get(name, getattr(self, name)))
 
+    def _choice(self, name: str, options: tuple[str, str]) -> str:
+        value = getattr(self, name)
+        if value not in options:
+            raise ValueError(f"cost.{name} must be '{options[0]}' or '{options[1]}', got '{value}'")
+        return value
+
     @property
     def flash(self) -> bool:
-        if self.attention not in ("full", "flash"):
-            raise ValueError(f"cost.attention must be 'full' or 'flash', got '{self.attention}'")
-        return self.attention == "flash"
+        return self._choice("attention", ("full", "flash")) == "flash"
+
+    def decode_kv_heads(self, d: "Local") -> int:
+        """KV heads a decode step reads from the cache per device: the cached ones, or one per query head."""
+        return d.heads if self._choice("kv_reads", ("grouped", "per_query_head")) == "per_query_head" else d.kv_heads
+
+    def validate(self, hardware: HardwareSpec) -> "Assumptions":
+        """Refuse a bad choice once, before any split is estimated (there it would reject every split)."""
+        self.dtype_bytes(hardware)
+        self.kv_dtype_bytes(hardware)
+        self._choice("attention", ("full", "flash"))
+        self._choice("kv_reads", ("grouped", "per_query_head"))
+        return self
 
     @classmethod
     def calibrated(cls, path=None) -> "Assumptions":
@@ -74,8 +93,8 @@ class Assumptions:
 
         path = path or CONFIG_ROOT / "cost" / "calibrated.yaml"
         data = load_yaml(path) if os.path.exists(path) else {}
-        known = {f.name for f in dataclasses.fields(cls)} - {"dtype", "kv_dtype", "attention", "optimizer_moments",
-                                                              "device_terms"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"dtype", "kv_dtype", "attention", "kv_reads",
+                                                              "optimizer_moments", "device_terms"}
         terms = [data.get("global", {})] + list((data.get("devices") or {}).values())
         bad = next((k for t in terms for k in t if k not in known), None)
         if bad:

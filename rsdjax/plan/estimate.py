@@ -132,9 +132,9 @@ def _infer(cfg, hw, mesh, wl, assume, c) -> Estimate:
 
     def stage_time(rows: int, q_len: int) -> tuple[float, float, float]:
         """(compute, memory, communication) seconds for `rows` sequences of `q_len` new tokens on one stage."""
-        keys = kv_read if q_len == 1 else s_len
+        keys, kv_heads = (kv_read, assume.decode_kv_heads(d)) if q_len == 1 else (s_len, d.kv_heads)
         flops = d.layers * (layer_matmul_flops(d, rows * q_len) + attention_flops(d, rows, q_len, keys, assume.flash))
-        nbytes = layer_w + 2.0 * d.layers * rows * keys * d.kv_heads * d.head_dim * ckv  # weights + KV read
+        nbytes = layer_w + 2.0 * d.layers * rows * keys * kv_heads * d.head_dim * ckv  # weights + KV read
         comm = 2 * d.layers * t_link.all_reduce(rows * q_len * d.embed * c, n_t)  # one psum per block
         comm += d.layers * f_link.all_gather(layer_w / d.layers * n_f, n_f)  # fsdp: gather every layer
         if stages > 1:  # the activations move to the next stage: bytes over the link, plus the hop's fixed cost
