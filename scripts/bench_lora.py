@@ -7,7 +7,8 @@
 Three engines over one random-weight Llama (bench_infer's 125M config): the base engine without an
 adapter pool (the peer: what a server without multi-LoRA runs), and the engine with a pool of 4
 PEFT adapters (made with `peft`, rank 16, every linear layer), once with the batch spread over the
-4 adapters (2 rows each) and once with every row on the base (the pool's own overhead). Each figure
+4 adapters (2 rows each) and once with every row on the base (which should cost nothing: such a batch
+runs the step compiled without LoRA). Each figure
 is decode tokens/s over --steps steps with all rows busy, best of --repeats runs, the sides
 alternating. Reported: the ratio multi-LoRA / base (goal >= 0.8) and each side's fraction of this
 machine's decode limit (every weight read once per step: weight bytes / measured bandwidth).

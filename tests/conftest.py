@@ -119,3 +119,22 @@ def tok(tiny_tokenizer_dir):
 
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def loss_and_grad(graphdef, params, tokens, mesh=None):
+    """(mean next-token cross-entropy over `tokens`, its gradient) of the model `graphdef` at `params`,
+    under `mesh`'s training sharding rules (None: plain, one device): what every training step differentiates."""
+    import contextlib
+
+    import jax
+    import optax
+    from flax import nnx
+
+    from rsdjax.parallel.rules import TRAIN_RULES, activation_sharding
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(tokens[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    with activation_sharding(mesh, TRAIN_RULES) if mesh is not None else contextlib.nullcontext():
+        return jax.value_and_grad(loss)(params)

@@ -15,8 +15,8 @@ from rsdjax.parallel.mesh import make_mesh
 from rsdjax.parallel.pipeline import choose_microbatches
 from rsdjax.parallel.rules import INFER_RULES, TRAIN_RULES, activation_sharding
 from rsdjax.parallel.sharding import create_sharded
-from rsdjax.plan import hlo, steps
-from conftest import max_abs
+from rsdjax.plan import hlo
+from conftest import loss_and_grad, max_abs
 
 MESHES = {"stage2": {"data": 2, "stage": 2, "tensor": 2}, "stage4": {"stage": 4, "tensor": 2}}
 BATCH, PROMPT, CACHE = 8, 12, 16
@@ -70,9 +70,7 @@ def prefill_and_decode(tokens):
 
 def loss_and_grads(tokens):
     def fn(graphdef, params, mesh):
-        if mesh is None:
-            return jax.value_and_grad(lambda p: steps.next_token_loss(nnx.merge(graphdef, p), tokens))(params)
-        return steps.make_loss_and_grad(graphdef, mesh, TRAIN_RULES)(params, tokens)
+        return loss_and_grad(graphdef, params, tokens, mesh)
     return fn
 
 

@@ -17,8 +17,8 @@ from rsdjax.parallel.mesh import make_mesh
 from rsdjax.parallel.rules import INFER_RULES, TRAIN_RULES, activation_sharding
 from rsdjax.parallel.sharding import create_sharded
 from rsdjax.parallel.tensor_parallel import TensorParallelHooks, without_axes
-from rsdjax.plan import hlo, steps
-from conftest import max_abs
+from rsdjax.plan import hlo
+from conftest import loss_and_grad, max_abs
 
 BATCH, PROMPT, CACHE = 4, 10, 16
 
@@ -58,7 +58,7 @@ def forward_fn(graphdef, params, mesh, tokens):
 
 
 def grads_fn(graphdef, params, mesh, tokens):
-    return steps.make_loss_and_grad(graphdef, mesh, TRAIN_RULES)(params, tokens)
+    return loss_and_grad(graphdef, params, tokens, mesh)
 
 
 def _both_paths(cfg, mesh_shape, fn, rules, tokens):

@@ -3,7 +3,7 @@
   rsdjax plan --model llama3.1-70b --hardware cs3x4
   rsdjax plan --model llama3-8b --hardware atom-rack --scaling
   rsdjax plan --model tiny --hardware cpu --aot              # XLA's memory beside the estimate
-  rsdjax plan --model tiny --mesh tensor=4 --collectives     # psums of both tensor-parallel paths
+  rsdjax plan --model tiny --mesh tensor=4 --mode train --collectives   # psums of both tensor-parallel paths
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def register(sub) -> None:
                                                          "train: tokens per sequence (default 2048)")
     p.add_argument("--prompt", type=int, default=0, help="infer: prompt length for TTFT (default seq/2)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="infer: prefill this many tokens at a time (0: all)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="train: run the global batch as this many micro-batches per update (TrainStep's accumulation)")
     p.add_argument("--top", type=int, default=10, help="how many fitting plans to list")
     p.add_argument("--all", action="store_true", help="list every rejected plan with its reason")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -79,10 +81,12 @@ def run(args) -> int:
     seq = args.seq or (4096 if args.mode == "infer" else 2048)
     batch = args.batch if args.batch is not None else (0 if args.mode == "infer" else hardware.num_devices)
     for name, value in (("--seq", seq), ("--batch", batch), ("--prompt", args.prompt),
-                        ("--prefill-chunk", args.prefill_chunk)):
-        if value < 0 or (name == "--seq" and value == 0) or (name == "--batch" and args.mode == "train" and value == 0):
+                        ("--prefill-chunk", args.prefill_chunk), ("--grad-accum", args.grad_accum)):
+        if value < 0 or (name in ("--seq", "--grad-accum") and value == 0) or (
+                name == "--batch" and args.mode == "train" and value == 0):
             raise ValueError(f"{name} must be positive, got {value}")
-    wl = Workload(args.mode, batch, seq, prompt=args.prompt, prefill_chunk=args.prefill_chunk)
+    wl = Workload(args.mode, batch, seq, prompt=args.prompt, prefill_chunk=args.prefill_chunk,
+                  grad_accum=args.grad_accum)
 
     if args.mesh:
         mesh = complete_mesh_shape(parse_mesh(args.mesh), hardware.num_devices)
@@ -116,6 +120,11 @@ def run(args) -> int:
         if args.collectives:
             result["collectives"] = {}
             for path in ("compiler", "shard_map"):
+                if path == "shard_map" and wl_used.mode == "infer" and chosen.mesh["stage"] == 1:
+                    text += ["", "tensor_parallel=shard_map: not used by the serving engine on a mesh with stage=1 "
+                             "(XLA partitions its per-layer programs); training and pipelined serving (stage > 1) "
+                             "run it"]
+                    continue
                 step = aot.compile_plan(dataclasses.replace(compiled_cfg, tensor_parallel=path), chosen.mesh,
                                         wl_used, only_decode=True)[-1]
                 result["collectives"][path] = [vars(c) for c in step.collectives]

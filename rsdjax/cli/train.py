@@ -31,10 +31,10 @@ def mesh_args(args, cfg) -> tuple[str | None, str | None]:
 
 
 def train_workload(cfg):
-    """The planner's view of a training config: global batch x sequence length."""
+    """The planner's view of a training config: global batch x sequence length in grad_accum micro-batches."""
     from rsdjax.plan.cost_model import Workload
 
-    return Workload("train", cfg.batch_size // cfg.grad_accum, cfg.data.seq_len)
+    return Workload("train", cfg.batch_size, cfg.data.seq_len, grad_accum=cfg.grad_accum)
 
 
 def run(args) -> int:

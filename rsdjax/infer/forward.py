@@ -34,6 +34,7 @@ from rsdjax.model.llama import (Llama, attend_with, cache_mask, causal_mask, dec
 from rsdjax.model.quant import transpose
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, constrain, resolve
+from rsdjax.parallel.sharding import jit_or_shapes
 
 CACHE_LAYER_AXES = ("batch", "act_kv_heads", "cache_seq", "head_dim")
 
@@ -98,7 +99,8 @@ def serving_weights(model: Llama, mesh) -> ServingWeights:
     its shard layout (the same mesh axes on the same logical dims).
 
     Done once, in one jit (peak memory: both layouts). The engine keeps only these; the stacked
-    arrays are freed when the caller drops the model.
+    arrays are freed when the caller drops the model. A shape-only model (`sharded_abstract_model`)
+    gives shape-only weights with the same shardings, for `rsdjax plan --aot`.
     """
     cfg = model.cfg
     dtype = resolve_dtype(cfg.dtype)
@@ -128,8 +130,8 @@ def serving_weights(model: Llama, mesh) -> ServingWeights:
         specs[name] = tuple(specs[name][i] for i in order)
     per_layer = jax.tree.map(named, specs, is_leaf=lambda x: isinstance(x, tuple))
     cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
-    head = None if cfg.tie_word_embeddings else model.lm_head[...]
-    globals_ = (model.embed[...], model.final_norm[...], head)
+    head = None if cfg.tie_word_embeddings else model.lm_head.get_value()
+    globals_ = (model.embed.get_value(), model.final_norm.get_value(), head)
 
     def split(stacked, globals_):
         layers = []
@@ -147,7 +149,7 @@ def serving_weights(model: Llama, mesh) -> ServingWeights:
         head_sharding = named((spec[1], spec[0]))
     out_shardings = ([per_layer] * cfg.num_layers,
                      (same_sharding(globals_[0]), same_sharding(globals_[1]), head_sharding))
-    layers, (embed, final_norm, head) = jax.jit(split, out_shardings=out_shardings)(stacked, globals_)
+    layers, (embed, final_norm, head) = jit_or_shapes(split, out_shardings, stacked, globals_)
     return ServingWeights(embed, final_norm, head, layers)
 
 

@@ -25,6 +25,7 @@ from rsdjax.model.llama import (CACHE_AXES, PARAM_AXES, KVCache, cache_mask, emb
 from rsdjax.parallel import layer_stack
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, resolve
+from rsdjax.parallel.sharding import jit_or_shapes
 
 
 @jax.tree_util.register_dataclass
@@ -37,12 +38,13 @@ class StackedWeights:
 
 
 def weights(model, mesh) -> StackedWeights:
-    """The model's arrays in compute dtype, each keeping its sharding (layers stay on their stage)."""
+    """The model's arrays in compute dtype, each keeping its sharding (layers stay on their stage);
+    shape-only for a shape-only model (see `forward.serving_weights`)."""
     cfg = model.cfg
     dtype = resolve_dtype(cfg.dtype)
     cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
-    head = None if cfg.tie_word_embeddings else model.lm_head[...]
-    tree = (model.embed[...], model.final_norm[...], head, model.layer_params())
+    head = None if cfg.tie_word_embeddings else model.lm_head.get_value()
+    tree = (model.embed.get_value(), model.final_norm.get_value(), head, model.layer_params())
 
     def sharding_of(a):
         s = getattr(a, "sharding", None)
@@ -57,7 +59,7 @@ def weights(model, mesh) -> StackedWeights:
         embed, norm, head, layers = jax.tree.map(cast, tree)
         return embed, norm, None if head is None else head.T, layers
 
-    return StackedWeights(*jax.jit(prepare, out_shardings=shardings)(tree))
+    return StackedWeights(*jit_or_shapes(prepare, shardings, tree))
 
 
 def cache_sharding(cfg: ModelConfig, mesh, batch: int, length: int) -> NamedSharding:

@@ -275,7 +275,7 @@ class Llama(nnx.Module):
 
         Every leaf leads with `layers`, so `jax.lax.scan` hands one layer's slice to `decoder_layer`.
         """
-        params = {n: getattr(self, n)[...] for n in self.layer_param_names}
+        params = {n: getattr(self, n).get_value() for n in self.layer_param_names}  # (a shape-only model too)
         lora = getattr(self, "lora", None)  # set by `rsdjax.model.lora.attach_lora`
         if lora is not None and not lora.merged:
             params["lora"] = lora.layer_arrays()  # arrays only (A, B, scale, dropout keys): no callables

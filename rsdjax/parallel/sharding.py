@@ -40,6 +40,39 @@ def state_shardings(state: nnx.State, mesh, rules: str | Sequence[Rule]):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def shaped(tree, shardings):
+    """Shape-only arrays (`jax.ShapeDtypeStruct`s carrying `shardings`) like `tree`'s leaves: what
+    `jit(...).lower()` compiles for without any memory."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def device_bytes(tree) -> int:
+    """Bytes one device holds of `tree`'s sharded (shape-only or concrete) arrays."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def is_shape_only(tree) -> bool:
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def jit_or_shapes(fn, out_shardings, *args):
+    """`jax.jit(fn, out_shardings=out_shardings)(*args)`, or, when the arguments are shape-only (an
+    `abstract_model`'s), the outputs' shapes on `out_shardings` without computing anything: one
+    function then lays out concrete weights and abstract ones for the AOT check alike."""
+    if is_shape_only(args):
+        return shaped(jax.eval_shape(fn, *args), out_shardings)
+    return jax.jit(fn, out_shardings=out_shardings)(*args)
+
+
+def sharded_abstract_model(model, mesh, rules: str | Sequence[Rule]):
+    """An abstract (`nnx.eval_shape`) module whose arrays are ShapeDtypeStructs carrying the shardings
+    `rules` give them on `mesh`: a model the size of the mesh's memory, in none of it."""
+    graphdef, state = nnx.split(model)
+    shardings = nnx.to_pure_dict(state_shardings(state, mesh, rules))
+    nnx.replace_by_pure_dict(state, shaped(nnx.to_pure_dict(state), shardings))
+    return nnx.merge(graphdef, state)
+
+
 def create_sharded(make_module, mesh, rules: str | Sequence[Rule]):
     """Build an NNX module with every parameter created directly on its shard (no full copy anywhere)."""
     abstract = nnx.eval_shape(make_module)

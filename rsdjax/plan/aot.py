@@ -1,8 +1,8 @@
-"""Ahead-of-time check: compile jitted steps with shape-only parameters and read XLA's figures.
+"""Ahead-of-time check: compile the programs that run, with shape-only parameters, and read XLA's figures.
 
-Training compiles the real `TrainStep`; inference still compiles the stand-in prefill/decode of
-`plan/steps.py` over the model's stacked KV cache (the serving engine's per-layer programs are not
-wired here yet).
+Training compiles `rsdjax.train.step.TrainStep` (accumulation, remat, the stage's trainable set);
+inference compiles the serving engine's own jitted prefill and decode (`rsdjax.infer.steps`) over
+its serving weights, derived from the abstract model by the same `serving_weights` the engine uses.
 
 This is how MaxText checks big configurations without the hardware: every argument is a
 `jax.ShapeDtypeStruct` carrying its NamedSharding on a (virtual) mesh, so `jit(...).lower().compile()`
@@ -16,20 +16,15 @@ before JAX starts (`rsdjax plan --aot` does; the tests use their 8).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
-from jax.sharding import NamedSharding
+import numpy as np
 
 from rsdjax.config import ModelConfig
 from rsdjax.loading import abstract_model
-from rsdjax.model.llama import CACHE_AXES, KVCache
 from rsdjax.parallel.mesh import mesh_shape_of
-from rsdjax.parallel.rules import RULES, ShardingError, resolve
-from rsdjax.parallel.sharding import state_shardings
-from rsdjax.plan import hlo, steps
+from rsdjax.parallel.sharding import device_bytes, shaped, sharded_abstract_model
+from rsdjax.plan import hlo
 
 
 @dataclasses.dataclass
@@ -44,94 +39,83 @@ class CompiledStep:
     flops: float
     bytes_accessed: float
     collectives: list[hlo.Collective]
+    resident_bytes: int = 0  # buffers on the device that the program does not take (the engine's cache during prefill)
 
     @property
     def peak_bytes(self) -> int:
-        """Everything live at once on one device: inputs, outputs and temporaries, donated buffers once."""
-        return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
+        """Everything live at once on one device: inputs, outputs, temporaries and resident buffers,
+        donated buffers once."""
+        return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes + self.resident_bytes
 
     def as_dict(self) -> dict:
         return {"name": self.name, "argument_bytes": self.argument_bytes, "output_bytes": self.output_bytes,
-                "temp_bytes": self.temp_bytes, "alias_bytes": self.alias_bytes, "peak_bytes": self.peak_bytes,
+                "temp_bytes": self.temp_bytes, "alias_bytes": self.alias_bytes,
+                "resident_bytes": self.resident_bytes, "peak_bytes": self.peak_bytes,
                 "flops": self.flops, "bytes_accessed": self.bytes_accessed,
                 "collective_bytes_per_step": sum(c.bytes_per_step or 0 for c in self.collectives)}
 
 
-def lenient_sharding(mesh, rules, logical: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
-    """Like `constrain`: a dimension the mesh does not divide (batch 1 on data=2) stays replicated."""
-    sizes = mesh_shape_of(mesh)
-    safe = []
-    for name, size in zip(logical, shape):
-        try:
-            resolve([name], [size], sizes, rules)
-            safe.append(name)
-        except ShardingError:
-            safe.append(None)
-    return NamedSharding(mesh, resolve(safe, shape, sizes, rules))
-
-
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
-def _figures(name: str, compiled) -> CompiledStep:
+def _figures(name: str, compiled, resident: int = 0) -> CompiledStep:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return CompiledStep(name, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
                         int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes),
                         float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
-                        hlo.collectives(compiled.as_text()))
-
-
-def abstract_params(cfg: ModelConfig, mesh, rules):
-    """(graphdef, {name: ShapeDtypeStruct with its NamedSharding}) for the model on `mesh`."""
-    graphdef, state = nnx.split(abstract_model(cfg))
-    shardings = state_shardings(state, mesh, rules).to_pure_dict()
-    return graphdef, _abstract(state.to_pure_dict(), shardings)
+                        hlo.collectives(compiled.as_text()), resident)
 
 
 def compile_infer(cfg: ModelConfig, mesh, batch: int, seq: int, prompt_len: int,
                   only_decode: bool = False) -> list[CompiledStep]:
-    """Prefill of `prompt_len` tokens (one prefill chunk) and one decode step, for `batch` sequences per
-    data replica, into a KV cache of `seq` positions (donated, so XLA updates it in place)."""
-    rules = RULES["infer"]
-    graphdef, params = abstract_params(cfg, mesh, rules)
-    total = batch * mesh_shape_of(mesh)["data"]
-    cache_dtype = jnp.dtype(cfg.dtype)
-    cache_shape = (cfg.num_layers, total, seq, cfg.num_kv_heads, cfg.resolved_head_dim)
-    cache_sharding = lenient_sharding(mesh, rules, CACHE_AXES, cache_shape)
-    cache = KVCache(*(jax.ShapeDtypeStruct(cache_shape, cache_dtype, sharding=cache_sharding),) * 2)
-    cache_out = KVCache(cache_sharding, cache_sharding)
-    logits_sharding = lenient_sharding(mesh, rules, ("batch", "act_vocab"), (total, cfg.vocab_size))
+    """The serving engine's own prefill and decode (`rsdjax.infer.steps`, the jitted functions a
+    `SlotEngine` with `batch` slots per data replica and a `seq`-position KV cache runs), lowered for
+    its shape-only serving weights: a prefill of every slot's prompt of `prompt_len` tokens (padded
+    to its bucket), and the decode step at its widest attention bucket (the whole cache)."""
+    from rsdjax.infer import steps as serving
+    from rsdjax.infer.engine import MIN_PREFILL_BUCKET
+    from rsdjax.infer.interface import SamplingParams
+    from rsdjax.infer.sampling import SamplingArrays, no_constraint
+    from rsdjax.infer.shapes import bucket_for, buckets
 
-    def tokens(t):
-        sharding = lenient_sharding(mesh, rules, ("batch", None), (total, t))
-        return jax.ShapeDtypeStruct((total, t), jnp.int32, sharding=sharding)
+    slots = batch * mesh_shape_of(mesh)["data"]
+    weights = serving.serving_weights(sharded_abstract_model(abstract_model(cfg), mesh, "infer"), mesh)
+    compiled = serving.compiled_steps(cfg, mesh, slots, seq)
+    layout = serving.layout(mesh)
+    cache = shaped(jax.eval_shape(lambda: layout.empty_cache(cfg, mesh, slots, seq)),
+                   layout.cache_shardings(cfg, mesh, slots, seq))
 
+    def host(tree):  # what the engine passes as numpy arrays: replicated on the mesh
+        return shaped(tree, jax.tree.map(lambda _: compiled.state_sharding, tree))
+
+    state = host(serving.empty_state(cfg, slots, seq))
     out = []
-    with jax.set_mesh(mesh):
-        prefill = jax.jit(steps.make_prefill_step(graphdef, mesh, rules), donate_argnums=(2,),
-                          out_shardings=(logits_sharding, cache_out))
-        if not only_decode:
-            out.append(_figures("prefill", prefill.lower(params, tokens(prompt_len), cache).compile()))
-        decode = jax.jit(steps.make_decode_step(graphdef, mesh, rules), donate_argnums=(3,),
-                         out_shardings=(logits_sharding, cache_out))
-        out.append(_figures("decode", decode.lower(params, tokens(1), tokens(1), cache).compile()))
+    if not only_decode:
+        rows = 1 << (slots - 1).bit_length()  # as SlotEngine pads a batch of prompts
+        length = bucket_for(prompt_len, buckets(MIN_PREFILL_BUCKET, seq))
+        args = host((np.zeros((rows, length), np.int32), np.ones(rows, np.int32),
+                     SamplingArrays.from_params([SamplingParams()] * rows), np.zeros((rows, 2), np.uint32),
+                     no_constraint(rows, cfg.vocab_size)))
+        lowered = compiled.prefill.lower(weights, *args, None, 0, 0)
+        # the engine's KV cache and slot state stay on the device while a prefill runs
+        out.append(_figures("prefill", lowered.compile(), device_bytes((cache, state))))
+    lowered = compiled.decode.lower(weights, cache, state, host(no_constraint(slots, cfg.vocab_size)), None, seq, 0)
+    out.append(_figures("decode", lowered.compile()))
     return out
 
 
-def compile_train(cfg: ModelConfig, mesh, batch: int, seq: int, grad_accum: int = 1, trainable=None,
+def compile_train(cfg: ModelConfig, mesh, batch: int, seq: int, grad_accum: int = 1, stage: str = "all",
                   optim=None) -> list[CompiledStep]:
     """The training step `rsdjax train` runs (`rsdjax.train.step.TrainStep`: forward, backward with the
-    config's remat, gradient accumulation, clipping + AdamW of `trainable`), on `batch` sequences of
-    `seq` tokens, the train state donated."""
+    config's remat, gradient accumulation over `grad_accum` micro-batches, clipping + AdamW of the
+    `stage`'s trainable set: "all" or "embeddings"), on a global batch of `batch` sequences of `seq`
+    tokens, the train state donated."""
     from rsdjax.train.config import OptimConfig
+    from rsdjax.train.loop import STAGE_FILTERS
     from rsdjax.train.optimizer import make_optimizer
     from rsdjax.train.step import TrainStep
 
     tx, schedule = make_optimizer(optim or OptimConfig(), 1000)
-    step = TrainStep(abstract_model(cfg), tx, mesh, trainable=trainable or nnx.Param, grad_accum=grad_accum,
+    step = TrainStep(abstract_model(cfg), tx, mesh, trainable=STAGE_FILTERS[stage], grad_accum=grad_accum,
                      schedule=schedule)
     return [_figures("train_step", step.lower(batch, seq).compile())]
 
@@ -152,25 +136,28 @@ def compile_plan(cfg: ModelConfig, mesh_shape: dict[str, int], wl, only_decode: 
     mesh = make_mesh(mesh_shape)
     if wl.mode == "infer":
         return compile_infer(cfg, mesh, wl.batch, wl.seq, wl.chunk_len, only_decode=only_decode)
-    return compile_train(cfg, mesh, wl.batch, wl.seq)
+    return compile_train(cfg, mesh, wl.batch, wl.seq, grad_accum=wl.grad_accum)
 
 
 def format_aot(plan, steps: list[CompiledStep], dtype: str) -> str:
     """XLA's per-device figures beside the cost model's estimate."""
     est = plan.estimate
-    cols = f"{'step':<12}{'arguments':>13}{'outputs':>13}{'temp':>13}{'aliased':>13}{'peak':>13}" \
-           f"{'estimate':>13}{'est/XLA':>9}{'XLA GFLOP*':>12}"
-    out = [f"AOT compile on a virtual mesh {plan.mesh_str} (shape-only parameters; per device):", cols,
-           "-" * len(cols)]
+    cols = f"{'step':<12}{'arguments':>13}{'outputs':>13}{'temp':>13}{'aliased':>13}{'resident':>13}" \
+           f"{'peak':>13}{'estimate':>13}{'est/XLA':>9}{'XLA GFLOP*':>12}"
+    out = [f"AOT compile on a virtual mesh {plan.mesh_str} of the programs that run (shape-only parameters; "
+           "per device):", cols, "-" * len(cols)]
     for s in steps:
         mine = est.step_bytes[s.name]
         out.append(f"{s.name:<12}{_mb(s.argument_bytes):>13}{_mb(s.output_bytes):>13}{_mb(s.temp_bytes):>13}"
-                   f"{_mb(s.alias_bytes):>13}{_mb(s.peak_bytes):>13}{_mb(mine):>13}{mine / s.peak_bytes:>9.2f}"
-                   f"{s.flops / 1e9:>12.3f}")
+                   f"{_mb(s.alias_bytes):>13}{_mb(s.resident_bytes):>13}{_mb(s.peak_bytes):>13}{_mb(mine):>13}"
+                   f"{mine / s.peak_bytes:>9.2f}{s.flops / 1e9:>12.3f}")
     peak = max(s.peak_bytes for s in steps)
     total = est.memory.total
     out.append(f"largest XLA peak {_mb(peak)} vs estimate {_mb(total)}: {total / peak - 1:+.1%}   "
                "(*XLA's cost analysis counts a loop body once, not once per layer)")
+    if any(s.resident_bytes for s in steps):
+        out.append("resident: the serving engine's KV cache and slot state, on the device while prefill runs "
+                   "(not arguments of that program)")
     if jax.default_backend() == "cpu" and dtype != "float32":
         out.append("note: XLA:CPU runs bfloat16 matmuls in float32 and keeps float32 copies of the weights it "
                    "multiplies, so its temp bytes overstate an accelerator's; "

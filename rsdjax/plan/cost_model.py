@@ -122,6 +122,7 @@ class Workload:
     seq: int  # infer: KV cache length (prompt + output); train: tokens per sequence
     prompt: int = 0  # infer: prompt length for TTFT; 0 -> seq // 2
     prefill_chunk: int = 512  # infer: prompts are prefilled this many tokens at a time (0: all at once)
+    grad_accum: int = 1  # train: the global batch runs as this many micro-batches per update
     # remat and pipeline microbatches come from the model config (model.remat, model.pipeline_microbatches)
 
     @property

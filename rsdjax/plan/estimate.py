@@ -8,7 +8,7 @@ from rsdjax.config import ModelConfig
 from rsdjax.hardware import HardwareSpec
 from rsdjax.parallel.pipeline import choose_microbatches
 from rsdjax.plan.cost_model import (
-    Assumptions, Workload, attention_flops, forward_working_bytes, head_working_bytes, layer_matmul_flops, link_for,
+    Assumptions, Workload, attention_flops, forward_working_bytes, layer_matmul_flops, layer_weight_bytes, link_for,
     local_dims, logits_bytes, train_residual_bytes, weight_bytes)
 
 
@@ -106,15 +106,21 @@ def _infer(cfg, hw, mesh, wl, assume, c) -> Estimate:
     ckv = assume.kv_dtype_bytes(hw)
     kv = 2.0 * d.layers * b * s_len * d.kv_heads * d.head_dim * ckv
 
-    def working(t: int) -> float:
-        """Transient bytes of a step over t new tokens per sequence (a prefill chunk, or 1 to decode)."""
-        w = max(forward_working_bytes(d, bm, t, s_len, c, assume.flash), head_working_bytes(d, b, t, c))
-        w += logits_bytes(d, b, 1)  # the step's output: last-token logits
+    def working(t: int, keys: int) -> float:
+        """Transient bytes of a serving step (rsdjax.infer.steps) over t new tokens per sequence attending to
+        `keys` positions: a prefill of a chunk (attending to itself, writing its own K/V, which insert then
+        copies into the slots' cache) or a decode step (t = 1 over the whole cache, updated in place)."""
+        layer = forward_working_bytes(d, bm, t, keys, c, assume.flash)
+        if stages == 1:  # per-layer serving weights (infer/forward.py): no scan slices a layer out of a stack
+            layer -= layer_weight_bytes(d, c)
+        w = max(layer, c * b * t * d.embed) + logits_bytes(d, b, 1)  # logits of the last token only
+        if t > 1:
+            w += 2.0 * d.layers * b * t * d.kv_heads * d.head_dim * ckv
         if stages > 1:  # pipeline buffers: input, outputs, result, the permuted microbatch; its cache rows
-            w += c * t * d.embed * (3 * b + bm) + 2.0 * d.layers * bm * s_len * d.kv_heads * d.head_dim * ckv
+            w += c * t * d.embed * (3 * b + bm) + 2.0 * d.layers * bm * keys * d.kv_heads * d.head_dim * ckv
         return w
 
-    steps = {"prefill": working(chunk), "decode": working(1)}
+    steps = {"prefill": working(chunk, chunk), "decode": working(1, s_len)}
     memory = Memory(weights=layer_w + head_w, kv_cache=kv, activations=max(steps.values()))
     step_bytes = {k: layer_w + head_w + kv + v for k, v in steps.items()}
 
@@ -167,12 +173,13 @@ def _infer(cfg, hw, mesh, wl, assume, c) -> Estimate:
 
 def _train(cfg, hw, mesh, wl, assume, c) -> Estimate:
     d = local_dims(cfg, mesh)
-    stages, t = mesh["stage"], wl.seq
+    stages, t, accum = mesh["stage"], wl.seq, wl.grad_accum
     shards = mesh["data"] * mesh["fsdp"]
-    if wl.batch % shards:
-        raise ValueError(f"global batch {wl.batch} does not split over data x fsdp = {shards}")
-    b = wl.batch // shards
-    m = choose_microbatches(cfg.pipeline_microbatches, wl.batch, shards, stages, cached=False) if stages > 1 else 1
+    if wl.batch % (shards * accum):
+        raise ValueError(f"global batch {wl.batch} does not split into {accum} micro-batches over data x fsdp = {shards}")
+    micro = wl.batch // accum  # rows of one micro-batch (TrainStep's gradient accumulation); b of them per device
+    b = micro // shards
+    m = choose_microbatches(cfg.pipeline_microbatches, micro, shards, stages, cached=False) if stages > 1 else 1
     bm = b // m
     layer_w, head_w = _split_weights(cfg, mesh, "train", c)
     w = layer_w + head_w
@@ -183,7 +190,10 @@ def _train(cfg, hw, mesh, wl, assume, c) -> Estimate:
     working = train_residual_bytes(d, bm, t, c, assume.flash) + 3 * logits_bytes(d, b, t)  # one layer's backward + loss
     if stages > 1:  # pipeline buffers: input, outputs, result, the permuted microbatch
         working += c * t * d.embed * (3 * b + bm)
-    memory = Memory(weights=w, gradients=w, optimizer=assume.optimizer_moments * w, activations=saved + working)
+    # accumulating: a float32 sum of the micro-batches' gradients beside the current one's
+    gradients = w + (w * 4.0 / c if accum > 1 else 0.0)
+    memory = Memory(weights=w, gradients=gradients, optimizer=assume.optimizer_moments * w,
+                    activations=saved + working)
 
     t_link, s_link, f_link, d_link = (link_for(mesh, a, hw, assume) for a in ("tensor", "stage", "fsdp", "data"))
     n_t, n_f = mesh["tensor"], mesh["fsdp"]
@@ -200,14 +210,15 @@ def _train(cfg, hw, mesh, wl, assume, c) -> Estimate:
     if stages > 1:  # activations forward, their gradients back
         comm += 2 * (s_link.permute(act) - s_link.latency_s + assume.term(hw, "hop_latency_us") * 1e-6)
     comm += (3 if cfg.remat else 2) * d.layers * assume.term(hw, "layer_latency_us") * 1e-6  # fixed per-layer cost
-    # once per step: the head and loss, gradient reduction, the AdamW update
+    # the head and loss (per micro-batch), gradient reduction and the AdamW update (per step)
     h_comp, h_mem = _roofline(6.0 * b * t * d.embed * d.vocab, 3 * head_w + 3 * logits_bytes(d, b, t), hw, assume)
     sync = f_link.all_gather(w * n_f, n_f) + d_link.all_reduce(w, mesh["data"])  # reduce-scatter, all-reduce
     optimizer = (3 + 2 * assume.optimizer_moments) * w / (_bandwidth(hw, assume) * 1e9)
-    step = ticks * (max(comp, mem) + comm) + max(h_comp, h_mem) + sync + optimizer \
+    # every micro-batch runs the stages and the head; gradients are reduced and applied once
+    step = accum * (ticks * (max(comp, mem) + comm) + max(h_comp, h_mem)) + sync + optimizer \
         + assume.term(hw, "step_latency_us") * 1e-6
-    times = {"compute_s": ticks * comp + h_comp, "memory_s": ticks * mem + h_mem + optimizer,
-             "comm_s": ticks * comm + sync, "bubble_fraction": (stages - 1) / ticks}
+    times = {"compute_s": accum * (ticks * comp + h_comp), "memory_s": accum * (ticks * mem + h_mem) + optimizer,
+             "comm_s": accum * ticks * comm + sync, "bubble_fraction": (stages - 1) / ticks}
     tps = wl.batch * t / step
     return Estimate(mesh, wl, memory, hw.device.usable_bytes, m, times, {"train_step": memory.total},
                     train_step_s=step, tokens_per_s_replica=tps, tokens_per_s_system=tps,

@@ -1,23 +1,10 @@
 """Check a (full-size) train config on a laptop: shardings, bytes per device, AOT lowering of the step."""
 from __future__ import annotations
 
-import math
-
-import jax.numpy as jnp
-
 from rsdjax.hardware import format_mesh, load_hardware
 from rsdjax.parallel.mesh import mesh_shape_of
+from rsdjax.parallel.sharding import device_bytes
 from rsdjax.train.config import TrainConfig
-
-
-def _bytes_per_device(abstract_tree) -> int:
-    import jax
-
-    total = 0
-    for x in jax.tree.leaves(abstract_tree):
-        shard = x.sharding.shard_shape(x.shape)
-        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
-    return total
 
 
 def dry_run(cfg: TrainConfig, mesh, log=print) -> dict:
@@ -35,9 +22,9 @@ def dry_run(cfg: TrainConfig, mesh, log=print) -> dict:
         f"{cfg.data.seq_len} (grad_accum {cfg.grad_accum}), hardware {hw.name}")
     for name, start, end in cfg.stages:
         ts = stages.step_fn(name)
-        params = _bytes_per_device(ts.abstract_state.params)
-        frozen = _bytes_per_device(ts.abstract_frozen)
-        opt = _bytes_per_device(ts.abstract_state.opt_state)
+        params = device_bytes(ts.abstract_state.params)
+        frozen = device_bytes(ts.abstract_frozen)
+        opt = device_bytes(ts.abstract_state.opt_state)
         ts.lower(cfg.batch_size, cfg.data.seq_len)
         total = params + frozen + opt
         report["stages"][name] = {"trainable_bytes": params, "frozen_bytes": frozen, "optimizer_bytes": opt}

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import activation_sharding, constrain, resolve
-from rsdjax.parallel.sharding import as_rules, state_shardings
+from rsdjax.parallel.sharding import as_rules, shaped, state_shardings
 
 # the first stage for an extended vocabulary: embedding table and LM head only
 EMBEDDINGS = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("embed"), nnx.PathContains("lm_head")))
@@ -113,10 +113,6 @@ def reshard(tree, shardings):
     return jax.device_put(tree, shardings)
 
 
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 class TrainStep:
     """One compiled train step for a model structure, a trainable filter and an optimizer.
 
@@ -146,9 +142,9 @@ class TrainStep:
         self.state_shardings = TrainState(self.replicated, self.param_shardings, self.opt_shardings, self.replicated)
         self.abstract_state = TrainState(
             jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
-            _abstract(abs_params, self.param_shardings), _abstract(abs_opt, self.opt_shardings),
+            shaped(abs_params, self.param_shardings), shaped(abs_opt, self.opt_shardings),
             jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=self.replicated))
-        self.abstract_frozen = _abstract(abs_frozen, self.frozen_shardings)
+        self.abstract_frozen = shaped(abs_frozen, self.frozen_shardings)
         self.batch_sharding = batch_sharding(mesh, self.rules)
         self._jitted = jax.jit(self._step, donate_argnums=(0,),
                                in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
