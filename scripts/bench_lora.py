@@ -104,9 +104,10 @@ def main(argv=None) -> int:
         make_model(base, config)
         adapters = make_adapters(base, Path(tmp), args.rank)
         context = 64 + args.steps + 8
-        plain, _ = load_engine(base, max_slots=args.batch, max_context=context)
+        # the slot engine: decode_runner prefills its batch in one pass (prefill_many)
+        plain, _ = load_engine(base, max_slots=args.batch, max_context=context, kind="slots")
         pooled, _ = load_engine(base, max_slots=args.batch, max_context=context, adapters=adapters,
-                                max_lora_rank=args.rank)
+                                max_lora_rank=args.rank, kind="slots")
         spread = [1 + i % ADAPTERS for i in range(args.batch)]  # 2 rows per adapter at batch 8
         runs = {"base": decode_runner(plain, [0] * args.batch, args.steps),
                 "multi_lora": decode_runner(pooled, spread, args.steps),
