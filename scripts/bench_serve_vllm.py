@@ -94,7 +94,7 @@ def vllm_python() -> Path:
 
 def start_rsdjax(args, model: Path, logs: Path, prefix_caching: bool = True):
     extra = [] if prefix_caching else ["--no-prefix-caching"]
-    return spawn("serve", ["--model", str(model), "--served-model-name", "bench", "--engine", "paged",
+    return spawn("serve", ["--model", str(model), "--served-model-name", "bench",  # the default engine: paged
                            "--max-slots", str(args.max_slots),
                            "--max-context", str(args.max_context), "--kv-cache-gb", str(args.kv_cache_gb),
                            "--log-level", "warning", *extra],
@@ -108,8 +108,9 @@ def start_vllm(args, model: Path, logs: Path):
     env.pop("PYTHONPATH", None)
     cmd = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--served-model-name", "bench", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", str(args.max_context), "--max-num-seqs", str(args.max_slots),
-           "--disable-log-requests"]
+           "--max-model-len", str(args.max_context), "--max-num-seqs", str(args.max_slots)]
+    # no --disable-log-requests: vLLM logs no requests by default since 0.10 (vllm-project/vllm#21739), and
+    # the deprecated flag is not one to rely on in 0.32
     log = open(logs / "vllm.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
