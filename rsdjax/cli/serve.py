@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--api-key", default=os.environ.get("RSDJAX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $RSDJAX_API_KEY, else no key)")
     p.add_argument("--max-slots", type=int, default=8,
-                   help="requests decoded together at most (vLLM's max_num_seqs; with --engine paged a step costs "
+                   help="requests decoded together at most (vLLM's max_num_seqs; on the paged engine a step costs "
                         "what is running)")
     p.add_argument("--max-context", type=int, help="tokens per request, prompt and output (default: the model's, "
                                                     "at most 4096)")
