@@ -37,11 +37,13 @@ class VocabError(ValueError):
 # ---------------------------------------------------------------- corpus reading
 
 
-def read_texts(paths: Sequence[str | Path]) -> list[str]:
-    """Documents from .txt files (one per file) and .jsonl files (one per line, field `text`)."""
+def read_texts(paths: Sequence[str | Path], exclude: Iterable[str | Path] = ()) -> list[str]:
+    """Documents from .txt files (one per file) and .jsonl files (one per line, field `text`),
+    leaving out the files in `exclude` (held-out evaluation files)."""
     from rsdjax.data.sources import iter_documents, expand_paths
 
-    return list(iter_documents(expand_paths(paths)))
+    skip = {Path(f).resolve() for f in exclude}
+    return list(iter_documents([f for f in expand_paths(paths) if f.resolve() not in skip]))
 
 
 def chars_per_token(tok: Tokenizer, texts: Iterable[str]) -> float:

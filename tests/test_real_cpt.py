@@ -1,11 +1,10 @@
-"""TEDLLM on the real model: `rsdjax tokenizer extend` on SmolLM2's own tokenizer, then `rsdjax train`
-from SmolLM2 with that tokenizer on the bundled Japanese corpus."""
+"""TEDLLM on the real model: `rsdjax tokenizer extend` on SmolLM2's own tokenizer, then the demo's
+recipe (configs/train/cpt-smollm2-ja.yaml) for a few steps through `rsdjax train`."""
 import json
 import subprocess
 import sys
 
 import pytest
-import yaml
 
 from conftest import ROOT
 
@@ -37,20 +36,34 @@ def test_extend_real_tokenizer_then_continue_pretraining(smollm2_hf_dir, tmp_pat
     assert ext.apply_chat_template(CONVERSATION) == base.apply_chat_template(CONVERSATION)
     assert ext.chat_ids_and_mask(CONVERSATION) == base.chat_ids_and_mask(CONVERSATION)
 
-    run_dir = tmp_path / "run"
-    config = {
-        "name": "cpt-smollm2", "run_dir": str(run_dir), "init_from": str(smollm2_hf_dir),
-        "tokenizer": {"path": str(ext_dir), "base": str(smollm2_hf_dir)},
-        "data": {"seq_len": 64, "sources": [{"name": "ja", "paths": [str(ROOT / "data" / "corpus" / "ja")]}]},
-        "optim": {"lr": 1e-4, "warmup_steps": 1}, "steps": 2, "batch_size": 2, "vocab_multiple": 192,
-        "mesh": "fsdp=2,tensor=3", "checkpoint": {"every": 2, "keep": 1}, "log": {"every": 1, "tensorboard": False},
-    }
-    cfg_file = tmp_path / "cpt.yaml"
-    cfg_file.write_text(yaml.safe_dump(config))
-    _cli("train", cfg_file, timeout=1500)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    losses = [m["loss"] for m in metrics if "loss" in m]
-    assert len(losses) == 2 and all(0 < x < 20 for x in losses), losses
-    final = next(p for p in (run_dir / "model", run_dir / "final") if p.exists())
-    cfg = read_model_config(final)
-    assert cfg.vocab_size >= ext.vocab_size and cfg.vocab_size % 192 == 0 and cfg.num_layers == 30
+
+def test_real_cpt_recipe_few_steps(smollm2_hf_dir, tmp_path):
+    """The recipe `make demo` runs, cut to 3 steps: held-out characters per token rise over SmolLM2's own
+    tokenizer, and held-out bits per byte of both sources are computed at the end."""
+    from rsdjax.eval.held_out import hold_out_files
+    from rsdjax.tokenizer import Tokenizer
+    from rsdjax.train.config import load_train_config
+    from rsdjax.vocab import chars_per_token, read_texts
+
+    run_dir, ext_dir = tmp_path / "run", tmp_path / "tok-ext"
+    overrides = [f"run_dir={run_dir}", f"init_from={smollm2_hf_dir}", f"tokenizer.path={ext_dir}",
+                 f"tokenizer.base={smollm2_hf_dir}", "steps=3", "embedding_steps=1", "eval.every=0",
+                 "checkpoint.every=3", "log.every=1"]
+    _cli("train", "cpt-smollm2-ja", *overrides, timeout=600)
+    cfg = load_train_config("cpt-smollm2-ja", overrides)
+    _, held = hold_out_files(cfg.data.sources, cfg.eval.holdout)
+    held_files = {s.name: s.paths for s in held}
+    extension_texts = read_texts(cfg.tokenizer.build.extend_corpus, held_files["ja"])
+    assert extension_texts and len(extension_texts) < len(read_texts(cfg.tokenizer.build.extend_corpus))
+
+    rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["step"] for r in rows] == [3]  # at_start is off: the demo's "before" is the original model
+    after = rows[-1]["eval"]
+    assert set(after) == {"ja", "en-replay"}
+    base = Tokenizer.load(smollm2_hf_dir)
+    ja_before = chars_per_token(base, read_texts(held_files["ja"]))
+    assert after["ja"]["chars_per_token"] > ja_before * 1.15, (ja_before, after["ja"])
+    for name, m in after.items():
+        assert 0.3 < m["bits_per_byte"] < 5 and m["bytes"] > 1000, (name, m)
+    ext = Tokenizer.load(ext_dir)
+    assert ext.vocab_size == base.vocab_size + cfg.tokenizer.build.add

@@ -195,3 +195,26 @@ def test_projection_vjp_equals_einsum(equation, x_shape, w_shape):
     assert np.array_equal(project(equation, x, w), jnp.einsum(equation, x, w))
     for ours, ref in zip(grads(lambda x, w: project(equation, x, w)), grads(lambda x, w: jnp.einsum(equation, x, w))):
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_rows_from_keeps_old_rows_and_matches_adamw_on_new_ones():
+    """`make_optimizer(..., first_row)`: rows (LM-head columns) below first_row get no update, weight
+    decay included; the others, and every other parameter, get optax's AdamW update exactly."""
+    import jax.numpy as jnp
+    import optax
+
+    o = OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1, clip_norm=0.0)
+    rng = np.random.default_rng(0)
+    params = {"embed": jnp.asarray(rng.normal(size=(10, 4)), jnp.float32),
+              "lm_head": jnp.asarray(rng.normal(size=(4, 10)), jnp.float32),
+              "w": jnp.asarray(rng.normal(size=(4, 4)), jnp.float32)}
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    masked, _ = make_optimizer(o, 5, first_row=7)
+    plain = optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    got = masked.update(grads, masked.init(params), params)[0]
+    want = plain.update(grads, plain.init(params), params)[0]
+    np.testing.assert_array_equal(got["embed"][:7], 0)
+    np.testing.assert_array_equal(got["lm_head"][:, :7], 0)
+    np.testing.assert_allclose(got["embed"][7:], want["embed"][7:], rtol=1e-6)
+    np.testing.assert_allclose(got["lm_head"][:, 7:], want["lm_head"][:, 7:], rtol=1e-6)
+    np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)

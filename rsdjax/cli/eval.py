@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from rsdjax.cli.common import add_mesh_args
+from rsdjax.sft.data import TEMPLATES
 
 
 def register(sub) -> None:
@@ -17,7 +18,8 @@ def register(sub) -> None:
                    help="a source: file, directory or glob (.txt, .jsonl text or Q&A), or NAME=PATH[,PATH...]")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: min(1024, the model's context))")
     p.add_argument("--batch-size", type=int, default=8, help="rows per step (rounded up to the mesh's batch shards)")
-    p.add_argument("--template", default="llama3", help="chat template for Q&A files (llama3 | plain)")
+    p.add_argument("--template", default="chat", choices=TEMPLATES,
+                   help="Q&A files: chat (the tokenizer's own template, as fine-tuning uses by default) | llama3 | plain")
     p.add_argument("--max-tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=64,
                    help="greedy answer length for Q&A files")
     p.add_argument("--no-generate", action="store_true", help="Q&A files: answer loss only, no greedy answers")

@@ -118,6 +118,8 @@ class TrainConfig:
     batch_size: int = 8  # global batch (windows per update)
     grad_accum: int = 1  # micro-batches per update (batch_size / grad_accum each)
     embedding_steps: int = 0  # first stage: train only embeddings + LM head for this many steps
+    embedding_lr: float | None = None  # peak learning rate of that stage; None: optim.lr
+    embedding_rows: str = "all"  # all | new: that stage updates only the new tokens' rows (old ones stay)
     vocab_multiple: int = 128  # pad the resized vocabulary to a multiple of this
     seed: int = 0  # model init, data order and the train RNG
     mesh: str | None = None  # e.g. "fsdp=2,tensor=4"; None: the hardware preset's mesh
@@ -156,6 +158,8 @@ class TrainConfig:
              f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         need(0 <= self.embedding_steps < self.steps,
              f"embedding_steps={self.embedding_steps} must be in [0, steps={self.steps})")
+        need(self.embedding_rows in ("all", "new"), f"embedding_rows must be all or new, got '{self.embedding_rows}'")
+        need(self.embedding_lr is None or self.embedding_lr > 0, "embedding_lr must be positive")
         need(self.data.seq_len > 0, f"data.seq_len must be positive, got {self.data.seq_len}")
         need(self.data.seq_len <= self.model.max_position_embeddings,
              f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="

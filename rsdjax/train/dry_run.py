@@ -14,7 +14,8 @@ def dry_run(cfg: TrainConfig, mesh, log=print) -> dict:
 
     check_batch(cfg.batch_size, cfg.grad_accum, mesh)
     model_cfg = cfg.model.validate()
-    stages = Stages(cfg, abstract_model(model_cfg), mesh)
+    # no tokenizers here: an embeddings stage on new rows only lowers the same program from row 0
+    stages = Stages(cfg, abstract_model(model_cfg), mesh, 0 if cfg.embedding_rows == "new" else None)
     hw = load_hardware(cfg.hardware or "cpu")
     report = {"model": model_cfg.name, "params": model_cfg.num_params(), "mesh": mesh_shape_of(mesh), "stages": {}}
     log(f"{cfg.name}: model {model_cfg.name} ({model_cfg.num_params() / 1e9:.2f} B parameters, vocab "

@@ -21,6 +21,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from rsdjax.checkpoint.durable import replace_dir
 from rsdjax.config import ConfigError
 from rsdjax.data.pipeline import build_mixture, global_batch
+from rsdjax.data.sources import expand_paths
 from rsdjax.train.checkpoint import TrainCheckpointer, architecture, check_directory
 from rsdjax.train.config import TrainConfig
 from rsdjax.train.metrics import LOSS_PNG, MetricsLogger, flops_per_token, plot_loss
@@ -88,8 +89,13 @@ def split_params(full: dict, step: TrainStep) -> tuple[dict, dict]:
 class Stages:
     """One TrainStep per stage, built on first use (each compiles once)."""
 
-    def __init__(self, cfg: TrainConfig, model, mesh):
+    def __init__(self, cfg: TrainConfig, model, mesh, new_rows_from: int | None = None):
+        """`new_rows_from`: the first new token's row when the vocabulary grew (for embedding_rows: new)."""
         self.cfg, self.model, self.mesh, self._built = cfg, model, mesh, {}
+        if cfg.embedding_steps and cfg.embedding_rows == "new" and new_rows_from is None:
+            raise ConfigError(f"train config '{cfg.name}': embedding_rows: new needs a vocabulary that grows "
+                              "(tokenizer.base with fewer tokens than tokenizer.path)")
+        self.new_rows_from = new_rows_from
 
     def at(self, step: int) -> tuple[str, int, int]:
         for stage in self.cfg.stages:
@@ -101,7 +107,11 @@ class Stages:
         if name not in self._built:
             # a checkpoint from a stage this config no longer has still restores (its optimizer state is dropped)
             _, start, end = next((s for s in self.cfg.stages if s[0] == name), (name, 0, self.cfg.steps))
-            tx, schedule = make_optimizer(self.cfg.optim, end - start)
+            optim, first_row = self.cfg.optim, None
+            if name == "embeddings":
+                optim = dataclasses.replace(optim, lr=self.cfg.embedding_lr or optim.lr)
+                first_row = self.new_rows_from if self.cfg.embedding_rows == "new" else None
+            tx, schedule = make_optimizer(optim, end - start, first_row)
             self._built[name] = TrainStep(self.model, tx, self.mesh, trainable=STAGE_FILTERS[name],
                                           grad_accum=self.cfg.grad_accum, schedule=schedule, stage_start=start)
         return self._built[name]
@@ -122,14 +132,15 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
     log(f"{cfg.name}: mesh {format_mesh(mesh_shape_of(mesh))} over {jax.device_count()} devices in {n} "
         f"process{'es' if n > 1 else ''}")
     check_batch(cfg.batch_size, cfg.grad_accum, mesh)
-    tok, base_tok = prepare_tokenizers(cfg, log)
-    model_cfg = final_model_config(cfg, tok, base_tok)
-    check_directory(cfg.checkpoint_dir.absolute(), architecture(model_cfg))
     train_sources, held_sources = cfg.data.sources, []
     if cfg.eval is not None and cfg.eval.holdout > 0:
         from rsdjax.eval.held_out import hold_out_files
 
         train_sources, held_sources = hold_out_files(cfg.data.sources, cfg.eval.holdout)
+    held_files = [p for s in [*held_sources, *(cfg.eval.sources if cfg.eval else [])] for p in expand_paths(s.paths)]
+    tok, base_tok = prepare_tokenizers(cfg, log, held_out=held_files)
+    model_cfg = final_model_config(cfg, tok, base_tok)
+    check_directory(cfg.checkpoint_dir.absolute(), architecture(model_cfg))
     mixture = build_mixture(train_sources, tok, cfg.data.seq_len, cfg.cache_dir, cfg.seed)
     for s in mixture.info():
         log(f"data source '{s.name}': {s.num_docs} documents, {s.num_tokens:,} tokens, {s.num_windows} windows "
@@ -139,7 +150,8 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
     ckpt = TrainCheckpointer(cfg.checkpoint_dir, architecture(model_cfg), every=cfg.checkpoint.every,
                              keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
                              is_writer=jax.process_index() == 0)
-    stages = Stages(cfg, abstract_model(model_cfg), mesh)
+    grew = base_tok is not None and tok.vocab_size > base_tok.vocab_size
+    stages = Stages(cfg, abstract_model(model_cfg), mesh, base_tok.vocab_size if grew else None)
     latest = ckpt.latest_step()
     if latest is None:
         name = stages.at(0)[0]
@@ -179,7 +191,8 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
     stopped_by = None
     try:
         with StopSignal() as stop:
-            evaluate(step, fresh_start=latest is None)
+            if latest is None:  # a resumed step was evaluated before its checkpoint was written
+                evaluate(0, fresh_start=True)
             metrics.start_clock()
             while step < cfg.steps:
                 stage_name = stages.at(step)[0]

@@ -46,9 +46,29 @@ def _decay_mask(params):
     return jax.tree.map_with_path(decays, params)
 
 
-def make_optimizer(o: OptimConfig, steps: int):
-    """(optax transformation, schedule) for one stage of `steps` updates."""
+def rows_from(first: int) -> optax.GradientTransformation:
+    """Zero the updates of embedding rows (LM-head columns) below `first`.
+
+    Adam moves every row it gets a gradient for by about the learning rate, and through the softmax
+    every row of the embedding (and of a tied LM head) gets one; chained after AdamW (weight decay
+    included), this keeps the old tokens exactly as the base model had them while the new ones learn."""
+    def keep(path, u):
+        name = str(getattr(path[-1], "key", path[-1])) if path else ""
+        if name == "embed":
+            return u * (jnp.arange(u.shape[0]) >= first)[:, None].astype(u.dtype)
+        if name == "lm_head":
+            return u * (jnp.arange(u.shape[1]) >= first)[None, :].astype(u.dtype)
+        return u
+
+    return optax.stateless(lambda updates, params=None: jax.tree.map_with_path(keep, updates))
+
+
+def make_optimizer(o: OptimConfig, steps: int, first_row: int | None = None):
+    """(optax transformation, schedule) for one stage of `steps` updates; `first_row`: update only the
+    embedding rows from there on (`rows_from`)."""
     schedule = lr_schedule(o, steps)
     parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
     parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=_decay_mask))
+    if first_row is not None:
+        parts.append(rows_from(first_row))
     return optax.chain(*parts), schedule

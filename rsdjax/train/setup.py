@@ -34,9 +34,13 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def prepare_tokenizers(cfg: TrainConfig, log=print) -> tuple[Tokenizer, Tokenizer | None]:
-    """(the run's tokenizer, the init model's tokenizer or None), building them if configured."""
+def prepare_tokenizers(cfg: TrainConfig, log=print, held_out=()) -> tuple[Tokenizer, Tokenizer | None]:
+    """(the run's tokenizer, the init model's tokenizer or None), building them if configured.
+
+    `held_out`: evaluation files; a tokenizer built here never learns from them (the held-out
+    characters per token would otherwise flatter the extension)."""
     t = cfg.tokenizer
+
     if not _has_tokenizer(t.path) and jax.process_index() == 0:
         if t.build is None:
             raise ConfigError(f"tokenizer.path={t.path} has no tokenizer.json and tokenizer.build is not set")
@@ -45,11 +49,11 @@ def prepare_tokenizers(cfg: TrainConfig, log=print) -> tuple[Tokenizer, Tokenize
         if not _has_tokenizer(t.base):
             if not t.build.base_corpus:
                 raise ConfigError(f"tokenizer.base={t.base} has no tokenizer.json and tokenizer.build.base_corpus is empty")
-            base = train_tokenizer(read_texts(t.build.base_corpus), t.build.base_vocab_size)
+            base = train_tokenizer(read_texts(t.build.base_corpus, held_out), t.build.base_vocab_size)
             base.save(t.base)
             log(f"trained base tokenizer: {base.vocab_size} tokens -> {t.base}")
         base = Tokenizer.load(t.base)
-        texts = read_texts(t.build.extend_corpus)
+        texts = read_texts(t.build.extend_corpus, held_out)
         ext = extend_tokenizer(base, texts, t.build.add)
         ext.save(t.path)
         log(f"extended tokenizer {base.vocab_size} -> {ext.vocab_size} tokens -> {t.path}; characters per token on "
