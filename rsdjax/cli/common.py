@@ -48,6 +48,11 @@ def add_overrides(parser: argparse.ArgumentParser, *sections: tuple[str, str]) -
     """`key=value` arguments; `--help` then lists every key the sections accept (read only when asked for,
     so building the parser imports nothing heavy)."""
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.num_layers=4")
+    list_keys_in_help(parser, *sections)
+
+
+def list_keys_in_help(parser: argparse.ArgumentParser, *sections: tuple[str, str]) -> None:
+    """End `--help` with every key the sections accept (computed only when asked for)."""
     if not sections:
         return
     format_help = parser.format_help
@@ -72,6 +77,24 @@ def path_arg(args, dest: str) -> Path:
     if len(given) != 1:
         raise ValueError(f"{args.command}: give {dest.upper()} once ({flag} PATH or positionally)")
     return given[0]
+
+
+def add_output_override(parser: argparse.ArgumentParser, key: str, help: str) -> None:
+    """`-o/--output PATH` for a command whose config names its output (`key=`); `output_override` reads it."""
+    parser.add_argument("-o", "--output", type=Path, default=None, help=f"{help} (the config's {key}=)")
+    parser.set_defaults(output_key=key)
+
+
+def output_override(args) -> list[str]:
+    """The command's overrides with `-o PATH` as `key=PATH` (given both ways: an error naming both)."""
+    if args.output is None:
+        return list(args.overrides)
+    key = args.output_key
+    if any(o.split("=", 1)[0] == key for o in args.overrides):
+        raise ValueError(f"{args.command}: give the output once (-o {args.output} or {key}=...)")
+    import json
+
+    return [*args.overrides, f"{key}={json.dumps(str(args.output))}"]  # quoted: a path is a string, even "1" or "on"
 
 
 def split_overrides(overrides: list[str], prefix: str) -> list[str]:

@@ -1,22 +1,23 @@
-"""`rsdjax finetune CONFIG [key=value ...]`: LoRA fine-tuning on Q&A data -> a PEFT adapter."""
+"""`rsdjax finetune CONFIG [-o ADAPTER_DIR] [key=value ...]`: LoRA fine-tuning on Q&A data -> a PEFT adapter."""
 from __future__ import annotations
 
-from rsdjax.cli.common import add_mesh_args, add_overrides
+from rsdjax.cli.common import add_mesh_args, add_output_override, add_overrides
 
 
 def register(sub) -> None:
     p = sub.add_parser("finetune", help="LoRA fine-tuning on Q&A / chat jsonl; writes a PEFT adapter")
     p.add_argument("config", help="config preset (configs/train, e.g. lora-qa-demo) or YAML file")
+    add_output_override(p, "output", "the PEFT adapter directory (its checkpoints/ resume the run)")
     add_mesh_args(p)
     add_overrides(p, ("", "rsdjax.sft.config:FinetuneConfig"))
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from rsdjax.cli.common import mesh_from_args
+    from rsdjax.cli.common import mesh_from_args, output_override
     from rsdjax.sft import finetune, load_finetune_config, show_answers
 
-    cfg = load_finetune_config(args.config, args.overrides)
+    cfg = load_finetune_config(args.config, output_override(args))
     mesh = mesh_from_args(args)
     result = finetune(cfg, mesh=mesh)
     if result.already_complete:
