@@ -154,6 +154,21 @@ def mesh_from_args(args, hardware_overrides: list[str] = (), cfg=None, workload=
     return build(args.mesh, hardware or ("cpu" if args.mesh is None else None), overrides=hardware_overrides)
 
 
+def distributed_mesh(args, shape: dict[str, int]):
+    """The mesh of a command that may run as several processes (`add_distributed_args`; every process runs
+    the same command): start jax.distributed when asked, then lay the mesh over all processes' devices."""
+    import math
+
+    from rsdjax.distributed import initialize
+    from rsdjax.parallel.mesh import make_mesh, request_cpu_devices
+
+    size = math.prod(shape.values())
+    if initialize(args.coordinator_address, args.num_processes, args.process_id, args.local_devices,
+                  mesh_size=size) == 1:
+        request_cpu_devices(size)
+    return make_mesh(shape)  # with several processes, devices per process were fixed by initialize
+
+
 def add_engine_args(group) -> None:
     """The paged engine's options (`rsdjax serve` and `rsdjax generate`), named as vLLM names them."""
     group.add_argument("--engine", choices=["paged", "slots"], default="paged",

@@ -6,7 +6,6 @@ lowers the jitted train step (AOT) for the configured batch.
 """
 from __future__ import annotations
 
-import math
 import sys
 
 from rsdjax.cli.common import add_mesh_args, add_output_override, add_overrides
@@ -39,9 +38,8 @@ def train_workload(cfg):
 
 
 def run(args) -> int:
-    from rsdjax.cli.common import output_override, planned_mesh_shape
-    from rsdjax.distributed import initialize
-    from rsdjax.parallel.mesh import make_mesh, request_cpu_devices, resolve_mesh_shape
+    from rsdjax.cli.common import distributed_mesh, output_override, planned_mesh_shape
+    from rsdjax.parallel.mesh import resolve_mesh_shape
     from rsdjax.train.config import load_train_config
 
     cfg = load_train_config(args.config, output_override(args))
@@ -50,11 +48,7 @@ def run(args) -> int:
         shape = planned_mesh_shape(args, cfg.model, train_workload(cfg))
     else:
         shape = resolve_mesh_shape(mesh_text, hardware)
-    n = initialize(args.coordinator_address, args.num_processes, args.process_id, args.local_devices,
-                   mesh_size=math.prod(shape.values()))
-    if n == 1:
-        request_cpu_devices(math.prod(shape.values()))
-    mesh = make_mesh(shape)  # with several processes, devices per process were fixed by initialize
+    mesh = distributed_mesh(args, shape)
     if args.dry_run:
         from rsdjax.train.dry_run import dry_run
 
