@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from rsdjax.cli import build_parser, main
+from rsdjax.cli import build_parser, main, parse
 
 
 def leaves(parser: argparse.ArgumentParser, prefix=()):
@@ -55,7 +55,21 @@ UNKNOWN = [
     (["generate", "--model", "/nonexistent", "--prompt", "hi"], "model.rope_thetta=1", "model.rope_theta"),
     (["warmup", "--model", "/nonexistent"], "model.dtyp=float32", "model.dtype"),
     (["serve", "--model", "/nonexistent"], "num_layers=2", "model.num_layers"),
+    (["eval", "--model", "/nonexistent", "text.txt"], "model.dtyp=float32", "model.dtype"),
 ]
+
+
+def lists_config_keys(argv, capsys) -> bool:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return "config keys (key=value):" in capsys.readouterr().out
+
+
+def test_every_command_with_a_config_is_checked(capsys):
+    """Derived from the parser: each command whose --help lists config keys has a case in UNKNOWN."""
+    with_config = {c for c in COMMANDS if lists_config_keys(c, capsys)}
+    assert {"train", "finetune", "generate", "serve", "warmup", "plan", "shard-report", "eval"} <= {c[0] for c in with_config}
+    assert with_config <= {(argv[0],) for argv, _, _ in UNKNOWN}, with_config - {(argv[0],) for argv, _, _ in UNKNOWN}
 
 
 @pytest.mark.parametrize("argv, override, nearest", UNKNOWN, ids=[f"{a[0]}:{o}" for a, o, _ in UNKNOWN])
@@ -65,3 +79,26 @@ def test_unknown_key_names_the_nearest(argv, override, nearest, capsys):
     assert len(err) == 1 and err[0].startswith(f"rsdjax {argv[0]}: error: "), err
     key = override.split("=")[0]
     assert f"unknown config key '{key}' (did you mean '{nearest}'?)" in err[0] or f"'{key}' is now '{nearest}'" in err[0], err
+
+
+@pytest.mark.parametrize("argv, load, key", [
+    (["train", "cpt-demo"], "rsdjax.train.config:load_train_config", "run_dir"),
+    (["finetune", "lora-qa-demo"], "rsdjax.sft:load_finetune_config", "output")])
+def test_output_flag_is_the_config_output(argv, load, key, capsys):
+    import importlib
+
+    from rsdjax.cli.common import output_override
+
+    module, name = load.split(":")
+    load_config = getattr(importlib.import_module(module), name)
+    args = parse(build_parser(), [*argv, "-o", "runs/on", "seed=3"])  # "on" stays a path, not YAML's True
+    assert getattr(load_config(args.config, output_override(args)), key) == "runs/on"
+    assert main([*argv, "-o", "runs/a", f"{key}=runs/b"]) == 2
+    assert "give the output once" in capsys.readouterr().err
+
+
+def test_eval_overrides_are_model_keys():
+    from rsdjax.cli.eval import split_data
+
+    assert split_data(["wiki=a.txt,b.txt", "model.dtype=float32", "c.txt", "model.txt"]) == \
+        (["model.dtype=float32"], ["wiki=a.txt,b.txt", "c.txt", "model.txt"])

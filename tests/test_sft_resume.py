@@ -1,8 +1,9 @@
 """`rsdjax finetune` killed (SIGKILL) at two random moments and re-run with the same command ends
-with the adapter and optimizer state bit-identical to an uninterrupted run."""
+with the adapter and optimizer state bit-identical to an uninterrupted run; as one process and as two."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,18 +33,66 @@ def steps_logged(out) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.endswith("}"))
 
 
-def run_and_kill(args, out, kill_after_step: int, delay: float) -> None:
-    """Start the command, SIGKILL it `delay` s after it logged step `kill_after_step` (or when it ends)."""
-    proc = subprocess.Popen([sys.executable, "-m", "rsdjax", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and steps_logged(out) < kill_after_step and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(delay)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode in (0, -signal.SIGKILL), err.decode()[-2000:]
+def start(args, processes: int, log) -> list[subprocess.Popen]:
+    """The command as one process, or as `processes` processes of one 8-device mesh (jax.distributed, gloo)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if processes == 1:
+        return [subprocess.Popen([sys.executable, "-m", "rsdjax", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                 stderr=log, env=env)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // processes}"
+    return [subprocess.Popen([sys.executable, "-m", "rsdjax", *args, "--coordinator-address", f"127.0.0.1:{port}",
+                              "--num-processes", str(processes), "--process-id", str(i)],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env=env) for i in range(processes)]
+
+
+def run(args, out, processes: int, kill_after_step: int | None = None, delay: float = 0.0) -> None:
+    """Run the command to its end, or SIGKILL every process `delay` s after step `kill_after_step` was logged."""
+    log_path = out.parent / f"{out.name}.log"
+    with open(log_path, "a") as log:
+        procs = start(args, processes, log)
+        try:
+            deadline = time.monotonic() + 300
+            if kill_after_step is not None:
+                while all(p.poll() is None for p in procs) and steps_logged(out) < kill_after_step \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                time.sleep(delay)
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGKILL)
+            codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
+        finally:  # one failed process leaves the other waiting at a barrier: do not leave it running
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    allowed = (0,) if kill_after_step is None else (0, -signal.SIGKILL)
+    assert all(c in allowed for c in codes), (codes, log_path.read_text()[-3000:])
+
+
+def assert_same_run(out, ref_out) -> None:
+    ref_step, ref_state, _ = read_state(ref_out / "checkpoints")
+    step, state, meta = read_state(out / "checkpoints")
+    assert step == ref_step == STEPS and meta["data_position"] == STEPS
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+    for (path, a), b in zip(jax.tree.leaves_with_path(state), jax.tree.leaves(ref_state), strict=True):
+        assert np.array_equal(a, b), jax.tree_util.keystr(path)  # adapter, Adam moments, step, RNG: the same bits
+    assert (out / "adapter_model.safetensors").read_bytes() == (ref_out / "adapter_model.safetensors").read_bytes()
+    assert json.loads((out / "adapter_config.json").read_text()) == json.loads((ref_out / "adapter_config.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # redone steps replace their lines
+
+
+def kill_twice_and_finish(args, out, processes: int) -> None:
+    """Two kills at random moments (after a random step, plus a random fraction of a step), then the same
+    command again completes the run."""
+    rng = np.random.default_rng(int(time.time()))
+    for _ in range(2):
+        run(args, out, processes, int(rng.integers(1, STEPS)), float(rng.uniform(0, 0.5)))
+    run(args, out, processes)
 
 
 @pytest.mark.slow
@@ -51,19 +100,16 @@ def test_lora_resume_after_sigkill_is_bit_identical(tmp_path, tiny_hf_dir, tiny_
     base = save_model(load_model(tiny_hf_dir), tmp_path / "base")
     ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
     assert main(command(base, tiny_tokenizer_dir, ref_out)) == 0
+    kill_twice_and_finish(command(base, tiny_tokenizer_dir, out), out, processes=1)
+    assert_same_run(out, ref_out)
 
-    rng = np.random.default_rng(int(time.time()))
-    for _ in range(2):  # two kills at random moments: after a random step, plus a random fraction of a step
-        run_and_kill(command(base, tiny_tokenizer_dir, out), out, int(rng.integers(1, STEPS)), float(rng.uniform(0, 0.5)))
-    assert main(command(base, tiny_tokenizer_dir, out)) == 0  # the same command again completes the run
 
-    ref_step, ref_state, _ = read_state(ref_out / "checkpoints")
-    step, state, meta = read_state(out / "checkpoints")
-    assert step == ref_step == STEPS and meta["data_position"] == STEPS
-    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
-        assert np.array_equal(a, b)  # adapter, Adam moments, step, RNG: the same bits
-    assert (out / "adapter_model.safetensors").read_bytes() == (ref_out / "adapter_model.safetensors").read_bytes()
-    assert json.loads((out / "adapter_config.json").read_text()) == json.loads((ref_out / "adapter_config.json").read_text())
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # redone steps replace their lines
+@pytest.mark.slow
+def test_two_process_lora_resume_after_sigkill_is_bit_identical(tmp_path, tiny_hf_dir, tiny_tokenizer_dir):
+    """The same as two processes (2 x 4 CPU devices, one 8-device mesh): the reference is a two-process run
+    too (gloo sums in another order than one process does, so only the same layout gives the same bits)."""
+    base = save_model(load_model(tiny_hf_dir), tmp_path / "base")
+    ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
+    run(command(base, tiny_tokenizer_dir, ref_out), ref_out, processes=2)
+    kill_twice_and_finish(command(base, tiny_tokenizer_dir, out), out, processes=2)
+    assert_same_run(out, ref_out)

@@ -175,5 +175,11 @@ def test_tokenizer_cli_train_extend_resize(tmp_path, tiny_hf_dir, capsys):
     model = load_model(tmp_path / "resized")
     assert model.cfg.vocab_size == 640
     assert Tokenizer.load(tmp_path / "resized").vocab_size == 576
+    # the base tokenizer read from a model (--model) is the positional base's
+    for argv, out in (([str(tmp_path / "resized")], "pos"), (["--model", str(tmp_path / "resized")], "flag")):
+        assert main(["tokenizer", "extend", *argv, str(JA), "--add", "8", "-o", str(tmp_path / out)]) == 0
+    assert (tmp_path / "pos" / "tokenizer.json").read_bytes() == (tmp_path / "flag" / "tokenizer.json").read_bytes()
+    assert Tokenizer.load(tmp_path / "flag").vocab_size == 584
+    assert main(["tokenizer", "extend", "--model", str(tiny_hf_dir), str(JA), "--add", "8", "-o", str(tmp_path / "x")]) == 2
     # refusing to overwrite is an error exit, not a crash
     assert main(["tokenizer", "extend", str(tmp_path / "base"), str(JA), "--add", "8", "-o", str(tmp_path / "ext")]) == 2

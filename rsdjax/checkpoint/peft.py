@@ -40,11 +40,12 @@ def tensor_key(kernel: str, layer: int, which: str) -> str:
 # ---------------------------------------------------------------- export
 
 
-def save_adapter(model, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(model, directory: str | Path, base_model_name_or_path: str | None = None, write: bool = True) -> Path:
     """Write `model.lora` as a PEFT adapter into `directory` (created if needed).
 
     Refuses to overwrite an existing adapter; each file is written under a temporary name and
-    renamed, so an interrupted save never leaves a half-written adapter.
+    renamed, so an interrupted save never leaves a half-written adapter. With several processes every
+    process calls it (factors split over processes are gathered) and one writes (`write`).
     """
     lora = getattr(model, "lora", None)
     if lora is None:
@@ -53,8 +54,6 @@ def save_adapter(model, directory: str | Path, base_model_name_or_path: str | No
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if (directory / name).exists():
             raise CheckpointError(f"{directory / name}: exists; refusing to overwrite an adapter")
-    directory.mkdir(parents=True, exist_ok=True)
-    host = lambda x: np.asarray(jax.device_get(x), np.float32)  # noqa: E731
     tensors = {}
     for kernel, layers in lora.layers.items():
         a, b = host(lora.a[kernel][...]), host(lora.b[kernel][...])
@@ -63,9 +62,21 @@ def save_adapter(model, directory: str | Path, base_model_name_or_path: str | No
             tensors[tensor_key(kernel, i, "A")] = np.ascontiguousarray(a[i].reshape(-1, r).T)
             tensors[tensor_key(kernel, i, "B")] = np.ascontiguousarray(b[i].reshape(r, -1).T)
     config = adapter_config(lora.config, lora.layers, model.cfg.num_layers, base_model_name_or_path)
+    if not write:
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
     _atomic(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     _atomic(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
     return directory
+
+
+def host(x) -> np.ndarray:
+    """A (possibly multi-process) array as float32 numpy; a collective where it spans processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x), np.float32)
 
 
 def adapter_config(config: LoraConfig, layers: dict[str, tuple[int, ...]], num_layers: int,

@@ -34,9 +34,21 @@ def _add_to_leaves(parser: argparse.ArgumentParser, *names, **kw) -> None:
             _add_to_leaves(child, *names, **kw)
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, but trailing `key=value` (or eval's DATA) may also follow options: argparse fills a list
+    positional at its first chunk, so in `train CONFIG -o DIR steps=3` it would refuse `steps=3`."""
+    args, extra = parser.parse_known_args(argv)
+    trailing = next((d for d in ("overrides", "data") if isinstance(getattr(args, d, None), list)), None)
+    if extra and (trailing is None or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        getattr(args, trailing).extend(extra)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     from rsdjax import compile_cache
 
     if args.no_compile_cache:

@@ -48,6 +48,11 @@ def add_overrides(parser: argparse.ArgumentParser, *sections: tuple[str, str]) -
     """`key=value` arguments; `--help` then lists every key the sections accept (read only when asked for,
     so building the parser imports nothing heavy)."""
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.num_layers=4")
+    list_keys_in_help(parser, *sections)
+
+
+def list_keys_in_help(parser: argparse.ArgumentParser, *sections: tuple[str, str]) -> None:
+    """End `--help` with every key the sections accept (computed only when asked for)."""
     if not sections:
         return
     format_help = parser.format_help
@@ -72,6 +77,24 @@ def path_arg(args, dest: str) -> Path:
     if len(given) != 1:
         raise ValueError(f"{args.command}: give {dest.upper()} once ({flag} PATH or positionally)")
     return given[0]
+
+
+def add_output_override(parser: argparse.ArgumentParser, key: str, help: str) -> None:
+    """`-o/--output PATH` for a command whose config names its output (`key=`); `output_override` reads it."""
+    parser.add_argument("-o", "--output", type=Path, default=None, help=f"{help} (the config's {key}=)")
+    parser.set_defaults(output_key=key)
+
+
+def output_override(args) -> list[str]:
+    """The command's overrides with `-o PATH` as `key=PATH` (given both ways: an error naming both)."""
+    if args.output is None:
+        return list(args.overrides)
+    key = args.output_key
+    if any(o.split("=", 1)[0] == key for o in args.overrides):
+        raise ValueError(f"{args.command}: give the output once (-o {args.output} or {key}=...)")
+    import json
+
+    return [*args.overrides, f"{key}={json.dumps(str(args.output))}"]  # quoted: a path is a string, even "1" or "on"
 
 
 def split_overrides(overrides: list[str], prefix: str) -> list[str]:
@@ -129,6 +152,21 @@ def mesh_from_args(args, hardware_overrides: list[str] = (), cfg=None, workload=
         return build(planned_mesh_shape(args, cfg, workload, runnable, hardware_overrides))
     hardware = args.hardware if args.mesh is None else None
     return build(args.mesh, hardware or ("cpu" if args.mesh is None else None), overrides=hardware_overrides)
+
+
+def distributed_mesh(args, shape: dict[str, int]):
+    """The mesh of a command that may run as several processes (`add_distributed_args`; every process runs
+    the same command): start jax.distributed when asked, then lay the mesh over all processes' devices."""
+    import math
+
+    from rsdjax.distributed import initialize
+    from rsdjax.parallel.mesh import make_mesh, request_cpu_devices
+
+    size = math.prod(shape.values())
+    if initialize(args.coordinator_address, args.num_processes, args.process_id, args.local_devices,
+                  mesh_size=size) == 1:
+        request_cpu_devices(size)
+    return make_mesh(shape)  # with several processes, devices per process were fixed by initialize
 
 
 def add_engine_args(group) -> None:

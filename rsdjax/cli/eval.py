@@ -1,11 +1,16 @@
-"""`rsdjax eval --model PATH [--lora DIR] DATA... [--json]`: perplexity, bits per byte, Q&A accuracy."""
+"""`rsdjax eval --model PATH [--lora DIR] DATA... [model.KEY=VALUE ...] [--json]`: perplexity, bits per byte,
+Q&A accuracy.
+
+DATA and overrides share the positional arguments: an argument `model.KEY=VALUE` is a model config override
+(generate's and serve's spelling), any other is a source (`PATH` or `NAME=PATH[,PATH...]`).
+"""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-from rsdjax.cli.common import add_mesh_args
+from rsdjax.cli.common import MODEL, add_mesh_args, list_keys_in_help
 from rsdjax.sft.data import TEMPLATES
 
 
@@ -15,7 +20,8 @@ def register(sub) -> None:
     p.add_argument("--lora", type=Path, default=None, help="PEFT LoRA adapter directory to apply to the model")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: the model's)")
     p.add_argument("data", nargs="+", metavar="DATA",
-                   help="a source: file, directory or glob (.txt, .jsonl text or Q&A), or NAME=PATH[,PATH...]")
+                   help="a source: file, directory or glob (.txt, .jsonl text or Q&A), or NAME=PATH[,PATH...]; "
+                        "model.KEY=VALUE is a model config override, e.g. model.dtype=bfloat16")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: min(1024, the model's context))")
     p.add_argument("--batch-size", type=int, default=8, help="rows per step (rounded up to the mesh's batch shards)")
     p.add_argument("--template", default="chat", choices=TEMPLATES,
@@ -25,7 +31,15 @@ def register(sub) -> None:
     p.add_argument("--no-generate", action="store_true", help="Q&A files: answer loss only, no greedy answers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_mesh_args(p)
+    list_keys_in_help(p, MODEL)
     p.set_defaults(func=run)
+
+
+def split_data(items: list[str]) -> tuple[list[str], list[str]]:
+    """(the `model.KEY=VALUE` overrides, the sources) of eval's positional arguments."""
+    prefix = MODEL[0] + "."
+    overrides = [i for i in items if "=" in i and i.startswith(prefix)]
+    return overrides, [i for i in items if i not in overrides]
 
 
 def parse_sources(items: list[str]):
@@ -45,19 +59,24 @@ def parse_sources(items: list[str]):
 
 
 def run(args) -> int:
-    from rsdjax.cli.common import mesh_from_args
+    from rsdjax.cli.common import check_overrides, mesh_from_args, split_overrides
     from rsdjax.eval.run import evaluate_model
     from rsdjax.loading import load_model
     from rsdjax.train.step import check_batch
     from rsdjax.tokenizer import Tokenizer
 
-    sources = parse_sources(args.data)
+    overrides, data = split_data(args.data)
+    check_overrides(overrides, MODEL)
+    args.model_overrides = split_overrides(overrides, MODEL[0])
+    if not data:
+        raise ValueError("eval: give at least one DATA source (model.KEY=VALUE arguments are overrides)")
+    sources = parse_sources(data)
     tokenizer = Tokenizer.load(args.tokenizer or args.model)
     mesh = mesh_from_args(args, **_planner_inputs(args))
     shards = _batch_shards(mesh)
     batch_size = -(-max(args.batch_size, 1) // shards) * shards
     check_batch(batch_size, 1, mesh)
-    model = load_model(args.model, mesh=mesh, rules="train")
+    model = load_model(args.model, mesh=mesh, rules="train", overrides=args.model_overrides)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
                          f"vocab_size={model.cfg.vocab_size}")
@@ -106,10 +125,11 @@ def _planner_inputs(args) -> dict:
     if args.mesh is not None or not args.hardware:
         return {}
     from rsdjax.cli.common import engine_runnable
+    from rsdjax.config import apply_overrides
     from rsdjax.loading import read_model_config
     from rsdjax.plan.cost_model import Workload
 
-    cfg = read_model_config(args.model)
+    cfg = apply_overrides(read_model_config(args.model), args.model_overrides)
     seq = args.seq_len or min(1024, cfg.max_position_embeddings)
     return {"cfg": cfg, "workload": Workload("infer", max(args.batch_size, 1), seq, prompt=seq),
             "runnable": engine_runnable(None)}

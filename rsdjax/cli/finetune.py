@@ -1,23 +1,27 @@
-"""`rsdjax finetune CONFIG [key=value ...]`: LoRA fine-tuning on Q&A data -> a PEFT adapter."""
+"""`rsdjax finetune CONFIG [-o ADAPTER_DIR] [key=value ...]`: LoRA fine-tuning on Q&A data -> a PEFT adapter."""
 from __future__ import annotations
 
-from rsdjax.cli.common import add_mesh_args, add_overrides
+from rsdjax.cli.common import add_mesh_args, add_output_override, add_overrides
+from rsdjax.distributed import add_distributed_args
 
 
 def register(sub) -> None:
     p = sub.add_parser("finetune", help="LoRA fine-tuning on Q&A / chat jsonl; writes a PEFT adapter")
     p.add_argument("config", help="config preset (configs/train, e.g. lora-qa-demo) or YAML file")
+    add_output_override(p, "output", "the PEFT adapter directory (its checkpoints/ resume the run)")
     add_mesh_args(p)
+    add_distributed_args(p)
     add_overrides(p, ("", "rsdjax.sft.config:FinetuneConfig"))
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from rsdjax.cli.common import mesh_from_args
+    from rsdjax.cli.common import distributed_mesh, output_override
+    from rsdjax.parallel.mesh import resolve_mesh_shape
     from rsdjax.sft import finetune, load_finetune_config, show_answers
 
-    cfg = load_finetune_config(args.config, args.overrides)
-    mesh = mesh_from_args(args)
+    cfg = load_finetune_config(args.config, output_override(args))
+    mesh = distributed_mesh(args, resolve_mesh_shape(args.mesh, None if args.mesh else args.hardware or "cpu"))
     result = finetune(cfg, mesh=mesh)
     if result.already_complete:
         return 0

@@ -18,8 +18,11 @@ def register(sub) -> None:
     t.set_defaults(func=run_train)
 
     e = cmds.add_parser("extend", help="learn N new tokens from a corpus; every old token keeps its id")
-    e.add_argument("base", type=Path, help="base tokenizer directory (or tokenizer.json)")
-    e.add_argument("corpus", nargs="+", help=".txt/.jsonl files, directories or globs in the new language")
+    e.add_argument("--model", type=Path, default=None,
+                   help="the base tokenizer is this model's (an HF Llama directory, rsdjax checkpoint or GGUF)")
+    e.add_argument("inputs", nargs="+", metavar="[BASE] CORPUS",
+                   help="without --model, first the base tokenizer (directory or tokenizer.json); then .txt/.jsonl "
+                        "files, directories or globs in the new language")
     e.add_argument("--add", type=int, required=True, help="number of new tokens")
     e.add_argument("--min-frequency", type=int, default=2)
     e.add_argument("-o", "--output", type=Path, required=True)
@@ -62,9 +65,17 @@ def run_extend(args) -> int:
     from rsdjax.tokenizer import Tokenizer
     from rsdjax.vocab import chars_per_token, extend_tokenizer, read_texts
 
+    if args.model is not None:
+        base, corpus = Tokenizer.for_model(args.model), args.inputs
+        if base is None:
+            raise ValueError(f"{args.model}: the model has no tokenizer (tokenizer.json or a GGUF vocabulary)")
+    elif len(args.inputs) < 2:
+        raise ValueError("tokenizer extend: give BASE CORPUS... or --model MODEL CORPUS...")
+    else:
+        base, corpus = None, args.inputs[1:]
     _refuse_nonempty(args.output)
-    base = Tokenizer.load(args.base)
-    texts = _non_empty(read_texts(args.corpus), args.corpus)
+    base = base or Tokenizer.load(args.inputs[0])
+    texts = _non_empty(read_texts(corpus), corpus)
     ext = extend_tokenizer(base, texts, args.add, args.min_frequency)
     ext.save(args.output)
     print(f"wrote {args.output / 'tokenizer.json'}: {base.vocab_size} -> {ext.vocab_size} tokens "

@@ -1,4 +1,4 @@
-"""`rsdjax train CONFIG [key=value ...]`: continual pre-training; the same command resumes.
+"""`rsdjax train CONFIG [-o RUN_DIR] [key=value ...]`: continual pre-training; the same command resumes.
 
 `--dry-run` checks a full-size config without data or memory: it resolves the config, shards the
 abstract parameters and optimizer state with the training rules, prints the bytes per device and
@@ -6,15 +6,15 @@ lowers the jitted train step (AOT) for the configured batch.
 """
 from __future__ import annotations
 
-import math
 import sys
 
-from rsdjax.cli.common import add_mesh_args, add_overrides
+from rsdjax.cli.common import add_mesh_args, add_output_override, add_overrides
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="continual pre-training (tokenizer extension, sharded, resumable)")
     p.add_argument("config", help="train config: a YAML file or a name under configs/train (e.g. cpt-demo)")
+    add_output_override(p, "run_dir", "run directory: checkpoints, logs, loss curve, final model")
     p.add_argument("--dry-run", action="store_true", help="check shardings and memory, lower the step; no training")
     add_mesh_args(p)
     from rsdjax.distributed import add_distributed_args
@@ -38,22 +38,17 @@ def train_workload(cfg):
 
 
 def run(args) -> int:
-    from rsdjax.cli.common import planned_mesh_shape
-    from rsdjax.distributed import initialize
-    from rsdjax.parallel.mesh import make_mesh, request_cpu_devices, resolve_mesh_shape
+    from rsdjax.cli.common import distributed_mesh, output_override, planned_mesh_shape
+    from rsdjax.parallel.mesh import resolve_mesh_shape
     from rsdjax.train.config import load_train_config
 
-    cfg = load_train_config(args.config, args.overrides)
+    cfg = load_train_config(args.config, output_override(args))
     mesh_text, hardware = mesh_args(args, cfg)
     if args.hardware and not args.mesh:  # --hardware on the command line: the planner's best training split
         shape = planned_mesh_shape(args, cfg.model, train_workload(cfg))
     else:
         shape = resolve_mesh_shape(mesh_text, hardware)
-    n = initialize(args.coordinator_address, args.num_processes, args.process_id, args.local_devices,
-                   mesh_size=math.prod(shape.values()))
-    if n == 1:
-        request_cpu_devices(math.prod(shape.values()))
-    mesh = make_mesh(shape)  # with several processes, devices per process were fixed by initialize
+    mesh = distributed_mesh(args, shape)
     if args.dry_run:
         from rsdjax.train.dry_run import dry_run
 

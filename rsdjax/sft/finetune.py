@@ -165,10 +165,10 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
                     tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": state.rng}
                     ckpt.save(step, tree, {"data_position": step, "stage": "lora", "model": arch,
                                            "batch_size": cfg.batch_size, "seq_len": d.seq_len})
-                if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps and jax.process_index() == 0:
+                if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
                     if not (out / f"checkpoint-{step}" / CONFIG_FILE).exists():  # an earlier attempt wrote it
                         save_adapter(ts.merge(state.params, frozen), out / f"checkpoint-{step}",
-                                     base_model_name_or_path=cfg.base)
+                                     base_model_name_or_path=cfg.base, write=jax.process_index() == 0)
         finally:
             metrics.close()
         ckpt.wait()
@@ -176,8 +176,7 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
         ckpt.close()
     trained = ts.merge(state.params, frozen)
     eval_after = eval_loss(state, frozen) if evals else None
-    if jax.process_index() == 0:
-        save_adapter(trained, out, base_model_name_or_path=cfg.base)
+    save_adapter(trained, out, base_model_name_or_path=cfg.base, write=jax.process_index() == 0)
     after = answer(trained, tokenizer, questions, d.template, cfg.max_new_tokens, mesh)
     return FinetuneResult(trained, tokenizer, out, history, eval_before, eval_after, before, after,
                           time.perf_counter() - t0)

@@ -109,8 +109,14 @@ def check_batch(batch_size: int, grad_accum: int, mesh, rules="train") -> int:
 
 
 def reshard(tree, shardings):
-    """Put arrays on `shardings` (a no-op for arrays already there)."""
-    return jax.device_put(tree, shardings)
+    """Put arrays on `shardings` (a no-op for arrays already there). A PRNG key array (an nnx.Rngs stream)
+    travels as its key data: with several processes device_put takes only plain arrays to a global sharding."""
+    def put(x, sharding):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(jax.random.key_data(x), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.device_put(x, sharding)
+    return jax.tree.map(put, tree, shardings)
 
 
 class TrainStep:
