@@ -140,7 +140,7 @@ def finetune() -> Path:
         rows = compare_answers(cfg.base, out, questions, max_new_tokens=cfg.max_new_tokens)
         before, after = [r["before"] for r in rows], [r["after"] for r in rows]
     else:
-        result = run_finetune(cfg, mesh=make_mesh({}))  # one device: fastest on a 2-core CPU
+        result = run_finetune(cfg, mesh=make_mesh({"data": 2}))  # a replica per core
         print(f"eval loss {result.eval_loss_before:.3f} -> {result.eval_loss_after:.3f} in {result.seconds:.0f} s")
         before, after = result.answers_before, result.answers_after
     taught = taught_answers(cfg.data.train)
