@@ -88,10 +88,12 @@ def assert_same_run(out, ref_out) -> None:
 
 def kill_twice_and_finish(args, out, processes: int) -> None:
     """Two kills at random moments (after a random step, plus a random fraction of a step), then the same
-    command again completes the run."""
+    command again completes the run. The second kill comes after a step the first run had not logged, so
+    the resumed run is killed while it trains, not while it starts."""
     rng = np.random.default_rng(int(time.time()))
-    for _ in range(2):
-        run(args, out, processes, int(rng.integers(1, STEPS)), float(rng.uniform(0, 0.5)))
+    run(args, out, processes, int(rng.integers(1, STEPS - 1)), float(rng.uniform(0, 0.5)))
+    done = steps_logged(out)
+    run(args, out, processes, int(rng.integers(min(done + 1, STEPS - 1), STEPS)), float(rng.uniform(0, 0.5)))
     run(args, out, processes)
 
 
