@@ -107,7 +107,9 @@ def pretrain() -> None:
     banner(f"2. continual pre-training ({CPT_CONFIG}, mesh {cfg.mesh})")
     before = held_out_before(cfg, mesh)
     result = train(cfg, mesh)
-    print(f"loss {result.first_loss} -> {result.last_loss} at step {result.step}; model in {result.model_dir}")
+    done = (f"loss {result.first_loss:.3f} -> {result.last_loss:.3f}" if result.first_loss is not None
+            else "the run was already complete")
+    print(f"{done} at step {result.step}; model in {result.model_dir}")
     after = held_out_after(cfg)
     print(f"\nheld-out files (never trained on), before = SmolLM2 with its own tokenizer, after = {cfg.steps} steps")
     print(f"{'':<24}{'before':>10}{'after':>10}")
