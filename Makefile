@@ -22,11 +22,15 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
+# Two workers, whole files each (--dist loadfile): most tests wait on one-threaded XLA compiles,
+# so two processes keep both cores busy. Pass PYTEST_WORKERS=0 to run in one process.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" tests
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_infer.py
