@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import tree_digest as digest
+from conftest import ROOT, tree_digest as digest
 from rsdjax.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +126,19 @@ def test_configs_in_repo_validate():
     assert demo.stages == [("embeddings", 0, 20), ("all", 20, 160)]
     big = load_train_config("cpt-tedllm-8b")
     assert big.model.vocab_size == 141056 and big.data.seq_len == 8192 and big.model.num_layers == 32
+
+
+def test_exponent_numbers_are_numbers_in_yaml_and_overrides(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-4` without a dot as a string; a float key takes it as the number."""
+    from rsdjax.config import ConfigError
+    from rsdjax.train.config import load_train_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text((ROOT / "configs" / "train" / "cpt-demo.yaml").read_text().replace("lr: 3.0e-3", "lr: 3e-3"))
+    assert load_train_config(str(cfg_file)).optim.lr == 3e-3
+    assert load_train_config("cpt-demo", ["optim.lr=1e-2"]).optim.lr == 0.01
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'fast'"):
+        load_train_config("cpt-demo", ["optim.lr=fast"])
 
 
 def test_tedllm_8b_dry_run(capsys):
