@@ -40,6 +40,17 @@ def test_qa_and_chat_lines(tmp_path, tok):
     assert len(read_jsonl(ROOT / "data/qa/train.jsonl")) >= 100
 
 
+def test_english_demo_set_is_the_english_pairs_of_the_training_set():
+    import re
+
+    def japanese(r):
+        return re.search(r"[\u3040-\u30ff\u4e00-\u9fff]", r["question"] + r["answer"])
+
+    lines = lambda name: [json.loads(x) for x in (ROOT / "data/qa" / name).read_text(encoding="utf-8").splitlines()]
+    english = [r for r in lines("train.jsonl") if "question" in r and not japanese(r)]
+    assert lines("train-en.jsonl") == english and len(english) == 79
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"question": "q", "answer": "a"', "invalid JSON"),
     ('["q", "a"]', "expected a JSON object"),
