@@ -186,7 +186,7 @@ def capacity_at_equal_budget(model: Path, gb: float, page_size: int = 16, seq_to
 def ratios(ours: dict, theirs: dict) -> dict:
     out = {}
     for name, s in ours.items():
-        if name not in theirs:
+        if not isinstance(s, dict) or name not in theirs:  # (ready_s is a number, not a workload)
             continue
         a, b = (s["streams"], theirs[name]["streams"]) if name == "long_mix" else (s, theirs[name])
         out[name] = {"output_throughput": a["output_throughput"] / b["output_throughput"],
