@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -100,6 +101,10 @@ class ModelConfig:
 # ---------------------------------------------------------------- generic machinery
 
 
+# a decimal number as YAML 1.2 writes it; not "nan" or "inf", which float() would also take
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Turn a YAML/CLI value into the dataclass field type, or raise naming the key."""
     origin = typing.get_origin(tp)
@@ -144,11 +149,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        if isinstance(value, str) and _DECIMAL.fullmatch(value):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
