@@ -11,7 +11,9 @@ kernel); `_unpermute` undoes that, as transformers does when it reads a GGUF.
 """
 from __future__ import annotations
 
+import functools
 import threading
+import types
 from collections import OrderedDict
 from pathlib import Path
 
@@ -40,22 +42,15 @@ class GGUFFile:
     """One opened GGUF: its metadata fields as Python values and its tensors by HF name."""
 
     def __init__(self, path: str | Path):
-        import gguf
-
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such GGUF file")
+        stat = self.path.stat()
         try:
-            self.reader = gguf.GGUFReader(self.path)
+            self.reader, self.meta = _parse(self.path.resolve(), stat.st_size, stat.st_mtime_ns)
         except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad bytes
             raise CheckpointError(f"{self.path}: not a readable GGUF file "
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
-        self.meta = {}
-        for key, field in self.reader.fields.items():
-            try:
-                self.meta[key] = field.contents()
-            except Exception:  # noqa: BLE001  a field we cannot decode is one we do not use
-                continue
         self.arch = self.meta.get("general.architecture")
         if self.arch != "llama":
             raise CheckpointError(f"{self.path}: GGUF architecture is '{self.arch}', rsdjax loads only 'llama'")
@@ -130,6 +125,23 @@ class GGUFTensorRef:
 
     def load(self) -> np.ndarray:
         return self.owner.load(self)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(path: Path, size: int, mtime_ns: int):
+    """(reader, metadata) of one GGUF version. gguf's reader spends seconds on the tokenizer arrays (one
+    numpy view per token), and loading a model reads the file for its config, weights and tokenizer:
+    one parse serves them all. Keyed by size and mtime, so a rewritten file is read again."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    meta = {}
+    for key, field in reader.fields.items():
+        try:
+            meta[key] = field.contents()
+        except Exception:  # noqa: BLE001  a field we cannot decode is one we do not use
+            continue
+    return reader, types.MappingProxyType(meta)  # shared by every GGUFFile of this version: read-only
 
 
 def hf_name(gguf_name: str) -> str | None:
