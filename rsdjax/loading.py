@@ -58,6 +58,9 @@ def load_model(path: str | Path, mesh=None, rules: str | Sequence[Rule] = "infer
     graphdef, abs_state = nnx.split(model)
     shardings = state_shardings(abs_state, mesh, rules)
     if source is None and native.is_native(path):
+        if native.quantization_of(path) is not None:
+            raise CheckpointError(f"{path}: an int8 checkpoint (rsdjax convert --quantize) holds no float weights: "
+                                  "generate, serve, warmup and eval read it; for anything else use the float one")
         target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                               nnx.to_pure_dict(abs_state), nnx.to_pure_dict(shardings))
         restored = native.restore_params(path, target)

@@ -3,6 +3,7 @@
 The reference for "close" is the float32 forward of the same weights; for quality, the real
 SmolLM2-135M's perplexity on held-out text of the bundled corpus (measured +3.75% of float32).
 """
+import json
 import math
 import re
 
@@ -153,3 +154,74 @@ def test_lora_applies_on_top_of_int8(tiny_hf_dir, tmp_path):
     error, effect = np.abs(got - expected).mean(), np.abs(expected - plain).mean()
     print(f"int8 + LoRA vs peft: mean abs diff {error:.4g}; the adapter's own effect {effect:.4g}")
     assert error < 0.1 * effect
+
+
+@pytest.fixture(scope="module")
+def int8_checkpoint(tiny_hf_dir, tmp_path_factory):
+    from rsdjax.cli import main
+
+    out = tmp_path_factory.mktemp("int8") / "ckpt"
+    assert main(["convert", "hf-to-rsdjax", "--model", str(tiny_hf_dir), "-o", str(out), "--quantize", "int8"]) == 0
+    return out
+
+
+def test_stored_int8_checkpoint_loads_as_quantizing_at_load(int8_checkpoint, tiny_hf_dir):
+    """`convert --quantize int8` then a plain load: the very arrays (and so the logits) of `--quantize int8`."""
+    from rsdjax.infer.engine import load_engine
+
+    stored, _ = load_engine(int8_checkpoint, kind="slots", max_slots=1, max_context=64)
+    at_load, _ = load_engine(tiny_hf_dir, kind="slots", quantize="int8", max_slots=1, max_context=64)
+    assert isinstance(stored.weights.layers[0]["w_down"], QArray) and isinstance(stored.weights.lm_head, QArray)
+    assert stored.weights.layers[0]["w_down"].qvalue.dtype == jnp.int8
+    assert jax.tree.structure(stored.weights) == jax.tree.structure(at_load.weights)
+    for a, b in zip(jax.tree.leaves(stored.weights), jax.tree.leaves(at_load.weights)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(all_logits(stored.cfg, stored.weights, TOKENS)),
+                                  np.asarray(all_logits(at_load.cfg, at_load.weights, TOKENS)))
+    int8_bytes = sum(a.nbytes for a in jax.tree.leaves(stored.weights.layers))
+    float_bytes = sum(a.nbytes for a in jax.tree.leaves(forward.serving_weights(load_model(tiny_hf_dir),
+                                                                                   make_mesh({})).layers))
+    assert int8_bytes < 0.3 * float_bytes  # int8 kernels (+ small scales and float norms) on disk and in memory
+    from rsdjax.cli import main
+
+    assert main(["generate", "--model", str(int8_checkpoint), "--prompt-ids", "1,2,3", "--max-tokens", "4"]) == 0
+
+
+def test_eval_reads_the_int8_checkpoint_as_eval_quantize_does(int8_checkpoint, tiny_hf_dir, tiny_tokenizer_dir,
+                                                              capsys):
+    from rsdjax.cli import main
+
+    text = str(ROOT / "data" / "corpus" / "en")
+    common = ["--tokenizer", str(tiny_tokenizer_dir), f"en={text}", "--seq-len", "64", "--json"]
+    runs = {}
+    for name, extra in (("stored", ["--model", str(int8_checkpoint)]),
+                        ("at_load", ["--model", str(tiny_hf_dir), "--quantize", "int8"]),
+                        ("f32", ["--model", str(tiny_hf_dir)])):
+        assert main(["eval", *extra, *common]) == 0
+        runs[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    loss = {k: r["sources"]["en"]["loss"] for k, r in runs.items()}
+    assert runs["stored"]["quantize"] == runs["at_load"]["quantize"] == "int8" and runs["f32"]["quantize"] is None
+    assert loss["stored"] == loss["at_load"]
+    assert loss["stored"] != loss["f32"] and abs(loss["stored"] - loss["f32"]) < 0.01 * loss["f32"]
+
+
+def test_bad_quantize_input_is_one_line(int8_checkpoint, tiny_hf_dir, tmp_path, capsys):
+    from rsdjax.checkpoint.errors import CheckpointError
+    from rsdjax.cli import main
+
+    cases = [
+        (["convert", "hf-to-rsdjax", "--model", str(int8_checkpoint), "-o", str(tmp_path / "a"), "--quantize", "int8"],
+         "already quantized"),
+        (["convert", "hf-to-rsdjax", "--model", str(tiny_hf_dir), "-o", str(tmp_path / "b"), "--quantize", "int4"],
+         "'int4' is not supported"),
+        (["convert", "rsdjax-to-hf", "--model", str(int8_checkpoint), "-o", str(tmp_path / "c")], "already quantized"),
+        (["generate", "--model", str(int8_checkpoint), "--quantize", "int8", "--prompt-ids", "1,2,3"], "drop --quantize"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, (argv, err)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(CheckpointError, match="holds no float weights"):
+        load_model(int8_checkpoint)

@@ -17,6 +17,7 @@ from rsdjax.checkpoint.errors import CheckpointError
 
 MODEL_FILE = "rsdjax_model.json"
 FORMAT_VERSION = 1
+QUANTIZATION = "quantization"  # the JSON entry of an int8 checkpoint (rsdjax/infer/quantized.py)
 
 
 def is_native(directory: Path) -> bool:
@@ -30,6 +31,17 @@ def read_config(directory: Path) -> ModelConfig:
         return from_dict(ModelConfig, data["model"]).validate()
     except (json.JSONDecodeError, KeyError, ConfigError) as e:
         raise CheckpointError(f"{path}: not a valid rsdjax model file ({e})") from None
+
+
+def quantization_of(directory: Path) -> dict | None:
+    """`{"mode": ..., "groups": ...}` of a quantized checkpoint; None for a float one (or not native)."""
+    path = Path(directory) / MODEL_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text()).get(QUANTIZATION)
+    except json.JSONDecodeError:
+        return None  # read_config names the broken file
 
 
 def save_params(directory: Path, cfg: ModelConfig, params_pure: dict, extra: dict | None = None) -> Path:

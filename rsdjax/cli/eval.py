@@ -1,4 +1,4 @@
-"""`rsdjax eval --model PATH [--lora DIR] DATA... [model.KEY=VALUE ...] [--json]`: perplexity, bits per byte,
+"""`rsdjax eval --model PATH [--lora DIR] [--quantize int8] DATA... [model.KEY=VALUE ...] [--json]`: perplexity, bits per byte,
 Q&A accuracy.
 
 DATA and overrides share the positional arguments: an argument `model.KEY=VALUE` is a model config override
@@ -30,6 +30,9 @@ def register(sub) -> None:
                    help="greedy answer length for Q&A files")
     p.add_argument("--no-generate", action="store_true", help="Q&A files: answer loss only, no greedy answers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--quantize", default=None, metavar="MODE",
+                   help="evaluate with every projection and the LM head int8 (MODE: int8), as generate/serve run it; "
+                        "an int8 checkpoint (convert --quantize int8) is read as int8 without it")
     add_mesh_args(p)
     list_keys_in_help(p, MODEL)
     p.set_defaults(func=run)
@@ -61,6 +64,10 @@ def parse_sources(items: list[str]):
 def run(args) -> int:
     from rsdjax.cli.common import check_overrides, mesh_from_args, split_overrides
     from rsdjax.eval.run import evaluate_model
+    from rsdjax.infer.engine import stored_quantization
+    from rsdjax.infer.forward import serving_weights
+    from rsdjax.infer.quantized import load_quantized
+    from rsdjax.model.quant import check_mode, quantize_serving
     from rsdjax.loading import load_model
     from rsdjax.train.step import check_batch
     from rsdjax.tokenizer import Tokenizer
@@ -76,7 +83,13 @@ def run(args) -> int:
     shards = _batch_shards(mesh)
     batch_size = -(-max(args.batch_size, 1) // shards) * shards
     check_batch(batch_size, 1, mesh)
-    model = load_model(args.model, mesh=mesh, rules="train", overrides=args.model_overrides)
+    quantize = check_mode(args.quantize)
+    weights = None  # int8 serving weights, when evaluating int8
+    stored = stored_quantization(args.model, quantize, args.lora, args.model_overrides)  # an int8 checkpoint
+    if stored is not None:
+        model, weights = load_quantized(args.model, mesh)
+    else:
+        model = load_model(args.model, mesh=mesh, rules="train", overrides=args.model_overrides)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
                          f"vocab_size={model.cfg.vocab_size}")
@@ -87,6 +100,8 @@ def run(args) -> int:
         from rsdjax.checkpoint.peft import apply_adapter
 
         model = apply_adapter(model, args.lora)
+    if quantize is not None:  # LoRA, if any, stays float on top
+        weights = quantize_serving(serving_weights(model, mesh), quantize)
     engine = None
     if not args.no_generate and _has_qa(sources):
         from rsdjax.infer.engine import SlotEngine, eos_ids_for
@@ -94,10 +109,13 @@ def run(args) -> int:
         context = min(model.cfg.max_position_embeddings, seq_len + args.max_new_tokens)
         engine = SlotEngine(model, max_slots=batch_size, max_context=context, mesh=mesh,
                             eos_token_ids=eos_ids_for(args.model, model.cfg, tokenizer))
+        if weights is not None:
+            engine.weights = weights
     results = evaluate_model(model, tokenizer, sources, mesh, seq_len=seq_len, batch_size=batch_size, engine=engine,
-                             template=args.template, max_new_tokens=args.max_new_tokens)
+                             template=args.template, max_new_tokens=args.max_new_tokens, weights=weights)
     if args.json:
         print(json.dumps({"model": str(args.model), "lora": str(args.lora) if args.lora else None, "seq_len": seq_len,
+                          "quantize": quantize or stored,
                           "sources": {k: v.to_json() for k, v in results.items()}}, ensure_ascii=False))
         return 0
     print(f"{'source':<24}{'tokens':>10}{'loss':>9}{'ppl':>10}{'bits/byte':>11}{'chars/tok':>11}{'EM':>7}{'contains':>10}")

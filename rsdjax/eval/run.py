@@ -51,12 +51,15 @@ def source_rows(source: Source, tokenizer, seq_len: int, prefix: int, template: 
 
 
 def evaluate_model(model, tokenizer, sources: list[Source], mesh, *, seq_len: int, batch_size: int,
-                   engine=None, template: str = "llama3", max_new_tokens: int = 64) -> dict[str, Evaluated]:
-    from rsdjax.eval.step import EvalStep
+                   engine=None, template: str = "llama3", max_new_tokens: int = 64,
+                   weights=None) -> dict[str, Evaluated]:
+    """`weights`: int8 serving weights (rsdjax/model/quant.py) to evaluate instead of the model's own."""
+    from rsdjax.eval.step import EvalStep, ServingEvalStep
 
     prefix = document_prefix(tokenizer, model.cfg)
     prepared = [(s, *source_rows(s, tokenizer, seq_len, prefix, template)) for s in sources]  # check all first
-    step = EvalStep(model, mesh, batch_size=batch_size)
+    step = (EvalStep(model, mesh, batch_size=batch_size) if weights is None
+            else ServingEvalStep(model.cfg, weights, mesh, batch_size=batch_size))
     state = step.state_of(model)
     out = {}
     for source, rows, stats, conversations in prepared:

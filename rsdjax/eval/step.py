@@ -63,3 +63,38 @@ class EvalStep:
         with jax.set_mesh(self.mesh):
             out = self._jitted(state, placed)
         return tuple(np.asarray(x, np.float64) for x in out)
+
+
+def serving_logits(cfg, w, tokens, positions, segment_ids=None):
+    """The model's forward at every position over `rsdjax.infer.forward.ServingWeights` (the int8
+    ones of `--quantize int8` or an int8 checkpoint): the same layers as `Llama.__call__`, unrolled."""
+    from rsdjax.infer.forward import layer_view
+    from rsdjax.model.llama import attend_with, causal_mask, decoder_layer, embed_tokens, lm_logits, rope_tables
+
+    b, t = tokens.shape
+    rope, mask = rope_tables(cfg, positions), causal_mask(b, t, segment_ids)
+    x = embed_tokens(cfg, w.embed, tokens)
+    for p in w.layers:
+        x = decoder_layer(cfg, x, layer_view(p), rope, attend_with(mask))
+    return lm_logits(cfg, x, w.final_norm, w.embed if w.lm_head is None else w.lm_head)
+
+
+class ServingEvalStep(EvalStep):
+    """`EvalStep` over serving weights (`serving_logits`); its state is the weights themselves."""
+
+    def __init__(self, cfg, weights, mesh, rules="train", batch_size: int | None = None):
+        self.mesh, self.rules, self.cfg = mesh, as_rules(rules), cfg
+        if batch_size is not None:
+            check_batch(batch_size, 1, mesh, self.rules)
+        self.weights = weights
+        self.batch_sharding = batch_sharding(mesh, self.rules)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self._jitted = jax.jit(self._rows, out_shardings=(replicated,) * 3)
+
+    def state_of(self, model=None):
+        return self.weights
+
+    def _rows(self, weights, batch: dict):
+        with activation_sharding(self.mesh, self.rules):
+            return row_nll(lambda tokens, positions, segment_ids: serving_logits(
+                self.cfg, weights, tokens, positions, segment_ids), batch)

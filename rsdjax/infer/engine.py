@@ -260,7 +260,14 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
     from rsdjax.tokenizer import Tokenizer
 
     path = Path(model_path)
-    model = load_model(path, mesh=mesh, overrides=overrides)
+    stored = stored_quantization(path, quantize, lora, overrides)
+    if stored is not None:  # an int8 checkpoint: the engine is built on the shape-only model, then given its weights
+        from rsdjax.infer.quantized import load_quantized
+
+        mesh = mesh if mesh is not None else make_mesh({})
+        model, quantized = load_quantized(path, mesh)
+    else:
+        model = load_model(path, mesh=mesh, overrides=overrides)
     if lora is not None:
         from rsdjax.checkpoint.peft import apply_adapter
 
@@ -276,11 +283,31 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
         engine = PagedEngine(model, **common, **paged_options)
     else:
         engine = SlotEngine(model, **common)
-    if quantize is not None:  # the float per-layer weights are freed once replaced
+    if stored is not None:
+        engine.weights = quantized
+    elif quantize is not None:  # the float per-layer weights are freed once replaced
         engine.weights = quantize_serving(engine.weights, quantize)
     for name, directory in adapters.items():
         engine.adapters.load(name, directory)
     return engine, tokenizer
+
+
+def stored_quantization(path: Path, quantize: str | None, lora=None, overrides: Sequence[str] = ()) -> str | None:
+    """The mode of an int8 checkpoint at `path` (None for a float one); refuses what cannot apply to it."""
+    from rsdjax.checkpoint import native
+
+    stored = native.quantization_of(path) if path.is_dir() else None
+    if stored is None:
+        return None
+    what = f"{path}: already quantized ({stored.get('mode')}, rsdjax convert --quantize)"
+    if quantize is not None:
+        raise ConfigError(f"{what}; drop --quantize {quantize}")
+    if lora is not None:
+        raise ConfigError(f"{what}: --lora needs the float checkpoint (with --quantize int8 the adapter "
+                          "applies on top of the int8 weights)")
+    if overrides:
+        raise ConfigError(f"{what}: model overrides ({', '.join(overrides)}) cannot change its stored weights")
+    return stored.get("mode")
 
 
 __all__ = ["SlotEngine", "load_engine"]

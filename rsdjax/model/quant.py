@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import qwix
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rsdjax.parallel.sharding import jit_or_shapes
+
 QArray = qwix.QArray
 MODES = ("int8",)
 # Serving-layout kernels and the axes their matmul contracts (see rsdjax/infer/forward.STORED_ORDER):
@@ -43,6 +45,11 @@ DEFAULT_GROUPS = {"w_down": 128}
 
 class QuantizeError(ValueError):
     pass
+
+
+def make_qarray(qvalue, scale) -> QArray:
+    """A symmetric int8 QArray from its two arrays (as an int8 checkpoint stores them)."""
+    return QArray(qvalue=qvalue, scale=scale, zero_point=None, qtype=jnp.int8)
 
 
 def check_mode(mode: str | None) -> str | None:
@@ -127,13 +134,13 @@ def quantize_serving(weights, mode: str = "int8", groups: dict[str, int] | None 
     def one(w, contracted, name):
         group = groups.get(name)
         group = group if group and w.shape[contracted[-1]] % group == 0 else None
-        quantize = jax.jit(lambda a: quantize_kernel(a, contracted, group))
+        quantize = lambda a: quantize_kernel(a, contracted, group)  # noqa: E731
         sharding = getattr(w, "sharding", None)
         if not isinstance(sharding, NamedSharding):
-            return quantize(w)
+            return jax.jit(quantize)(w)
         shapes = jax.eval_shape(quantize, w)
         out = dataclasses.replace(shapes, qvalue=sharding, scale=_scale_sharding(sharding, contracted, w.ndim))
-        return jax.jit(lambda a: quantize_kernel(a, contracted, group), out_shardings=out)(w)
+        return jit_or_shapes(quantize, out, w)  # shape-only weights (an int8 checkpoint's target) too
 
     layers = []
     for p in weights.layers:
