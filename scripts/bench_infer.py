@@ -4,6 +4,7 @@
     python scripts/bench_infer.py            # ~125M Llama, f32, prompt 128, 64 new tokens, batch 1 and 16
     python scripts/bench_infer.py --quick    # a tiny model: a smoke run (what the test suite runs)
     python scripts/bench_infer.py --model PATH   # a real model: HF Llama directory or GGUF file
+    python scripts/bench_infer.py --int8         # also rsdjax with --quantize int8, in the same run
 
 With --model a GGUF file is first converted by rsdjax (`convert gguf-to-hf`: dequantized, float32)
 so both sides run the same weights; prompts are random ids of the model's vocabulary.
@@ -54,6 +55,8 @@ def parse_args(argv=None):
                    "(default: one device)")
     p.add_argument("--model", type=Path, default=None,
                    help="a real model (HF Llama directory or .gguf file) instead of the random 125M Llama")
+    p.add_argument("--int8", action="store_true", help="also run rsdjax with int8 weights (--quantize int8), "
+                   "alternating with the float32 rsdjax and HF runs; its ratio is against HF float32")
     p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "infer.json")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in (args.batches or ("1,2" if args.quick else "1,16")).split(",")]
@@ -131,12 +134,13 @@ def make_model(path: Path, config: dict) -> None:
     LlamaForCausalLM(LlamaConfig(**config, bos_token_id=1, eos_token_id=2)).eval().save_pretrained(path)
 
 
-def rsdjax_runner(path: Path, prompts, new_tokens: int, context: int, mesh=None):
+def rsdjax_runner(path: Path, prompts, new_tokens: int, context: int, mesh=None, quantize=None):
     """A function that runs the whole batch once -> (total s, TTFT s, output ids per prompt)."""
     from rsdjax.infer.engine import load_engine
     from rsdjax.infer.interface import Request, SamplingParams
 
-    engine, _ = load_engine(path, mesh=mesh, max_slots=len(prompts), max_context=context, kind="slots")
+    engine, _ = load_engine(path, mesh=mesh, max_slots=len(prompts), max_context=context, kind="slots",
+                            quantize=quantize)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
     def once():
@@ -240,16 +244,19 @@ def main(argv=None) -> int:
         for batch in args.batches:
             prompts = rng.integers(3, config["vocab_size"], (batch, args.prompt_len)).tolist()
             ours_once = rsdjax_runner(path, prompts, args.new_tokens, context, mesh)
+            int8_once = rsdjax_runner(path, prompts, args.new_tokens, context, mesh, "int8") if args.int8 else None
             peer_once = hf_runner(path, prompts, args.new_tokens)
             # torch's default (one thread per core) spins badly when another process holds a core,
             # so the peer also runs on one thread and its better setting is the one compared
             thread_counts = sorted({os.cpu_count() or 1, 1}, reverse=True)
-            ours_runs, peer_runs = [], {n: [] for n in thread_counts}
+            ours_runs, int8_runs, peer_runs = [], [], {n: [] for n in thread_counts}
             for _ in range(args.repeats):  # alternate, so both sides see the same machine load
                 ours_runs.append(ours_once())
+                if int8_once is not None:
+                    int8_runs.append(int8_once())
                 for n in thread_counts:
                     peer_runs[n].append(peer_once(n))
-            del ours_once, peer_once
+            del ours_once, int8_once, peer_once
             ours = best_of(ours_runs, batch, args.new_tokens)
             by_threads = {n: best_of(r, batch, args.new_tokens) for n, r in peer_runs.items()}
             best_threads = max(by_threads, key=lambda n: by_threads[n]["tokens_per_s"])
@@ -263,6 +270,14 @@ def main(argv=None) -> int:
                    "greedy_sequences_identical": f"{sum(same)}/{len(same)}"}
             target = TARGETS.get(batch, {}) if not (args.quick or args.model) else {}
             run["targets"] = {k: {"target": v, "met": run[k] >= v} for k, v in target.items()}
+            if int8_runs:
+                int8 = best_of(int8_runs, batch, args.new_tokens)
+                int8.pop("tokens")
+                run["rsdjax_int8"] = {**int8, "speedup_vs_hf_f32": int8["tokens_per_s"] / peer["tokens_per_s"],
+                                      "speedup_vs_rsdjax_f32": int8["tokens_per_s"] / ours["tokens_per_s"]}
+                print(f"batch {batch:>3}: rsdjax int8 {int8['tokens_per_s']:8.1f} tok/s  TTFT {int8['ttft_s'] * 1e3:7.1f} "
+                      f"ms  TPOT {int8['tpot_s'] * 1e3:6.1f} ms | x{run['rsdjax_int8']['speedup_vs_hf_f32']:.2f} vs HF "
+                      f"f32, x{run['rsdjax_int8']['speedup_vs_rsdjax_f32']:.2f} vs rsdjax f32")
             runs.append(run)
             print(f"batch {batch:>3}: rsdjax {ours['tokens_per_s']:8.1f} tok/s  TTFT {ours['ttft_s'] * 1e3:7.1f} ms  "
                   f"TPOT {ours['tpot_s'] * 1e3:6.1f} ms | HF ({best_threads} thr) {peer['tokens_per_s']:8.1f} tok/s  "
