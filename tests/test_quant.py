@@ -58,6 +58,8 @@ def test_int8_logits_are_close_to_float32(tiny_weights):
     print(f"int8 vs f32 logits: max abs diff {diff.max():.4g}, mean {diff.mean():.4g} (logit std {spread:.4g})")
     assert diff.mean() < 0.02 * spread and diff.max() < 0.2 * spread
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+    # one row (decode at batch 1) takes the fused matrix-vector path: the same numbers
+    np.testing.assert_allclose(np.asarray(all_logits(cfg, int8, TOKENS[:1, :1])), got[:1, :1], atol=1e-5, rtol=1e-5)
 
 
 def test_int8_weights_stay_int8_in_the_compiled_decode_step(tiny_weights, tiny_hf_dir):
@@ -98,6 +100,9 @@ def test_int8_on_tensor_2_data_2_equals_one_device(tiny_hf_dir, tiny_weights):
     got = np.asarray(all_logits(cfg, sharded, TOKENS))
     ref = np.asarray(all_logits(cfg, one, TOKENS))
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    one_row = TOKENS[:1, :1]  # the fused matrix-vector path of decoding at batch 1
+    np.testing.assert_allclose(np.asarray(all_logits(cfg, sharded, one_row)),
+                               np.asarray(all_logits(cfg, one, one_row)), atol=1e-4, rtol=1e-4)
 
 
 def held_out_tokens(tokenizer, n: int = 384) -> np.ndarray:
