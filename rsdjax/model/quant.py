@@ -4,7 +4,7 @@ A kernel is stored as int8 with float32 scales (absmax / 127, symmetric) per out
 group of input channels as well (`DEFAULT_GROUPS`). `qmatmul` is the matmul every projection goes
 through when its kernel is a QArray: the activations are quantized on the fly (absmax per row, and
 per group where the kernel has groups) and the product is an int8 x int8 -> int32 dot, scaled by
-both scales afterwards (Qwix's `einsum` on two QArrays: its "fast" path).
+both scales afterwards (the math of Qwix's `einsum` on two QArrays, written out in fewer ops).
 
 Why not weight-only dequantize-then-matmul (Qwix's choice for float activations): it relies on the
 compiler fusing the int8 -> float convert into the matmul, which XLA:CPU does not do: its dots are
@@ -20,6 +20,7 @@ int32 first); two rows take the fast one, so a single row is padded to two.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +37,14 @@ MODES = ("int8",)
 # [out, in] (MLP); the LM head is [vocab, embed].
 CONTRACTED = {"wq": (0,), "wk": (0,), "wv": (0,), "wo": (0, 1), "w_gate": (1,), "w_up": (1,), "w_down": (1,)}
 HEAD_CONTRACTED = (1,)
-# w_down's input (silu(gate) * up) has outlier channels. SmolLM2-135M's held-out perplexity vs float32
-# (tests/test_quant.py): one scale per row everywhere +5.4%; w_down per 128 channels (kernel and
-# activations alike) +3.75%; per 64, within 0.1%, but Qwix runs tiles under 128 by dequantizing the
-# weight to float first (a weight-sized float copy: the slow path this module avoids).
-DEFAULT_GROUPS = {"w_down": 128}
+# Scales per group of 64 contracted channels, kernel and activations alike, on every kernel whose
+# contracted dim 64 divides (wo's last contracted dim is its heads: per channel). SmolLM2-135M
+# held-out perplexity vs float32 (tests/test_quant.py, this qmatmul): groups of 64 everywhere +1.11%
+# (the 2% target met); w_down alone per 64 +2.67%; per channel everywhere faster (see
+# docs/inference.md) but further off. The grouped dot is a batched int8 dot, which XLA:CPU runs far
+# slower than a plain one: accuracy was chosen over speed here; `quantize_serving(groups={})` is the
+# per-channel variant, and an int8 checkpoint records its groups.
+DEFAULT_GROUPS = {name: 64 for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")}
 
 
 class QuantizeError(ValueError):
@@ -80,26 +84,52 @@ def transpose(w, order):
 
 
 def qmatmul(equation: str, x, w: QArray):
-    """einsum(equation, x, w) with w int8: x quantized per row, an int8 dot, float32 out (x's dtype)."""
-    inputs, _ = equation.replace(" ", "").split("->")
+    """einsum(equation, x, w) with w int8: x quantized per row (and per group where w has groups),
+    one int8 x int8 -> int32 dot, then both scales: float32 out (x's dtype).
+
+    Written here rather than with `qwix.einsum`: the same math in fewer ops (one absmax, one
+    round/convert, the dot, one fused rescale), and groups under 128 stay int8 (Qwix dequantizes
+    those tiles to float first).
+    """
+    inputs, out = equation.replace(" ", "").split("->")
     xs, ws = inputs.split(",")
     rows = tuple(i for i, c in enumerate(xs) if c not in ws)
-    n_rows = 1
-    for i in rows:
-        n_rows *= x.shape[i]
-    pad = n_rows == 1 and rows
+    contracted = "".join(c for c in xs if c in ws and c not in out)
+    pad = math.prod(x.shape[i] for i in rows) == 1 and rows
     if pad:  # see the module docstring: two rows take XLA:CPU's fast int8 path
         x = jnp.concatenate([x, x], axis=rows[0])
-    # a kernel with per-group scales on a contracted axis gets activations grouped the same way
-    tiles = {}
-    for axis_w, c in enumerate(ws):
-        if c in xs and w.scale.shape[axis_w] > 1:
-            tiles[xs.index(c)] = w.shape[axis_w] // w.scale.shape[axis_w]
-    xq = qwix.quantize(x, jnp.int8, channelwise_axes=rows, tiled_axes=tiles or None)
-    y = qwix.einsum(equation, xq, w, preferred_element_type=jnp.float32)
+    grouped = [c for c in contracted if w.scale.shape[ws.index(c)] > 1]  # at most one: the last contracted
+    wq, wscale = w.qvalue, w.scale
+    out_q = out
+    if grouped:  # split the grouped axis c into (groups g, c): the groups become a batch dim of the dot
+        c, g = grouped[0], next(ch for ch in "GHJKLNOPQRSUVWXYZ" if ch not in equation)
+        n = wscale.shape[ws.index(c)]
+        x = _split_axis(x, xs.index(c), n)
+        wq, wscale = _split_axis(wq, ws.index(c), n), jnp.expand_dims(wscale, ws.index(c) + 1)
+        xs, ws, out_q = xs.replace(c, g + c), ws.replace(c, g + c), g + out
+    absmax = jnp.max(jnp.abs(x), axis=tuple(i for i, ch in enumerate(xs) if ch in contracted), keepdims=True)
+    xscale = jnp.where(absmax > 0, absmax / 127, 1.0).astype(jnp.float32)
+    xq = jnp.round(x / xscale).astype(jnp.int8)
+    acc = jnp.einsum(f"{xs},{ws}->{out_q}", xq, wq, preferred_element_type=jnp.int32)
+    y = acc.astype(jnp.float32) * _along(xs, xscale, out_q, contracted) * _along(ws, wscale, out_q, contracted)
+    if out_q != out:  # the per-group partial sums
+        y = jnp.sum(y, axis=0)
     if pad:
         y = jax.lax.slice_in_dim(y, 0, 1, axis=0)  # the rows' first axis leads the output too
     return y.astype(x.dtype)
+
+
+def _along(letters: str, a, target: str, dropped: str):
+    """`a` (dims `letters`, size 1 on those in `dropped`) broadcastable against dims `target`."""
+    a = jnp.squeeze(a, tuple(i for i, ch in enumerate(letters) if ch in dropped))
+    kept = [ch for ch in letters if ch not in dropped]
+    a = jnp.transpose(a, sorted(range(len(kept)), key=lambda i: target.index(kept[i])))
+    present = sorted(kept, key=target.index)
+    return a.reshape([a.shape[present.index(ch)] if ch in present else 1 for ch in target])
+
+
+def _split_axis(a, axis: int, groups: int):
+    return a.reshape(a.shape[:axis] + (groups, a.shape[axis] // groups) + a.shape[axis + 1:])
 
 
 def _scale_sharding(value_sharding, contracted: tuple[int, ...], ndim: int):
