@@ -1,5 +1,6 @@
 """Shared fixtures. Tests run on 8 virtual CPU devices; tiny models; one compile per shape."""
 import atexit
+import fcntl
 import hashlib
 import os
 import shutil
@@ -81,13 +82,27 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
     """The reference: the same GGUF as `transformers` + `gguf` read it, saved as a float32 HF directory
-    (config, safetensors, tokenizer, chat template). About 20 s, once per test session."""
+    (config, safetensors, tokenizer, chat template). About 20 s, once per test run: pytest-xdist's
+    workers share one copy (the first to ask writes it under a lock, the others wait for it)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is per worker; its parent is this run's
+        shared = shared.parent
+    path, done = shared / "smollm2_hf", shared / "smollm2_hf.done"
+    with open(shared / "smollm2_hf.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # a half-written copy from a worker that died
+            _save_smollm2_as_hf(smollm2_gguf, path)
+            done.touch()
+    return path
+
+
+def _save_smollm2_as_hf(gguf_path: Path, path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("smollm2_hf")
-    kw = dict(gguf_file=smollm2_gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw)
-    loaded = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype="float32", **kw)
+    kw = dict(gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype="float32", **kw)
     config = loaded.config
     # transformers refuses to save a model it loaded from GGUF; a plain copy of its weights saves.
     if hasattr(config, "quantization_config"):
@@ -96,7 +111,6 @@ def smollm2_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
     plain.load_state_dict(loaded.state_dict())
     plain.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
 
 
 def tree_digest(directory: Path) -> str:

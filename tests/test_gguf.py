@@ -113,3 +113,24 @@ def test_dequantize_matches_transformers(kind):
         want = hf_dequantize(torch.from_numpy(raw.reshape(-1).copy()), int(qtype)).numpy()
     got = gguf.quants.dequantize(raw.reshape(1, -1), qtype).reshape(-1)
     np.testing.assert_array_equal(got, want)
+
+
+def _same_as_gguf_reader(path):
+    """rsdjax's container reader gives what `gguf.GGUFReader` gives: every metadata value, every tensor's
+    name, type, dims and bytes."""
+    import gguf
+
+    from rsdjax.checkpoint.gguf_format import read_gguf
+
+    meta, tensors = read_gguf(path)
+    ref = gguf.GGUFReader(path)
+    assert meta == {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert [(t.name, t.tensor_type, t.shape) for t in tensors] == \
+        [(t.name, t.tensor_type, tuple(t.shape.tolist())) for t in ref.tensors]
+    for ours, theirs in zip(tensors, ref.tensors):
+        assert ours.data.dtype == theirs.data.dtype and np.array_equal(ours.data, theirs.data), ours.name
+
+
+def test_container_reader_equals_gguf_reader(tiny_gguf, smollm2_gguf):
+    _same_as_gguf_reader(tiny_gguf)  # every tensor type the quantizer leaves in Llama GGUFs
+    _same_as_gguf_reader(smollm2_gguf)  # a real file: tokenizer arrays, merges, chat template

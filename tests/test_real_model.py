@@ -119,19 +119,28 @@ def test_greedy_chat_matches_transformers(smollm2_gguf, hf_answers, tokenizer, m
 
 
 def _served_chat_matches(engine, tok, hf_answers):
-    """The same answers through `rsdjax serve`'s app and the official openai client, streamed and not."""
+    """The same answers through `rsdjax serve`'s app and the official openai client, streamed and not,
+    all ten requests at once (so they share decode steps, as served requests do)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from rsdjax.serve.app import create_app
     from rsdjax.serve.launch import ServerThread
     from serve_support import client
 
-    with ServerThread(create_app(engine, tok, ["smollm2"])) as server:
+    def whole(messages):
+        got = api.chat.completions.create(model="smollm2", messages=messages, max_tokens=NEW_TOKENS, temperature=0)
+        return got.choices[0].message.content, got.usage.completion_tokens
+
+    def streamed(messages):
+        stream = api.chat.completions.create(model="smollm2", messages=messages, max_tokens=NEW_TOKENS,
+                                             temperature=0, stream=True)
+        return "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+
+    with ServerThread(create_app(engine, tok, ["smollm2"])) as server, ThreadPoolExecutor(2 * len(CONVERSATIONS)) as pool:
         api = client(server.url)
-        for messages, (_, want) in zip(CONVERSATIONS, hf_answers):
+        wholes = [pool.submit(whole, m) for m in CONVERSATIONS]
+        streams = [pool.submit(streamed, m) for m in CONVERSATIONS]
+        for (_, want), w, st in zip(hf_answers, wholes, streams):
             text = tok.decode(want)
-            whole = api.chat.completions.create(model="smollm2", messages=messages, max_tokens=NEW_TOKENS,
-                                                temperature=0)
-            assert whole.choices[0].message.content == text
-            assert whole.usage.completion_tokens == len(want)  # the EOS counts, as in vLLM
-            stream = api.chat.completions.create(model="smollm2", messages=messages, max_tokens=NEW_TOKENS,
-                                                 temperature=0, stream=True)
-            assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == text
+            assert w.result() == (text, len(want))  # the EOS counts as a completion token, as in vLLM
+            assert st.result() == text

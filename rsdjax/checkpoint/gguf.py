@@ -1,4 +1,4 @@
-"""llama.cpp GGUF files in: metadata -> ModelConfig, tensors -> HF-layout arrays, read with `gguf`.
+"""llama.cpp GGUF files in: metadata -> ModelConfig, tensors -> HF-layout arrays (container: gguf_format.py).
 
 Each GGUF tensor becomes a `GGUFTensorRef` that looks like a safetensors `TensorRef` under its HF
 name (`model.layers.3.self_attn.q_proj.weight` ...), so `hf.load_hf_state` cuts device shards from it
@@ -11,13 +11,17 @@ kernel); `_unpermute` undoes that, as transformers does when it reads a GGUF.
 """
 from __future__ import annotations
 
+import functools
+import struct
 import threading
+import types
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from rsdjax.checkpoint.errors import CheckpointError
+from rsdjax.checkpoint.gguf_format import read_gguf
 from rsdjax.config import ModelConfig
 
 # The types Llama GGUFs use; everything else is refused by name (IQ*, TQ*, MXFP4 ...).
@@ -40,22 +44,15 @@ class GGUFFile:
     """One opened GGUF: its metadata fields as Python values and its tensors by HF name."""
 
     def __init__(self, path: str | Path):
-        import gguf
-
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such GGUF file")
+        stat = self.path.stat()
         try:
-            self.reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad bytes
+            self.tensors, self.meta = _parse(self.path.resolve(), stat.st_size, stat.st_mtime_ns)
+        except (ValueError, IndexError, struct.error, UnicodeDecodeError) as e:  # bad bytes
             raise CheckpointError(f"{self.path}: not a readable GGUF file "
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
-        self.meta = {}
-        for key, field in self.reader.fields.items():
-            try:
-                self.meta[key] = field.contents()
-            except Exception:  # noqa: BLE001  a field we cannot decode is one we do not use
-                continue
         self.arch = self.meta.get("general.architecture")
         if self.arch != "llama":
             raise CheckpointError(f"{self.path}: GGUF architecture is '{self.arch}', rsdjax loads only 'llama'")
@@ -77,7 +74,7 @@ class GGUFFile:
         kv = self.get(a + "attention.head_count_kv", heads)
         hidden = int(self.need(a + "embedding_length"))
         head_dim = self.get(a + "attention.key_length") or self.get(a + "rope.dimension_count")
-        tensors = {t.name for t in self.reader.tensors}
+        tensors = {t.name for t in self.tensors}
         vocab = self.get(a + "vocab_size") or len(self.need("tokenizer.ggml.tokens"))
         if self.get(a + "rope.scaling.type") not in (None, "none"):
             raise CheckpointError(f"{self.path}: rope scaling '{self.get(a + 'rope.scaling.type')}' is not supported")
@@ -101,7 +98,7 @@ class GGUFFile:
         import gguf
 
         refs = {}
-        for t in self.reader.tensors:
+        for t in self.tensors:
             name = hf_name(t.name)
             if name is None:
                 continue  # e.g. rope_freqs.weight: llama.cpp's precomputed Llama-3.1 factors
@@ -109,7 +106,7 @@ class GGUFFile:
             if kind not in SUPPORTED_TYPES:
                 raise CheckpointError(f"{self.path}: tensor '{t.name}' has quantization type {kind}, which rsdjax "
                                       f"does not dequantize (supported: {', '.join(SUPPORTED_TYPES)})")
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml lists dims innermost first
+            shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists dims innermost first
             heads = cfg.num_heads if name.endswith("q_proj.weight") else \
                 cfg.num_kv_heads if name.endswith("k_proj.weight") else None
             refs[name] = GGUFTensorRef(self, t, name, shape, heads)
@@ -130,6 +127,14 @@ class GGUFTensorRef:
 
     def load(self) -> np.ndarray:
         return self.owner.load(self)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(path: Path, size: int, mtime_ns: int):
+    """(tensors, metadata) of one GGUF version: loading a model reads the file for its config, weights
+    and tokenizer, and one parse serves them all. Keyed by size and mtime: a rewritten file is read again."""
+    meta, tensors = read_gguf(path)
+    return tensors, types.MappingProxyType(meta)  # shared by every GGUFFile of this version: read-only
 
 
 def hf_name(gguf_name: str) -> str | None:

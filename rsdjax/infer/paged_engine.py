@@ -44,10 +44,14 @@ from rsdjax.parallel.mesh import make_mesh, mesh_shape_of
 DEFAULT_KV_CACHE_GB = 1.0  # where the backend reports no free memory (XLA:CPU)
 MIN_ATTEND_TOKENS = 256
 MIN_CHUNK = 16
-# attended pages and chunk lengths grow 4x from one compiled shape to the next (batch sizes 2x): warm-up
-# compiles every (rows, width, attend) pair, and with 2x steps that was ~45 shapes at 8 slots x 4096
-# tokens; a step that attends up to 4x the pages it needs costs a wider gather, not a compile mid-stream
-SHAPE_GROWTH = 4
+# attended pages grow 4x from one compiled shape to the next (batch sizes and chunk lengths 2x): warm-up
+# compiles every (rows, width, attend) pair, and with 2x attend steps that was ~45 shapes at 8 slots x 4096
+# tokens; a step that attends up to 4x the pages it needs costs a wider gather, not a compile mid-stream.
+# Chunks grow 2x: prefill is compute-bound (~10 ms/token for SmolLM2-135M on 2 CPU cores, flat from 128
+# to 256 tokens: scripts/bench_serve_step.py), so a 128-token prompt in a 256 chunk cost twice its work,
+# in its TTFT and in the inter-token latency of every stream decoding during that step
+ATTEND_GROWTH = 4
+CHUNK_GROWTH = 2
 
 
 @dataclasses.dataclass(eq=False)
@@ -115,8 +119,8 @@ class PagedEngine:
         # shapes: decode rows (a multiple of `data`, so rows split over it), attended pages, chunk lengths
         self.batch_sizes = tuple(sorted({max(data, b) for b in buckets(1, self.max_slots)}))
         self.attend_pages = buckets(max(1, min(self.pages_per_seq, MIN_ATTEND_TOKENS // self.page_size)),
-                                    self.pages_per_seq, SHAPE_GROWTH)
-        self.chunk_sizes = buckets(MIN_CHUNK, max(MIN_CHUNK, min(self.max_step_tokens, self.max_context)), SHAPE_GROWTH)
+                                    self.pages_per_seq, ATTEND_GROWTH)
+        self.chunk_sizes = buckets(MIN_CHUNK, max(MIN_CHUNK, min(self.max_step_tokens, self.max_context)), CHUNK_GROWTH)
 
         self.weights = forward.serving_weights(model, self.mesh)
         self._steps = compiled_steps(cfg, self.mesh, self.num_pages, self.page_size)
