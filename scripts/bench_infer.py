@@ -4,7 +4,6 @@
     python scripts/bench_infer.py            # ~125M Llama, f32, prompt 128, 64 new tokens, batch 1 and 16
     python scripts/bench_infer.py --quick    # a tiny model: a smoke run (what the test suite runs)
     python scripts/bench_infer.py --model PATH   # a real model: HF Llama directory or GGUF file
-    python scripts/bench_infer.py --int8         # also rsdjax with --quantize int8, in the same run
 
 With --model a GGUF file is first converted by rsdjax (`convert gguf-to-hf`: dequantized, float32)
 so both sides run the same weights; prompts are random ids of the model's vocabulary.
@@ -55,8 +54,8 @@ def parse_args(argv=None):
                    "(default: one device)")
     p.add_argument("--model", type=Path, default=None,
                    help="a real model (HF Llama directory or .gguf file) instead of the random 125M Llama")
-    p.add_argument("--int8", action="store_true", help="also run rsdjax with int8 weights (--quantize int8), "
-                   "alternating with the float32 rsdjax and HF runs; its ratio is against HF float32")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="also run rsdjax with int8 weights (`--quantize int8`), alternating with float32 and HF")
     p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "infer.json")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in (args.batches or ("1,2" if args.quick else "1,16")).split(",")]
@@ -244,7 +243,7 @@ def main(argv=None) -> int:
         for batch in args.batches:
             prompts = rng.integers(3, config["vocab_size"], (batch, args.prompt_len)).tolist()
             ours_once = rsdjax_runner(path, prompts, args.new_tokens, context, mesh)
-            int8_once = rsdjax_runner(path, prompts, args.new_tokens, context, mesh, "int8") if args.int8 else None
+            int8_once = rsdjax_runner(path, prompts, args.new_tokens, context, mesh, args.quantize) if args.quantize else None
             peer_once = hf_runner(path, prompts, args.new_tokens)
             # torch's default (one thread per core) spins badly when another process holds a core,
             # so the peer also runs on one thread and its better setting is the one compared
@@ -256,7 +255,7 @@ def main(argv=None) -> int:
                     int8_runs.append(int8_once())
                 for n in thread_counts:
                     peer_runs[n].append(peer_once(n))
-            del ours_once, int8_once, peer_once
+            del ours_once, peer_once, int8_once
             ours = best_of(ours_runs, batch, args.new_tokens)
             by_threads = {n: best_of(r, batch, args.new_tokens) for n, r in peer_runs.items()}
             best_threads = max(by_threads, key=lambda n: by_threads[n]["tokens_per_s"])
@@ -268,16 +267,16 @@ def main(argv=None) -> int:
                    "fraction_of_decode_limit": limit_step_s / ours["tpot_s"],
                    "hf_fraction_of_decode_limit": limit_step_s / peer["tpot_s"],
                    "greedy_sequences_identical": f"{sum(same)}/{len(same)}"}
-            target = TARGETS.get(batch, {}) if not (args.quick or args.model) else {}
-            run["targets"] = {k: {"target": v, "met": run[k] >= v} for k, v in target.items()}
             if int8_runs:
                 int8 = best_of(int8_runs, batch, args.new_tokens)
-                int8.pop("tokens")
-                run["rsdjax_int8"] = {**int8, "speedup_vs_hf_f32": int8["tokens_per_s"] / peer["tokens_per_s"],
-                                      "speedup_vs_rsdjax_f32": int8["tokens_per_s"] / ours["tokens_per_s"]}
-                print(f"batch {batch:>3}: rsdjax int8 {int8['tokens_per_s']:8.1f} tok/s  TTFT {int8['ttft_s'] * 1e3:7.1f} "
-                      f"ms  TPOT {int8['tpot_s'] * 1e3:6.1f} ms | x{run['rsdjax_int8']['speedup_vs_hf_f32']:.2f} vs HF "
-                      f"f32, x{run['rsdjax_int8']['speedup_vs_rsdjax_f32']:.2f} vs rsdjax f32")
+                same_int8 = [a == b for a, b in zip(int8.pop("tokens"), ours_runs[0][2])]
+                run.update({"rsdjax_int8": int8, "int8_speedup_vs_hf": int8["tokens_per_s"] / peer["tokens_per_s"],
+                            "int8_speedup_vs_f32": int8["tokens_per_s"] / ours["tokens_per_s"],
+                            "int8_greedy_sequences_same_as_f32": f"{sum(same_int8)}/{len(same_int8)}"})
+                print(f"batch {batch:>3}: rsdjax int8 {int8['tokens_per_s']:8.1f} tok/s  TPOT {int8['tpot_s'] * 1e3:6.1f} ms"
+                      f" | x{run['int8_speedup_vs_hf']:.2f} vs HF f32, x{run['int8_speedup_vs_f32']:.2f} vs rsdjax f32")
+            target = TARGETS.get(batch, {}) if not (args.quick or args.model) else {}
+            run["targets"] = {k: {"target": v, "met": run[k] >= v} for k, v in target.items()}
             runs.append(run)
             print(f"batch {batch:>3}: rsdjax {ours['tokens_per_s']:8.1f} tok/s  TTFT {ours['ttft_s'] * 1e3:7.1f} ms  "
                   f"TPOT {ours['tpot_s'] * 1e3:6.1f} ms | HF ({best_threads} thr) {peer['tokens_per_s']:8.1f} tok/s  "
@@ -287,7 +286,7 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "inference", "quick": args.quick, "model": config, "dtype": "float32",
-        "model_path": str(args.model) if args.model else None,
+        "model_path": str(args.model) if args.model else None, "quantize": args.quantize,
         "rsdjax_mesh": args.mesh or "one device", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_before": load_before,

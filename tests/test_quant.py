@@ -122,16 +122,18 @@ def perplexity(logits, tokens) -> float:
     return float(jnp.exp(nll.mean()))
 
 
-# Weight-only int8, per output channel (int8 activations per row were +3.75% with w_down per 128).
+# The target: within 2% of float32 (weight-only int8, per output channel; docs/inference.md).
 @pytest.mark.slow
 def test_int8_perplexity_of_the_real_model_within_2_percent(smollm2_hf_dir):
     model = load_model(smollm2_hf_dir)
     tokens = held_out_tokens(Tokenizer.load(smollm2_hf_dir))
     f32 = forward.serving_weights(model, make_mesh({}))
-    ppl_f32 = perplexity(all_logits(model.cfg, f32, tokens), tokens)
-    ppl_int8 = perplexity(all_logits(model.cfg, quantize_serving(f32), tokens), tokens)
+    ref, got = all_logits(model.cfg, f32, tokens), all_logits(model.cfg, quantize_serving(f32), tokens)
+    ppl_f32, ppl_int8 = perplexity(ref, tokens), perplexity(got, tokens)
+    diff = np.abs(np.asarray(got) - np.asarray(ref))
     print(f"SmolLM2-135M held-out perplexity: f32 {ppl_f32:.4f}, int8 {ppl_int8:.4f} "
-          f"({100 * (ppl_int8 / ppl_f32 - 1):+.2f}%)")
+          f"({100 * (ppl_int8 / ppl_f32 - 1):+.2f}%); logits max abs diff {diff.max():.4g}, mean {diff.mean():.4g} "
+          f"(logit std {np.asarray(ref).std():.4g})")
     assert ppl_f32 < 100  # the float model itself reads the text sensibly
     assert abs(ppl_int8 / ppl_f32 - 1) < 0.02
 
