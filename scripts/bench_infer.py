@@ -54,6 +54,8 @@ def parse_args(argv=None):
                    "(default: one device)")
     p.add_argument("--model", type=Path, default=None,
                    help="a real model (HF Llama directory or .gguf file) instead of the random 125M Llama")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="also run rsdjax with int8 weights (`--quantize int8`), alternating with float32 and HF")
     p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "infer.json")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in (args.batches or ("1,2" if args.quick else "1,16")).split(",")]
@@ -131,12 +133,13 @@ def make_model(path: Path, config: dict) -> None:
     LlamaForCausalLM(LlamaConfig(**config, bos_token_id=1, eos_token_id=2)).eval().save_pretrained(path)
 
 
-def rsdjax_runner(path: Path, prompts, new_tokens: int, context: int, mesh=None):
+def rsdjax_runner(path: Path, prompts, new_tokens: int, context: int, mesh=None, quantize=None):
     """A function that runs the whole batch once -> (total s, TTFT s, output ids per prompt)."""
     from rsdjax.infer.engine import load_engine
     from rsdjax.infer.interface import Request, SamplingParams
 
-    engine, _ = load_engine(path, mesh=mesh, max_slots=len(prompts), max_context=context, kind="slots")
+    engine, _ = load_engine(path, mesh=mesh, max_slots=len(prompts), max_context=context, kind="slots",
+                            quantize=quantize)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
     def once():
@@ -240,16 +243,19 @@ def main(argv=None) -> int:
         for batch in args.batches:
             prompts = rng.integers(3, config["vocab_size"], (batch, args.prompt_len)).tolist()
             ours_once = rsdjax_runner(path, prompts, args.new_tokens, context, mesh)
+            int8_once = rsdjax_runner(path, prompts, args.new_tokens, context, mesh, args.quantize) if args.quantize else None
             peer_once = hf_runner(path, prompts, args.new_tokens)
             # torch's default (one thread per core) spins badly when another process holds a core,
             # so the peer also runs on one thread and its better setting is the one compared
             thread_counts = sorted({os.cpu_count() or 1, 1}, reverse=True)
-            ours_runs, peer_runs = [], {n: [] for n in thread_counts}
+            ours_runs, int8_runs, peer_runs = [], [], {n: [] for n in thread_counts}
             for _ in range(args.repeats):  # alternate, so both sides see the same machine load
                 ours_runs.append(ours_once())
+                if int8_once is not None:
+                    int8_runs.append(int8_once())
                 for n in thread_counts:
                     peer_runs[n].append(peer_once(n))
-            del ours_once, peer_once
+            del ours_once, peer_once, int8_once
             ours = best_of(ours_runs, batch, args.new_tokens)
             by_threads = {n: best_of(r, batch, args.new_tokens) for n, r in peer_runs.items()}
             best_threads = max(by_threads, key=lambda n: by_threads[n]["tokens_per_s"])
@@ -261,6 +267,14 @@ def main(argv=None) -> int:
                    "fraction_of_decode_limit": limit_step_s / ours["tpot_s"],
                    "hf_fraction_of_decode_limit": limit_step_s / peer["tpot_s"],
                    "greedy_sequences_identical": f"{sum(same)}/{len(same)}"}
+            if int8_runs:
+                int8 = best_of(int8_runs, batch, args.new_tokens)
+                same_int8 = [a == b for a, b in zip(int8.pop("tokens"), ours_runs[0][2])]
+                run.update({"rsdjax_int8": int8, "int8_speedup_vs_hf": int8["tokens_per_s"] / peer["tokens_per_s"],
+                            "int8_speedup_vs_f32": int8["tokens_per_s"] / ours["tokens_per_s"],
+                            "int8_greedy_sequences_same_as_f32": f"{sum(same_int8)}/{len(same_int8)}"})
+                print(f"batch {batch:>3}: rsdjax int8 {int8['tokens_per_s']:8.1f} tok/s  TPOT {int8['tpot_s'] * 1e3:6.1f} ms"
+                      f" | x{run['int8_speedup_vs_hf']:.2f} vs HF f32, x{run['int8_speedup_vs_f32']:.2f} vs rsdjax f32")
             target = TARGETS.get(batch, {}) if not (args.quick or args.model) else {}
             run["targets"] = {k: {"target": v, "met": run[k] >= v} for k, v in target.items()}
             runs.append(run)
@@ -272,7 +286,7 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "inference", "quick": args.quick, "model": config, "dtype": "float32",
-        "model_path": str(args.model) if args.model else None,
+        "model_path": str(args.model) if args.model else None, "quantize": args.quantize,
         "rsdjax_mesh": args.mesh or "one device", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_before": load_before,

@@ -1,7 +1,7 @@
 """INT8 weights (rsdjax/model/quant.py): close to float32, int8 in memory, sharded like the floats.
 
 The reference for "close" is the float32 forward of the same weights; for quality, the real
-SmolLM2-135M's perplexity on held-out text of the bundled corpus (measured +3.75% of float32).
+SmolLM2-135M's perplexity on held-out text of the bundled corpus (within 2% of float32).
 """
 import json
 import math
@@ -58,6 +58,8 @@ def test_int8_logits_are_close_to_float32(tiny_weights):
     print(f"int8 vs f32 logits: max abs diff {diff.max():.4g}, mean {diff.mean():.4g} (logit std {spread:.4g})")
     assert diff.mean() < 0.02 * spread and diff.max() < 0.2 * spread
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+    # one row (decode at batch 1) takes the fused matrix-vector path: the same numbers
+    np.testing.assert_allclose(np.asarray(all_logits(cfg, int8, TOKENS[:1, :1])), got[:1, :1], atol=1e-5, rtol=1e-5)
 
 
 def test_int8_weights_stay_int8_in_the_compiled_decode_step(tiny_weights, tiny_hf_dir):
@@ -70,14 +72,18 @@ def test_int8_weights_stay_int8_in_the_compiled_decode_step(tiny_weights, tiny_h
     engine = SlotEngine(load_model(tiny_hf_dir), max_slots=1, max_context=64)
     engine.weights = int8
     hlo = lower_decode(engine, 64).compile().as_text()
-    offenders = []
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(ROOT )?%\S+ = (f32|s32|bf16|f16)\[([\d,]*)\]", line)
+    offenders, fused = [], False
+    for line in hlo.splitlines():  # the buffers of the program: what fused computations compute is never stored
+        if re.match(r"(ENTRY )?%\S+ ", line):
+            fused = bool(re.match(r"%(fused|wrapped)", line))
+        m = None if fused else re.match(r"\s*(ROOT )?%\S+ = (f32|s32|bf16|f16)\[([\d,]*)\]", line)
         if m and "parameter(" not in line and m.group(3):
             if math.prod(int(d) for d in m.group(3).split(",")) in sizes:
                 offenders.append(line.strip()[:160])
     assert not offenders, offenders
-    assert re.search(r"s32\[[\d,]*\][^=]*(dot|fusion)\([^)]*\)", hlo) and "s8[" in hlo
+    # every int8 kernel is converted inside a fusion whose root is the matrix-vector dot
+    fused_dots = re.findall(r"\n%fused[^\n]*\(([^)]*)\)[^{]*\{((?:\n  [^\n]*)*?\n  ROOT %\S+ = f32\[\d+\][^\n]* dot\()", hlo)
+    assert sum(("s8[" in params) for params, _ in fused_dots) == len(kernels), (len(fused_dots), len(kernels))
 
 
 def test_int8_on_tensor_2_data_2_equals_one_device(tiny_hf_dir, tiny_weights):
@@ -86,13 +92,17 @@ def test_int8_on_tensor_2_data_2_equals_one_device(tiny_hf_dir, tiny_weights):
     model = load_model(tiny_hf_dir, mesh=mesh)
     float_w = forward.serving_weights(model, mesh)
     sharded = quantize_serving(float_w)
-    for name in CONTRACTED:  # the int8 values are laid out exactly like the float kernels
-        q, f = sharded.layers[0][name], float_w.layers[0][name]
-        assert isinstance(q.qvalue.sharding, NamedSharding) and q.qvalue.sharding.spec == f.sharding.spec
+    for name in CONTRACTED:  # the int8 values are sharded exactly like the float kernels (same dims)
+        q = forward.layer_view(sharded.layers[0])[name].qvalue
+        f = forward.layer_view(float_w.layers[0])[name]
+        assert isinstance(q.sharding, NamedSharding) and q.sharding.is_equivalent_to(f.sharding, f.ndim)
     assert any(s is not None for s in sharded.layers[0]["w_up"].qvalue.sharding.spec)  # really sharded
     got = np.asarray(all_logits(cfg, sharded, TOKENS))
     ref = np.asarray(all_logits(cfg, one, TOKENS))
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    one_row = TOKENS[:1, :1]  # the fused matrix-vector path of decoding at batch 1
+    np.testing.assert_allclose(np.asarray(all_logits(cfg, sharded, one_row)),
+                               np.asarray(all_logits(cfg, one, one_row)), atol=1e-4, rtol=1e-4)
 
 
 def held_out_tokens(tokenizer, n: int = 384) -> np.ndarray:
@@ -112,20 +122,20 @@ def perplexity(logits, tokens) -> float:
     return float(jnp.exp(nll.mean()))
 
 
-# The issue's target is 2%; measured +3.75% (per-row activations everywhere: +5.4%; weight-only
-# dequantized in float, which XLA:CPU cannot run without a float copy of each weight: -0.6%).
-# This bound guards what is reached; docs/inference.md says what is missing.
+# The issue's target: within 2% of float32 (weight-only int8, per output channel; docs/inference.md).
 @pytest.mark.slow
-def test_int8_perplexity_of_the_real_model_within_4_percent(smollm2_hf_dir):
+def test_int8_perplexity_of_the_real_model_within_2_percent(smollm2_hf_dir):
     model = load_model(smollm2_hf_dir)
     tokens = held_out_tokens(Tokenizer.load(smollm2_hf_dir))
     f32 = forward.serving_weights(model, make_mesh({}))
-    ppl_f32 = perplexity(all_logits(model.cfg, f32, tokens), tokens)
-    ppl_int8 = perplexity(all_logits(model.cfg, quantize_serving(f32), tokens), tokens)
+    ref, got = all_logits(model.cfg, f32, tokens), all_logits(model.cfg, quantize_serving(f32), tokens)
+    ppl_f32, ppl_int8 = perplexity(ref, tokens), perplexity(got, tokens)
+    diff = np.abs(np.asarray(got) - np.asarray(ref))
     print(f"SmolLM2-135M held-out perplexity: f32 {ppl_f32:.4f}, int8 {ppl_int8:.4f} "
-          f"({100 * (ppl_int8 / ppl_f32 - 1):+.2f}%)")
+          f"({100 * (ppl_int8 / ppl_f32 - 1):+.2f}%); logits max abs diff {diff.max():.4g}, mean {diff.mean():.4g} "
+          f"(logit std {np.asarray(ref).std():.4g})")
     assert ppl_f32 < 100  # the float model itself reads the text sensibly
-    assert abs(ppl_int8 / ppl_f32 - 1) < 0.04
+    assert abs(ppl_int8 / ppl_f32 - 1) < 0.02
 
 
 def test_lora_applies_on_top_of_int8(tiny_hf_dir, tmp_path):

@@ -31,7 +31,7 @@ from rsdjax.config import ConfigError, ModelConfig
 from rsdjax.infer.sampling import token_logprobs
 from rsdjax.model.llama import (Llama, attend_with, cache_mask, causal_mask, decoder_layer, embed_tokens, lm_logits,
                                 resolve_dtype, rope_tables)
-from rsdjax.model.quant import transpose
+from rsdjax.model.quant import int8_layout, transpose
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, constrain, resolve
 from rsdjax.parallel.sharding import jit_or_shapes
@@ -88,7 +88,7 @@ STORED_ORDER = {  # axis permutation: the model's per-layer layout -> the stored
 
 def layer_view(p: dict) -> dict:
     """One layer's stored weights in the layout `decoder_layer` expects (transposed views)."""
-    p = dict(p)
+    p = {name: int8_layout(name, w) for name, w in p.items()}  # int8 kernels: see rsdjax/model/quant.py
     for name, order in STORED_ORDER.items():
         p[name] = transpose(p[name], tuple(int(i) for i in np.argsort(order)))  # float or int8 (QArray)
     return p

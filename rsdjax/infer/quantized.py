@@ -4,7 +4,7 @@ quantizing the float model at load gives (no requantization, no float copy of an
 
 Layout: a native checkpoint (`rsdjax_model.json` + Orbax `params/`) whose JSON also holds
 `"quantization": {"mode": "int8", "groups": {...}}` and whose params are the serving layout
-(`rsdjax.infer.forward.STORED_ORDER`): `embed`, `final_norm`, `lm_head` and `layers/<i>/<name>`,
+(`rsdjax.infer.forward.STORED_ORDER`; wq/wk/wv/wo's int8 values permuted by `quant.INT8_ORDER`): `embed`, `final_norm`, `lm_head` and `layers/<i>/<name>`,
 each int8 kernel as `{"qvalue": int8, "scale": float32}`. A tied LM head is stored as its own int8
 copy of the embedding. The engines are built on the shape-only model and get these weights.
 """

@@ -1,28 +1,30 @@
-"""INT8 weights for every projection and the LM head, with Qwix arrays (`qwix.QArray`).
+"""INT8 weight-only quantization of every projection and the LM head, with Qwix arrays (`qwix.QArray`).
 
-A kernel is stored as int8 with float32 scales (absmax / 127, symmetric) per output channel, or per
-group of input channels as well (`DEFAULT_GROUPS`). `qmatmul` is the matmul every projection goes
-through when its kernel is a QArray: the activations are quantized on the fly (absmax per row, and
-per group where the kernel has groups) and the product is an int8 x int8 -> int32 dot, scaled by
-both scales afterwards (Qwix's `einsum` on two QArrays: its "fast" path).
+A kernel is stored as int8 with float32 scales (absmax / 127, symmetric) per output channel (or per
+group of input channels as well, `groups`; none by default). `qmatmul` is the matmul every
+projection goes through when its kernel is a QArray: x @ (int8 values * scales), activations in
+float. Decoding at batch 1 (one row) is the case this serves: written as [1, K] @ [N, K].T, XLA:CPU
+fuses the int8 -> float convert and the scale into its matrix-vector dot (a loop that reads the
+int8 weight once, no float copy; tests/test_quant.py checks the HLO). Any other form of the same
+product (rank-2 result, scale applied after a transpose, per-group scales through a reshape) and
+every dot with more rows is a library call: the dequantized kernel is then a float32 temporary,
+one weight at a time (prefill and batched decode pay for it; the weights stay int8 in memory).
 
-Why not weight-only dequantize-then-matmul (Qwix's choice for float activations): it relies on the
-compiler fusing the int8 -> float convert into the matmul, which XLA:CPU does not do: its dots are
-library calls, so the convert writes a float32 copy of every weight on every step (HLO
-`wrapped_convert f32[4096,2048]`, measured 6-13x slower than the float32 weight it replaces). The
-int8 dot reads only the int8 weight (AMX/VNNI on x86). Why not `qwix.quantize_model`: it intercepts
-the einsums of a Flax module's `__call__`; the serving forward is plain functions over per-layer
-arrays (rsdjax/infer/forward.py), so the kernels are swapped here, at the projection.
-
-One measured XLA:CPU detail: a one-row int8 dot takes a slow generic path (the weight converted to
-int32 first); two rows take the fast one, so a single row is padded to two.
+Why not int8 x int8 -> int32 dots on quantized activations (Qwix's fast path on two QArrays, what
+this module did first): this machine's x86 has AVX2 but no VNNI, and in the decode step they ran
+slower than float32 (bench_infer 125M, batch 1: 0.5x f32), and quantizing activations per row cost
+SmolLM2-135M +3.75% held-out perplexity (weight-only: -0.6%). Why not `qwix.quantize_model`: it
+intercepts the einsums of a Flax module's `__call__`; the serving forward is plain functions over
+per-layer arrays (rsdjax/infer/forward.py), so the kernels are swapped here, at the projection.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -36,11 +38,17 @@ MODES = ("int8",)
 # [out, in] (MLP); the LM head is [vocab, embed].
 CONTRACTED = {"wq": (0,), "wk": (0,), "wv": (0,), "wo": (0, 1), "w_gate": (1,), "w_up": (1,), "w_down": (1,)}
 HEAD_CONTRACTED = (1,)
-# w_down's input (silu(gate) * up) has outlier channels. SmolLM2-135M's held-out perplexity vs float32
-# (tests/test_quant.py): one scale per row everywhere +5.4%; w_down per 128 channels (kernel and
-# activations alike) +3.75%; per 64, within 0.1%, but Qwix runs tiles under 128 by dequantizing the
-# weight to float first (a weight-sized float copy: the slow path this module avoids).
-DEFAULT_GROUPS = {"w_down": 128}
+# The int8 values keep the contracted axes minor, in the order of the model's equation (a
+# permutation of the serving layout; `int8_layout` gives the serving view back): XLA:CPU's fused
+# matrix-vector dot reads the weight row by row, and with the contracted axis major (wq/wk/wv are
+# served [in, out]) or permuted (wo) it ran 2-4x slower than float32.
+INT8_ORDER = {"wq": (1, 2, 0), "wk": (1, 2, 0), "wv": (1, 2, 0),  # [embed, heads, head_dim] -> [heads, head_dim, embed]
+              "wo": (2, 1, 0)}  # [head_dim, heads, embed] -> [embed, heads, head_dim] (the model's "hd" order)
+
+# Per-channel everywhere: weight-only int8 is within 1% of float32 on SmolLM2-135M, and per-group
+# scales (a reshape in the dequantize) keep XLA:CPU from fusing it into the matrix-vector dot
+# (w_down per 128: 25x slower than per channel).
+DEFAULT_GROUPS = {}
 
 
 class QuantizeError(ValueError):
@@ -80,26 +88,51 @@ def transpose(w, order):
 
 
 def qmatmul(equation: str, x, w: QArray):
-    """einsum(equation, x, w) with w int8: x quantized per row, an int8 dot, float32 out (x's dtype)."""
-    inputs, _ = equation.replace(" ", "").split("->")
+    """einsum(equation, x, w) with w int8, weight-only: x @ (int8 values * scales), float32 out (x's
+    dtype). One row (decode at batch 1): the convert and the scale inside the dot's fusion."""
+    inputs, out = equation.replace(" ", "").split("->")
     xs, ws = inputs.split(",")
-    rows = tuple(i for i, c in enumerate(xs) if c not in ws)
-    n_rows = 1
-    for i in rows:
-        n_rows *= x.shape[i]
-    pad = n_rows == 1 and rows
-    if pad:  # see the module docstring: two rows take XLA:CPU's fast int8 path
-        x = jnp.concatenate([x, x], axis=rows[0])
-    # a kernel with per-group scales on a contracted axis gets activations grouped the same way
-    tiles = {}
-    for axis_w, c in enumerate(ws):
-        if c in xs and w.scale.shape[axis_w] > 1:
-            tiles[xs.index(c)] = w.shape[axis_w] // w.scale.shape[axis_w]
-    xq = qwix.quantize(x, jnp.int8, channelwise_axes=rows, tiled_axes=tiles or None)
-    y = qwix.einsum(equation, xq, w, preferred_element_type=jnp.float32)
-    if pad:
-        y = jax.lax.slice_in_dim(y, 0, 1, axis=0)  # the rows' first axis leads the output too
-    return y.astype(x.dtype)
+    rows = "".join(c for c in xs if c not in ws)
+    contracted = "".join(c for c in xs if c in ws)
+    if math.prod(x.shape[xs.index(c)] for c in rows) == 1 and not set(contracted) & set(out):
+        return _vector_matmul(x, xs, w, ws, out, contracted)
+    # more rows (prefill, batched decode): XLA:CPU's dot is a library call, so the dequantized kernel
+    # is a float32 temporary of one weight at a time; the numerics are the one-row path's
+    return jnp.einsum(equation, x, dequantize(w, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def dequantize(w: QArray, dtype):
+    """w's float values (`qwix.dequantize`'s product, with per-group scales as a reshape). XLA:CPU
+    fuses it into the one-row dot only for per-channel scales (see `DEFAULT_GROUPS`)."""
+    split_value, split_scale = [], []
+    for n, g in zip(w.qvalue.shape, w.scale.shape):
+        split_value += [n] if g in (1, n) else [g, n // g]
+        split_scale += [g] if g in (1, n) else [g, 1]
+    value = w.qvalue.astype(dtype).reshape(split_value) * w.scale.astype(dtype).reshape(split_scale)
+    return value.reshape(w.qvalue.shape)
+
+
+def _vector_matmul(x, xs: str, w: QArray, ws: str, out: str, contracted: str):
+    """One row of x times the dequantized w, written as [1, K] @ [N, K].T: the one form of a dot
+    XLA:CPU fuses its operand's producer into (a matrix-vector loop reading the int8 weight; any
+    other form of the same product makes a float32 copy of the weight first)."""
+    outs = "".join(c for c in ws if c not in xs)
+    k = math.prod(x.shape[xs.index(c)] for c in contracted)
+    n_shape = [w.shape[ws.index(c)] for c in outs]
+    matrix = jnp.transpose(dequantize(w, x.dtype), [ws.index(c) for c in outs + contracted])
+    vector = jnp.transpose(x, [xs.index(c) for c in contracted] + [i for i, c in enumerate(xs) if c not in contracted])
+    y = jnp.matmul(vector.reshape(1, k), matrix.reshape(math.prod(n_shape), k).T,
+                   preferred_element_type=jnp.float32).reshape(n_shape)
+    order = [outs.index(c) for c in out if c in outs]
+    return jnp.transpose(y, order).reshape([1 if c not in outs else w.shape[ws.index(c)] for c in out]).astype(x.dtype)
+
+
+def int8_layout(name: str, w):
+    """An int8 kernel as `quantize_serving` keeps it (`INT8_ORDER`) -> its serving layout (a view)."""
+    if not isinstance(w, QArray) or name not in INT8_ORDER:
+        return w
+    order = INT8_ORDER[name]
+    return transpose(w, tuple(int(i) for i in np.argsort(order)))
 
 
 def _scale_sharding(value_sharding, contracted: tuple[int, ...], ndim: int):
@@ -108,6 +141,11 @@ def _scale_sharding(value_sharding, contracted: tuple[int, ...], ndim: int):
     spec = tuple(value_sharding.spec) + (None,) * (ndim - len(value_sharding.spec))
     spec = tuple(None if i in contracted else s for i, s in enumerate(spec))
     return NamedSharding(value_sharding.mesh, PartitionSpec(*spec))
+
+
+def _permuted(sharding: NamedSharding, order: tuple[int, ...], ndim: int) -> NamedSharding:
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return NamedSharding(sharding.mesh, PartitionSpec(*(spec[i] for i in order)))
 
 
 def head_matmul(x, head: QArray):
@@ -134,12 +172,14 @@ def quantize_serving(weights, mode: str = "int8", groups: dict[str, int] | None 
     def one(w, contracted, name):
         group = groups.get(name)
         group = group if group and w.shape[contracted[-1]] % group == 0 else None
-        quantize = lambda a: quantize_kernel(a, contracted, group)  # noqa: E731
+        order = INT8_ORDER.get(name, tuple(range(w.ndim)))
+        quantize = lambda a: transpose(quantize_kernel(a, contracted, group), order)  # noqa: E731
         sharding = getattr(w, "sharding", None)
         if not isinstance(sharding, NamedSharding):
             return jax.jit(quantize)(w)
         shapes = jax.eval_shape(quantize, w)
-        out = dataclasses.replace(shapes, qvalue=sharding, scale=_scale_sharding(sharding, contracted, w.ndim))
+        value, scale = (_permuted(s, order, w.ndim) for s in (sharding, _scale_sharding(sharding, contracted, w.ndim)))
+        out = dataclasses.replace(shapes, qvalue=value, scale=scale)
         return jit_or_shapes(quantize, out, w)  # shape-only weights (an int8 checkpoint's target) too
 
     layers = []
