@@ -33,8 +33,8 @@ def warmup(model: Path, cache_dir: Path, *extra: str) -> dict:
 
 
 # what `rsdjax warmup --max-slots 1 --max-context 128` compiles: slots: decode at attend 64 and 128,
-# prefill at 16..128; paged (8 pages of 16): decode at 1 row and chunks of 16, 64, 128, all attending 8 pages
-SHAPES = {"slots": {"decode_shapes": 2, "prefill_shapes": 4}, "paged": {"step_shapes": 4}}
+# prefill at 16..128; paged (8 pages of 16): decode at 1 row and chunks of 16, 32, 64, 128, all attending 8 pages
+SHAPES = {"slots": {"decode_shapes": 2, "prefill_shapes": 4}, "paged": {"step_shapes": 5}}
 
 
 @pytest.mark.slow
