@@ -327,3 +327,22 @@ def test_init_from_hf_grows_the_vocabulary_with_documented_rows(tmp_path, tiny_h
         np.testing.assert_allclose(embed[new_id], ref[pieces].mean(0), atol=1e-6)
     np.testing.assert_allclose(embed[600], ref.mean(0), atol=1e-6)  # padding row
     np.testing.assert_array_equal(np.asarray(model.wq[...])[0].reshape(128, -1), hf["model.layers.0.self_attn.q_proj.weight"].T)
+
+
+def test_metrics_logged_one_step_late_are_each_logged_once_in_order(tmp_path):
+    from rsdjax.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, total_steps=5, start_step=0, tokens_per_step=8, flops_per_token=1.0,
+                           peak_flops=None, tensorboard=False, progress=False)
+    logger.start_clock()
+    values = lambda s: {"loss": np.float32(10 - s), "lr": 1e-3, "grad_norm": 1.0, "tokens": 8}
+    returned = [logger.log_after_next(1, values(1))]
+    assert returned == [None] and not (tmp_path / "metrics.jsonl").read_text()  # step 1 waits for step 2
+    returned += [logger.log_after_next(s, values(s)) for s in (2, 3)]
+    returned.append(logger.flush())  # before a checkpoint of step 3
+    assert logger.flush() is None
+    returned += [logger.log_after_next(s, values(s)) for s in (4, 5)] + [logger.flush()]
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and [r["loss"] for r in rows] == [9, 8, 7, 6, 5]
+    assert [r and r["step"] for r in returned] == [None, 1, 2, 3, None, 4, 5]

@@ -184,8 +184,15 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
                             tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, print_every=cfg.log.every)
     shardings = {k: ts.batch_sharding for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
 
+    def record(row: dict | None) -> None:
+        nonlocal first_loss, last_loss
+        if row is not None:
+            first_loss = row["loss"] if first_loss is None else first_loss
+            last_loss = row["loss"]
+
     def evaluate(step: int, fresh_start: bool = False) -> None:
         if held_out is not None and held_out.due(step, fresh_start):
+            record(metrics.flush())  # the step's own line comes before its evaluation's
             metrics.log_eval(step, held_out.run(join_params(state.params, frozen)))
 
     stopped_by = None
@@ -206,12 +213,12 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
                 state, m = ts(state, frozen, batch)
                 step += 1
                 data_pos += cfg.batch_size
-                row = metrics.log(step, m, {"stage": name})
-                first_loss = row["loss"] if first_loss is None else first_loss
-                last_loss = row["loss"]
+                # logs the previous step (no host wait for this one: the next batch loads while it runs)
+                record(metrics.log_after_next(step, m, {"stage": name}))
                 evaluate(step)
                 interrupted = stop.agreed()
                 if ckpt.due(step) or step == cfg.steps or interrupted:
+                    record(metrics.flush())  # every saved step has its metrics line (resume cuts later ones)
                     tree = {"params": join_params(state.params, frozen), "opt_state": state.opt_state,
                             "step": state.step, "rng": state.rng}
                     meta = {"data_position": data_pos, "stage": name, "model": architecture(model_cfg),

@@ -52,6 +52,7 @@ class MetricsLogger:
         self.path = Path(run_dir) / METRICS_FILE
         self.eval_path = Path(run_dir) / EVAL_FILE
         self._last_time = None
+        self._pending = None  # (step, metrics, extra) kept back by log_after_next
         self._eval_status = ""
         self._tb = self._progress = None
         if not enabled:
@@ -77,6 +78,23 @@ class MetricsLogger:
 
     def start_clock(self) -> None:
         self._last_time = time.perf_counter()
+
+    def log_after_next(self, step: int, metrics: dict, extra: dict | None = None) -> dict | None:
+        """Keep step `step`'s (device) metrics and log the ones kept before, if any (returned).
+
+        Called right after dispatching a step, this reads the *previous* step's values, which are ready
+        or nearly so, and the host goes on to the next batch while the device runs: `float()` on this
+        step's values would wait for the whole step first. `flush()` before anything that must see
+        every step logged (a checkpoint, an evaluation, the end).
+        """
+        row = self.flush()
+        self._pending = (step, metrics, extra)
+        return row
+
+    def flush(self) -> dict | None:
+        """Log the metrics `log_after_next` kept back (the row; None if there were none)."""
+        pending, self._pending = self._pending, None
+        return self.log(*pending) if pending else None
 
     def log(self, step: int, metrics: dict, extra: dict | None = None) -> dict:
         """Record the metrics of update number `step` (1-based: the step count after it)."""
