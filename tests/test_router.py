@@ -144,3 +144,18 @@ def test_router_metrics_and_health(backends):
         assert metric(url, "rsdjax_router:requests_total") == 4
         assert metric(url, "rsdjax_router:backend_healthy") == 2
         assert metric(url, "rsdjax_router:response_start_seconds_count") == 4
+
+
+def test_a_connection_reset_while_connecting_is_retried_on_the_other_backend(backends, monkeypatch):
+    # httpcore raises AttributeError when it asks a socket the peer reset during the connect (now None)
+    urls = [b[0] for b in backends]
+    real_send = httpx.AsyncClient.send
+
+    async def send(self, request, **kw):
+        if str(request.url).startswith(urls[0]) and request.url.path == "/v1/completions":
+            raise AttributeError("'NoneType' object has no attribute 'getpeername'")
+        return await real_send(self, request, **kw)
+
+    with router(urls, "round-robin") as url:
+        monkeypatch.setattr(httpx.AsyncClient, "send", send)
+        assert served_by(url, 4) == [urls[1]] * 4

@@ -140,6 +140,12 @@ def create_router_app(backend_urls: list[str], policy: str = "least-loaded", tim
         headers = {k: v for k, v in r.headers.items() if k.lower() in RETURNED_HEADERS}
         return {**headers, "x-rsdjax-backend": b.url}
 
+    async def send(req: httpx.Request) -> httpx.Response:
+        try:
+            return await state["client"].send(req, stream=True)
+        except AttributeError as e:  # httpcore asks a just-connected socket the peer already reset (now None)
+            raise httpx.ConnectError(f"connection to {req.url} reset while connecting ({e})", request=req) from e
+
     async def forward(request: Request, path: str, body: bytes):
         try:
             payload = json.loads(body) if body else {}
@@ -163,7 +169,7 @@ def create_router_app(backend_urls: list[str], policy: str = "least-loaded", tim
             r = None
             try:
                 req = state["client"].build_request("POST", f"{b.url}{path}", content=body, headers=headers)
-                r = await state["client"].send(req, stream=True)
+                r = await send(req)
                 content = None if stream and r.status_code == 200 else await r.aread()
             except BACKEND_GONE as e:  # nothing reached the client yet: try another backend
                 await close(r)
