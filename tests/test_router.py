@@ -149,13 +149,13 @@ def test_router_metrics_and_health(backends):
 def test_a_connection_reset_while_connecting_is_retried_on_the_other_backend(backends, monkeypatch):
     # httpcore raises AttributeError when it asks a socket the peer reset during the connect (now None)
     urls = [b[0] for b in backends]
-    real_send = httpx.AsyncClient.send
+    real_send = httpx.AsyncHTTPTransport.handle_async_request
 
-    async def send(self, request, **kw):
+    async def send(self, request):
         if str(request.url).startswith(urls[0]) and request.url.path == "/v1/completions":
             raise AttributeError("'NoneType' object has no attribute 'getpeername'")
-        return await real_send(self, request, **kw)
+        return await real_send(self, request)
 
     with router(urls, "round-robin") as url:
-        monkeypatch.setattr(httpx.AsyncClient, "send", send)
+        monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", send)
         assert served_by(url, 4) == [urls[1]] * 4

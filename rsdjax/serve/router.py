@@ -64,6 +64,18 @@ class RouterMetrics:
                                  buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=r)
 
 
+class ResetSafeTransport(httpx.AsyncHTTPTransport):
+    """httpcore raises AttributeError when it asks a just-connected socket the backend already reset
+    (now None) for its details; every caller (forwarding, health probes, /v1/models) sees a ConnectError."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await super().handle_async_request(request)
+        except AttributeError as e:
+            raise httpx.ConnectError(f"connection to {request.url} reset while connecting ({e})",
+                                     request=request) from e
+
+
 def create_router_app(backend_urls: list[str], policy: str = "least-loaded", timeout: float = 600.0,
                       health_interval: float = 2.0, max_body_bytes: int = 4 << 20) -> FastAPI:
     if not backend_urls:
@@ -106,7 +118,8 @@ def create_router_app(backend_urls: list[str], policy: str = "least-loaded", tim
     async def lifespan(app):
         # the read timeout bounds the wait for a non-streamed answer, and the silence between stream chunks
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0), limits=limits) as client:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0),
+                                     transport=ResetSafeTransport(limits=limits)) as client:
             state["client"] = client
             await asyncio.gather(*(check(b) for b in backends))
             task = asyncio.create_task(health_loop())
@@ -140,12 +153,6 @@ def create_router_app(backend_urls: list[str], policy: str = "least-loaded", tim
         headers = {k: v for k, v in r.headers.items() if k.lower() in RETURNED_HEADERS}
         return {**headers, "x-rsdjax-backend": b.url}
 
-    async def send(req: httpx.Request) -> httpx.Response:
-        try:
-            return await state["client"].send(req, stream=True)
-        except AttributeError as e:  # httpcore asks a just-connected socket the peer already reset (now None)
-            raise httpx.ConnectError(f"connection to {req.url} reset while connecting ({e})", request=req) from e
-
     async def forward(request: Request, path: str, body: bytes):
         try:
             payload = json.loads(body) if body else {}
@@ -169,7 +176,7 @@ def create_router_app(backend_urls: list[str], policy: str = "least-loaded", tim
             r = None
             try:
                 req = state["client"].build_request("POST", f"{b.url}{path}", content=body, headers=headers)
-                r = await send(req)
+                r = await state["client"].send(req, stream=True)
                 content = None if stream and r.status_code == 200 else await r.aread()
             except BACKEND_GONE as e:  # nothing reached the client yet: try another backend
                 await close(r)
