@@ -341,8 +341,20 @@ def test_metrics_logged_one_step_late_are_each_logged_once_in_order(tmp_path):
     returned += [logger.log_after_next(s, values(s)) for s in (2, 3)]
     returned.append(logger.flush())  # before a checkpoint of step 3
     assert logger.flush() is None
-    returned += [logger.log_after_next(s, values(s)) for s in (4, 5)] + [logger.flush()]
+    returned.append(logger.log_after_next(4, values(4)))
+    logged = lambda: [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    seen = []
+
+    def run_eval():
+        seen.append(logged())
+        return {"ja": {"loss": 1.0, "perplexity": 2.7, "bits_per_byte": 0.5}}
+
+    assert logger.log_eval(4, run_eval) == run_eval()
+    assert seen[0] == [1, 2, 3, 4]  # step 4's line is written before its evaluation runs
+    returned += [logger.log_after_next(5, values(5)), logger.flush()]
     logger.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and [r["loss"] for r in rows] == [9, 8, 7, 6, 5]
-    assert [r and r["step"] for r in returned] == [None, 1, 2, 3, None, 4, 5]
+    assert [r and r["step"] for r in returned] == [None, 1, 2, 3, None, None, 5]
+    assert logger.rows == rows  # what the loops report (first and last loss, the LoRA history)
+    assert [json.loads(line)["step"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()] == [4]

@@ -128,8 +128,7 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
 
         def evaluate_held_out(step: int, state: TrainState) -> None:
             if held_out is not None and held_out.due(step, fresh_start=latest == 0):
-                keep(metrics.flush())  # the step's own line comes before its evaluation's
-                metrics.log_eval(step, held_out.run(join_params(state.params, frozen)))
+                metrics.log_eval(step, lambda: held_out.run(join_params(state.params, frozen)))
 
         params, frozen = ts.split(model)
         if latest == 0:
@@ -148,12 +147,6 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
         metrics = MetricsLogger(out, cfg.steps, latest, tokens_per_step=cfg.batch_size * d.seq_len,
                                 flops_per_token=flops_per_token(model.cfg, d.seq_len), peak_flops=None,
                                 enabled=jax.process_index() == 0, tensorboard=False, print_every=cfg.log_every)
-        history = []
-
-        def keep(row: dict | None) -> None:
-            if row is not None:
-                history.append(row)
-
         data = batches(train, d.seq_len, cfg.batch_size, seed=cfg.seed, pack_examples=d.pack)
         for _ in range(latest):  # the data position: the batches the restored steps consumed
             next(data)
@@ -166,10 +159,10 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
                 extra = {"eval_loss": eval_loss(state, frozen)} if evals and (
                     step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)) else {}
                 # logs the previous step (no host wait for this one: the next batch loads while it runs)
-                keep(metrics.log_after_next(step, m, extra))
+                metrics.log_after_next(step, m, extra)
                 evaluate_held_out(step, state)
                 if ckpt.due(step) or step == cfg.steps:
-                    keep(metrics.flush())  # every saved step has its metrics line (resume cuts later ones)
+                    metrics.flush()  # every saved step has its metrics line (resume cuts later ones)
                     tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": state.rng}
                     ckpt.save(step, tree, {"data_position": step, "stage": "lora", "model": arch,
                                            "batch_size": cfg.batch_size, "seq_len": d.seq_len})
@@ -186,5 +179,5 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
     eval_after = eval_loss(state, frozen) if evals else None
     save_adapter(trained, out, base_model_name_or_path=cfg.base, write=jax.process_index() == 0)
     after = answer(trained, tokenizer, questions, d.template, cfg.max_new_tokens, mesh)
-    return FinetuneResult(trained, tokenizer, out, history, eval_before, eval_after, before, after,
+    return FinetuneResult(trained, tokenizer, out, metrics.rows, eval_before, eval_after, before, after,
                           time.perf_counter() - t0)

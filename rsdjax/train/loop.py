@@ -177,23 +177,15 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
         log(f"resumed from {ckpt.directory}/{latest} (stage '{meta['stage']}', data position {data_pos})")
 
     step = latest or 0
-    first_loss = last_loss = None
     metrics = MetricsLogger(run_dir, cfg.steps, step, tokens_per_step=cfg.batch_size * cfg.data.seq_len,
                             flops_per_token=flops_per_token(model_cfg, cfg.data.seq_len),
                             peak_flops=peak_flops(cfg, mesh), enabled=jax.process_index() == 0,
                             tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, print_every=cfg.log.every)
     shardings = {k: ts.batch_sharding for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
 
-    def record(row: dict | None) -> None:
-        nonlocal first_loss, last_loss
-        if row is not None:
-            first_loss = row["loss"] if first_loss is None else first_loss
-            last_loss = row["loss"]
-
     def evaluate(step: int, fresh_start: bool = False) -> None:
         if held_out is not None and held_out.due(step, fresh_start):
-            record(metrics.flush())  # the step's own line comes before its evaluation's
-            metrics.log_eval(step, held_out.run(join_params(state.params, frozen)))
+            metrics.log_eval(step, lambda: held_out.run(join_params(state.params, frozen)))
 
     stopped_by = None
     try:
@@ -214,11 +206,11 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
                 step += 1
                 data_pos += cfg.batch_size
                 # logs the previous step (no host wait for this one: the next batch loads while it runs)
-                record(metrics.log_after_next(step, m, {"stage": name}))
+                metrics.log_after_next(step, m, {"stage": name})
                 evaluate(step)
                 interrupted = stop.agreed()
                 if ckpt.due(step) or step == cfg.steps or interrupted:
-                    record(metrics.flush())  # every saved step has its metrics line (resume cuts later ones)
+                    metrics.flush()  # every saved step has its metrics line (resume cuts later ones)
                     tree = {"params": join_params(state.params, frozen), "opt_state": state.opt_state,
                             "step": state.step, "rng": state.rng}
                     meta = {"data_position": data_pos, "stage": name, "model": architecture(model_cfg),
@@ -239,7 +231,9 @@ def train(cfg: TrainConfig, mesh, log=stderr_log) -> TrainResult:
         if jax.process_index() == 0 and metrics.path.exists():
             plot_loss(metrics.path, run_dir / LOSS_PNG, title=f"{cfg.name}: training loss")
             log(f"loss curve: {run_dir / LOSS_PNG}")
-    return TrainResult(run_dir, step, finished, stopped_by, first_loss, last_loss, model_dir)
+    losses = [row["loss"] for row in metrics.rows]
+    return TrainResult(run_dir, step, finished, stopped_by, losses[0] if losses else None,
+                       losses[-1] if losses else None, model_dir)
 
 
 def make_held_out(cfg: TrainConfig, tok, model_cfg, mesh, log, held_sources=()):

@@ -9,6 +9,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"  # one line per held-out evaluation: {"step", "eval": {source: metrics}}
@@ -53,6 +54,7 @@ class MetricsLogger:
         self.eval_path = Path(run_dir) / EVAL_FILE
         self._last_time = None
         self._pending = None  # (step, metrics, extra) kept back by log_after_next
+        self.rows: list[dict] = []  # every step row this logger logged (this run's steps), on every process
         self._eval_status = ""
         self._tb = self._progress = None
         if not enabled:
@@ -85,7 +87,7 @@ class MetricsLogger:
         Called right after dispatching a step, this reads the *previous* step's values, which are ready
         or nearly so, and the host goes on to the next batch while the device runs: `float()` on this
         step's values would wait for the whole step first. `flush()` before anything that must see
-        every step logged (a checkpoint, an evaluation, the end).
+        every step logged (a checkpoint, the end); `log_eval` flushes by itself.
         """
         row = self.flush()
         self._pending = (step, metrics, extra)
@@ -106,6 +108,7 @@ class MetricsLogger:
                "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tps, "step_s": seconds,
                "mfu": (tps * self.flops_per_token / self.peak_flops) if self.peak_flops else None,
                "loss_tokens": float(metrics["tokens"]), **(extra or {})}
+        self.rows.append(row)
         if not self.enabled:
             return row
         self._file.write(json.dumps(row) + "\n")
@@ -123,10 +126,14 @@ class MetricsLogger:
                   file=sys.stderr, flush=True)
         return row
 
-    def log_eval(self, step: int, results: dict[str, dict]) -> None:
-        """Record a held-out evaluation after update `step`: eval.jsonl, TensorBoard, the progress line."""
+    def log_eval(self, step: int, run_eval: Callable[[], dict[str, dict]]) -> dict[str, dict]:
+        """Run a held-out evaluation after update `step` and record it: eval.jsonl, TensorBoard, the
+        progress line. The step's own pending line is logged first, so it comes before its evaluation's
+        and its time does not include the evaluation."""
+        self.flush()
+        results = run_eval()
         if not self.enabled:
-            return
+            return results
         with open(self.eval_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "eval": results}) + "\n")
         if self._tb is not None:
@@ -139,6 +146,7 @@ class MetricsLogger:
             self._progress.console.print(f"eval step {step}/{self.total}: {line}")
         else:
             print(f"eval step {step}/{self.total}: {line}", file=sys.stderr, flush=True)
+        return results
 
     def close(self) -> None:
         if not self.enabled:
