@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rsdjax.data.packing import BATCH_KEYS
 from rsdjax.parallel.rules import activation_sharding
-from rsdjax.parallel.sharding import as_rules, state_shardings
+from rsdjax.parallel.sharding import as_rules, from_host, state_shardings
 from rsdjax.train.step import PureView, batch_sharding, check_batch
 
 
@@ -59,7 +59,7 @@ class EvalStep:
     def __call__(self, state: dict, batch: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Host batch (numpy [B, T] per key) -> (nll sums, token counts, argmax hits), [B] float64 numpy.
         Each distinct T compiles once."""
-        placed = {k: jax.device_put(np.asarray(batch[k]), self.batch_sharding) for k in BATCH_KEYS}
+        placed = {k: from_host(batch[k], self.batch_sharding) for k in BATCH_KEYS}
         with jax.set_mesh(self.mesh):
             out = self._jitted(state, placed)
         return tuple(np.asarray(x, np.float64) for x in out)

@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rsdjax.model.axes import PARAM_AXES
+from rsdjax.parallel.sharding import from_host
 
 if TYPE_CHECKING:  # the model imports this module (its `linear` calls `lora_delta`)
     from rsdjax.model.llama import Llama
@@ -241,9 +242,10 @@ def attach_lora(model: Llama, config: LoraConfig, *, seed: int = 0, weights: dic
             a_val = jax.vmap(lambda k: kaiming_uniform_a(k, in_shape, config.r))(jax.random.split(sub, cfg.num_layers))
             b_val = jnp.zeros((cfg.num_layers, config.r, *out_shape), jnp.float32)
         m = jnp.asarray(mask).reshape(-1, *([1] * (a_val.ndim - 1)))
-        a[kernel] = jax.device_put(a_val * m, _like_kernel(w, kernel, "a"))
-        b[kernel] = jax.device_put(b_val * m.reshape(-1, *([1] * (b_val.ndim - 1))), _like_kernel(w, kernel, "b"))
-        scale[kernel] = jax.device_put(jnp.asarray(mask * config.scaling), _like_kernel(w, kernel, "scale"))
+        # the same values on every process (the same seed): each copies only its own shards
+        a[kernel] = from_host(a_val * m, _like_kernel(w, kernel, "a"))
+        b[kernel] = from_host(b_val * m.reshape(-1, *([1] * (b_val.ndim - 1))), _like_kernel(w, kernel, "b"))
+        scale[kernel] = from_host(mask * config.scaling, _like_kernel(w, kernel, "scale"))
     model.lora = LoRA(config, layers, a, b, scale, seed=seed)
     return model
 

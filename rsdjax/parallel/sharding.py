@@ -7,6 +7,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -53,6 +54,16 @@ def device_bytes(tree) -> int:
 
 def is_shape_only(tree) -> bool:
     return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def from_host(value, sharding):
+    """A host array, the same on every process, placed on `sharding`: each process copies only the
+    shards its own devices hold. (`jax.device_put` of a host array onto a multi-process sharding also
+    all-gathers the whole array to check that every process passed the same value.)"""
+    value = np.asarray(value)
+    if sharding is None:
+        return jnp.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def jit_or_shapes(fn, out_shardings, *args):

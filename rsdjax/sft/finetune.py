@@ -28,6 +28,7 @@ from flax import nnx
 from rsdjax.checkpoint.peft import CONFIG_FILE, save_adapter
 from rsdjax.config import ConfigError, to_dict
 from rsdjax.model.lora import LoRAParam, attach_lora
+from rsdjax.parallel.sharding import from_host
 from rsdjax.sft.answers import answer
 from rsdjax.sft.config import FinetuneConfig
 from rsdjax.sft.data import batches, eval_batches, load_examples
@@ -154,7 +155,7 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
             evaluate_held_out(latest, state)
             metrics.start_clock()
             for step in range(latest + 1, cfg.steps + 1):
-                batch = {k: jax.device_put(v, ts.batch_sharding) for k, v in next(data).items()}
+                batch = {k: from_host(v, ts.batch_sharding) for k, v in next(data).items()}
                 state, m = ts(state, frozen, batch)
                 extra = {"eval_loss": eval_loss(state, frozen)} if evals and (
                     step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)) else {}
