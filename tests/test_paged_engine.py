@@ -131,6 +131,28 @@ def test_bad_requests_are_refused_with_the_reason(model_dir):
         engine.prefill(Request("adapter", [5, 6], SamplingParams(), adapter=1))
 
 
+def test_steps_run_in_the_smallest_compiled_shape_that_holds_them(model_dir):
+    """Rows finishing one by one, and shorter prompts after a longer one, compile nothing new (a compile
+    costs seconds, a padded step milliseconds); after warm-up each step runs in its smallest shape."""
+    from rsdjax.infer.engine import load_engine
+
+    engine, _ = load_engine(model_dir, max_slots=4, max_context=CONTEXT, **PAGED)
+    long = generate(engine, [list(range(3, 33))], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    assert {s[:3] for s in engine._compiled} == {(1, 32, 16), (1, 1, 16)}  # a 32-token chunk, 1 decode row
+    prompts = [list(range(3, 3 + n)) for n in (14, 9, 5, 3)]  # one step of chunks (32 tokens), then 4 rows
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (4, 8, 12, 16)]
+    first = generate(engine, prompts, params)
+    # the short prompts ran in the compiled 32-token chunk, 2 rows in the compiled 4, the last row alone
+    assert {s[:3] for s in engine._compiled} == {(1, 32, 16), (1, 1, 16), (4, 1, 16)}
+    assert engine._step_shape(2, 0, 1, False) == (4, 1, 16) and engine._step_shape(1, 9, 1, False) == (1, 32, 16)
+
+    engine.warmup()  # every shape compiled: each step in the smallest that holds it
+    assert engine._step_shape(2, 0, 1, False) == (2, 1, 16) and engine._step_shape(1, 9, 1, False) == (1, 16, 16)
+    assert engine._step_shape(3, 0, 2, False) == (4, 1, 16)
+    same(generate(engine, [list(range(3, 33))], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)), long)
+    same(generate(engine, prompts, params), first)  # the same tokens in the smallest shapes
+
+
 def test_warmup_compiles_every_shape(model_dir):
     engine = shared_engine(model_dir, 4, CONTEXT, **PAGED)[0]
     assert engine.batch_sizes == (1, 2, 4) and engine.chunk_sizes == (16, 32)

@@ -126,6 +126,7 @@ class PagedEngine:
         self._steps = compiled_steps(cfg, self.mesh, self.num_pages, self.page_size)
         self._pools = empty_pools(cfg, self.mesh, self.num_pages, self.page_size)
         self._state = jax.device_put(empty_seq_state(cfg, self.max_slots + 1), self._steps.replicated)
+        self._compiled: set[tuple[int, int, int, bool]] = set()  # (rows, width, attend, on adapters) run so far
         self.pool = PagePool(self.num_pages, self.page_size, prefix_caching)
         self._seqs: list[_Seq | None] = [None] * self.max_slots
         self._admitted = 0
@@ -256,10 +257,11 @@ class PagedEngine:
     def _run(self, seqs: list[_Seq], lengths: list[int], chunk: bool = False) -> list[TokenEvent]:
         """One device call: row i runs `lengths[i]` tokens of seqs[i] from its `computed` position;
         `chunk`: one prompt chunk (a chunk shape, even for one token), else decode rows."""
-        rows = 1 if chunk else bucket_for(len(seqs), self.batch_sizes)
-        width = bucket_for(max(lengths), self.chunk_sizes) if chunk else 1
         reach = max(s.computed + n for s, n in zip(seqs, lengths))
-        batch = self._empty_batch(rows, width, bucket_for(math.ceil(reach / self.page_size), self.attend_pages))
+        on_adapters = self.adapters is not None and any(s.request.adapter for s in seqs)  # another program
+        rows, width, attend = self._step_shape(len(seqs), max(lengths) if chunk else 0,
+                                               math.ceil(reach / self.page_size), on_adapters)
+        batch = self._empty_batch(rows, width, attend)
         for i, (s, n) in enumerate(zip(seqs, lengths)):
             batch.tokens[i, :n] = s.tokens[s.computed:s.computed + n]
             batch.positions[i, :n] = np.arange(s.computed, s.computed + n)
@@ -276,6 +278,7 @@ class PagedEngine:
         lora = self._lora([s.request.adapter for s in seqs] + [0] * (rows - len(seqs)))
         self._pools, self._state, (sampled, logprobs, prompt) = self._steps.step(
             self.weights, self._pools, self._state, batch, lora, np.bool_(want), np.bool_(scoring))
+        self._compiled.add((rows, width, attend, on_adapters))
         sampled = np.asarray(sampled)
         logprobs = tuple(np.asarray(a) for a in logprobs) if want else None
         if scoring:
@@ -289,6 +292,20 @@ class PagedEngine:
                 s.generated += 1
                 events.append(self._event(s, int(sampled[i]), logprobs, i))
         return events
+
+    def _step_shape(self, rows: int, chunk: int, pages: int, on_adapters: bool) -> tuple[int, int, int]:
+        """(rows, width, attended pages) for `rows` decode rows (`chunk` 0) or one prompt chunk of `chunk`
+        tokens, reaching `pages` pages: the smallest shape this engine has compiled that holds it, else
+        the smallest that does. A compile costs seconds and a padded step milliseconds, so a generation
+        whose rows finish one by one, or a short prompt after a long one, compiles nothing new; after
+        `warmup` every shape is compiled and each step runs in the smallest that holds it."""
+        need = (1, chunk, pages) if chunk else (rows, 1, pages)
+        compiled = [s[:3] for s in self._compiled if s[3] == on_adapters and (s[1] > 1) == bool(chunk)
+                    and all(a >= b for a, b in zip(s, need))]
+        if compiled:
+            return min(compiled, key=lambda s: (s[0] * s[1], s[2]))
+        width = bucket_for(chunk, self.chunk_sizes) if chunk else 1
+        return (1 if chunk else bucket_for(rows, self.batch_sizes)), width, bucket_for(pages, self.attend_pages)
 
     def _empty_batch(self, rows: int, width: int, attend: int) -> StepBatch:
         """Every row padding (positions -1, the spare state row, no grammar) until filled in."""
@@ -330,6 +347,7 @@ class PagedEngine:
         variants = [[0], [1]] if self.adapters is not None else [[0]]
         for rows, width, attend in shapes:
             for entry in variants:
+                self._compiled.add((rows, width, attend, entry == [1]))
                 self._pools, self._state, _ = self._steps.step(
                     self.weights, self._pools, self._state, self._empty_batch(rows, width, attend),
                     self._lora(entry * rows), np.bool_(False), np.bool_(False))
