@@ -100,14 +100,17 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict, extra: dict | None = None) -> dict:
         """Record the metrics of update number `step` (1-based: the step count after it)."""
+        # read the values first: that waits for the step, so its time ends when it finished (the last
+        # step, flushed right after the one before it was logged, had timed ~0 s)
+        values = {k: float(metrics[k]) for k in ("loss", "lr", "grad_norm", "tokens")}
         now = time.perf_counter()
         seconds = now - self._last_time if self._last_time is not None else float("nan")
         self._last_time = now
         tps = self.tokens_per_step / seconds if seconds > 0 else float("nan")
-        row = {"step": step, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
-               "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tps, "step_s": seconds,
+        row = {"step": step, "loss": values["loss"], "lr": values["lr"], "grad_norm": values["grad_norm"],
+               "tokens_per_s": tps, "step_s": seconds,
                "mfu": (tps * self.flops_per_token / self.peak_flops) if self.peak_flops else None,
-               "loss_tokens": float(metrics["tokens"]), **(extra or {})}
+               "loss_tokens": values["tokens"], **(extra or {})}
         self.rows.append(row)
         if not self.enabled:
             return row
