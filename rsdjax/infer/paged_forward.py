@@ -13,11 +13,13 @@ Pools are sharded like the contiguous cache: kv heads over `tensor` when they di
 replicated otherwise; pages are not split over `data` (any sequence may use any page), the rows
 of a step are.
 
-Sampling state lives here too, one row per engine slot plus a spare row that padding rows of a
-batch point at (so they read and write harmless values): PRNG key, tokens sampled so far,
-sampling settings, prompt-token mask and output counts (penalties). It stays on the device for the
-whole life of a request, preemptions included, so a recomputed request samples exactly as if it
-had never been paused.
+A step is two programs: the forward, compiled per (rows, width, attended pages), and sampling,
+compiled per row count only (sorting the vocabulary and drawing noise cost about as much to compile
+as a small model's forward, and warm-up compiles every forward shape). Sampling state lives here
+too, one row per engine slot plus a spare row that padding rows of a batch point at (so they read
+and write harmless values): PRNG key, tokens sampled so far, sampling settings, prompt-token mask
+and output counts (penalties). It stays on the device for the whole life of a request, preemptions
+included, so a recomputed request samples exactly as if it had never been paused.
 """
 from __future__ import annotations
 
@@ -156,21 +158,14 @@ class StepBatch:
     targets: jax.Array  # i32 [R, C]: the token each position is scored on (prompt logprobs)
 
 
-def run_step(cfg: ModelConfig, mesh, weights, pools, state: SeqState, batch: StepBatch, lora, want_logprobs,
-             want_prompt_logprobs):
-    """Forward R rows, sample one token per row from its slot's state, and advance the state of the
-    rows that emit. Logprobs (top MAX_TOP_LOGPROBS) behind runtime branches, so asking for them
-    compiles nothing new; prompt logprobs only in chunk shapes (C > 1: decode rows score nothing)."""
+def forward_step(cfg: ModelConfig, mesh, weights, pools, batch: StepBatch, lora, want_prompt_logprobs):
+    """Forward R rows of C tokens -> the pools, each row's logits [R, V] at its `last` column, and (chunk
+    shapes only, C > 1: decode rows score nothing) its prompt tokens' logprobs behind a runtime branch,
+    so asking for them compiles nothing new."""
     with activation_sharding(mesh, INFER_RULES):
         logits, pools, hidden = paged_forward(cfg, weights, pools, batch.tokens, batch.positions,
                                               batch.block_tables, batch.last, lora)
-        rows = batch.rows
-        params = jax.tree.map(lambda a: a[rows], state.params)
-        sampled = sample(logits, params, state.keys[rows], state.steps[rows], state.prompt_mask[rows],
-                         state.counts[rows], batch.bitmask)
-        r, c, k = logits.shape[0], batch.tokens.shape[1], MAX_TOP_LOGPROBS
-        none = (jnp.zeros(r, jnp.float32), jnp.zeros((r, k), jnp.int32), jnp.zeros((r, k), jnp.float32))
-        logprobs = jax.lax.cond(want_logprobs, lambda: token_logprobs(logits, sampled, k), lambda: none)
+        r, c, k = batch.tokens.shape[0], batch.tokens.shape[1], MAX_TOP_LOGPROBS
         prompt = None
         if c > 1:
             unscored = (jnp.zeros((r, c), jnp.float32), jnp.zeros((r, c, k), jnp.int32),
@@ -178,10 +173,24 @@ def run_step(cfg: ModelConfig, mesh, weights, pools, state: SeqState, batch: Ste
             prompt = jax.lax.cond(want_prompt_logprobs,
                                   lambda: forward.prompt_logprobs(cfg, weights, hidden, batch.targets, k),
                                   lambda: unscored)
-    inc = batch.emit.astype(jnp.int32)
+    return pools, logits, prompt
+
+
+def sample_step(state: SeqState, logits, rows, emit, bitmask, want_logprobs):
+    """One token per row from its slot's state (logprobs, top MAX_TOP_LOGPROBS, behind a runtime
+    branch); the rows that `emit` advance their PRNG counter and output counts. A program of its own,
+    compiled once per row count: sorting the vocabulary and drawing Gumbel noise cost about as much to
+    compile as a small model's whole forward, and forward shapes are (rows x width x attended pages)."""
+    params = jax.tree.map(lambda a: a[rows], state.params)
+    sampled = sample(logits, params, state.keys[rows], state.steps[rows], state.prompt_mask[rows],
+                     state.counts[rows], bitmask)
+    r, k = logits.shape[0], MAX_TOP_LOGPROBS
+    none = (jnp.zeros(r, jnp.float32), jnp.zeros((r, k), jnp.int32), jnp.zeros((r, k), jnp.float32))
+    logprobs = jax.lax.cond(want_logprobs, lambda: token_logprobs(logits, sampled, k), lambda: none)
+    inc = emit.astype(jnp.int32)
     state = dataclasses.replace(state, steps=state.steps.at[rows].add(inc),
                                 counts=state.counts.at[rows, sampled].add(inc))
-    return pools, state, (sampled, logprobs, prompt)
+    return state, (sampled, logprobs)
 
 
 def arm_slot(state: SeqState, slot, key, params, prompt_mask) -> SeqState:
@@ -194,11 +203,18 @@ def arm_slot(state: SeqState, slot, key, params, prompt_mask) -> SeqState:
 
 @dataclasses.dataclass(frozen=True)
 class PagedSteps:
-    # (weights, pools, state, batch, lora, want_logprobs, want_prompt_logprobs) -> (pools, state, outputs)
-    step: object
+    forward: object  # (weights, pools, batch, lora, want_prompt_logprobs) -> (pools, logits, prompt logprobs)
+    sample: object  # (state, logits, rows, emit, bitmask, want_logprobs) -> (state, (sampled, logprobs))
     arm: object  # (state, slot, key, params, prompt_mask) -> state
     pool_sharding: NamedSharding
     replicated: NamedSharding
+
+    def step(self, weights, pools, state: SeqState, batch: StepBatch, lora, want_logprobs, want_prompt_logprobs):
+        """One engine step, the forward then sampling -> (pools, state, (sampled, logprobs, prompt logprobs))."""
+        pools, logits, prompt = self.forward(weights, pools, batch, lora, want_prompt_logprobs)
+        state, (sampled, logprobs) = self.sample(state, logits, batch.rows, batch.emit, batch.bitmask,
+                                                 want_logprobs)
+        return pools, state, (sampled, logprobs, prompt)
 
 
 _COMPILED: dict[tuple, PagedSteps] = {}
@@ -214,8 +230,9 @@ def compiled_steps(cfg: ModelConfig, mesh, num_pages: int, page_size: int) -> Pa
         replicated = NamedSharding(mesh, PartitionSpec())
         states = jax.tree.map(lambda _: replicated, empty_seq_state(cfg, 1))
         _COMPILED[key] = PagedSteps(
-            step=jax.jit(functools.partial(run_step, cfg, mesh), donate_argnums=(1, 2),
-                         out_shardings=(pools, states, replicated)),
+            forward=jax.jit(functools.partial(forward_step, cfg, mesh), donate_argnums=(1,),
+                            out_shardings=(pools, replicated, replicated)),
+            sample=jax.jit(sample_step, donate_argnums=(0,), out_shardings=(states, replicated)),
             arm=jax.jit(arm_slot, donate_argnums=(0,), out_shardings=states),
             pool_sharding=sharding, replicated=replicated)
     return _COMPILED[key]
