@@ -74,7 +74,6 @@ def test_shape_only_serving_weights_compile_the_engines_own_decode(tiny_hf_dir):
     (from the abstract model through the engine's `serving_weights`) carry the concrete ones' shapes,
     dtypes and shardings, so both compile to the same program."""
     from rsdjax.infer.engine import SlotEngine
-    from rsdjax.infer.sampling import no_constraint
     from rsdjax.loading import load_model
     from rsdjax.parallel.mesh import make_mesh
 
@@ -82,8 +81,8 @@ def test_shape_only_serving_weights_compile_the_engines_own_decode(tiny_hf_dir):
     engine = SlotEngine(load_model(tiny_hf_dir, mesh=mesh), max_slots=4, max_context=64, mesh=mesh)
     cfg = engine.cfg
     aot_decode = aot.compile_infer(cfg, mesh, 2, 64, 16, only_decode=True)[0]
-    bitmask = jax.device_put(no_constraint(4, cfg.vocab_size), engine._steps.state_sharding)
-    real = engine._steps.decode.lower(engine.weights, engine._cache, engine._state, bitmask, None, 64, 0).compile()
+    state = engine._state
+    real = engine._steps.decode.lower(engine.weights, engine._cache, state.tokens, state.positions, None, 64).compile()
     mem = real.memory_analysis()
     assert (aot_decode.argument_bytes, aot_decode.output_bytes, aot_decode.temp_bytes, aot_decode.alias_bytes) == (
         mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes)

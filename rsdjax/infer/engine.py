@@ -130,7 +130,7 @@ class SlotEngine:
         bitmask = fill_bitmasks([r.params.guide for r in requests] + [None] * (rows - len(requests)),
                                 self.cfg.vocab_size)
         lora = self._lora([r.adapter for r in requests] + [0] * (rows - len(requests)))
-        cache, keys, prompt_mask, first, logprobs, prompt = self._steps.prefill(
+        cache, keys, prompt_mask, first, logprobs, prompt = self._steps.prefill_and_sample(
             self.weights, tokens, lengths, SamplingArrays.from_params(params), seeds, bitmask, lora, top_k,
             prompt_top_k)
         first = np.asarray(first)
@@ -172,7 +172,7 @@ class SlotEngine:
         bitmask = (jax.device_put(fill_bitmasks(guides, self.cfg.vocab_size), self._steps.state_sharding)
                    if any(guides) else self._no_constraint)  # the same sharding either way: one compiled step
         lora = self._lora([s.request.adapter if s is not None else 0 for s in self._slots])
-        self._cache, self._state, (tokens, logprobs) = self._steps.decode(
+        self._cache, self._state, (tokens, logprobs) = self._steps.decode_and_sample(
             self.weights, self._cache, self._state, bitmask, lora, attend, top_k)
         tokens = np.asarray(tokens)
         logprobs = None if logprobs is None else tuple(np.asarray(a) for a in logprobs)

@@ -1,9 +1,13 @@
-"""The slot engine's device side: per-slot state and the three jitted steps (prefill, insert, decode).
+"""The slot engine's device side: per-slot state and its jitted steps (prefill, insert, decode, each
+forward followed by its sampling program).
 
 The steps are compiled once per (model config, mesh, slots, context) and shared by every engine
 with those, so re-creating an engine (an in-process CLI run, a test, a server restart) reuses the
 compiled code instead of compiling again. Decode and insert donate the cache and the slot state
 and have fixed output shardings, so both stay in place, with the same layout, step after step.
+Sampling is a program of its own, compiled per row count rather than per prompt or attention
+bucket: sorting the vocabulary and drawing noise cost about as much to compile as a small model's
+whole forward.
 """
 from __future__ import annotations
 
@@ -59,10 +63,9 @@ def empty_cache(cfg: ModelConfig, mesh, max_slots: int, max_context: int):
     return layout(mesh).empty_cache(cfg, mesh, max_slots, max_context)
 
 
-def prefill_step(cfg: ModelConfig, mesh, weights, tokens, lengths, params, seeds, bitmask, lora, top_k: int,
-                 prompt_top_k: int = 0):
-    """Padded prompts [rows, bucket] -> their K/V, PRNG keys, prompt masks, first tokens (+ logprobs),
-    and with `prompt_top_k` the logprobs of every prompt token (`forward.prompt_logprobs`)."""
+def prefill_step(cfg: ModelConfig, mesh, weights, tokens, lengths, lora, prompt_top_k: int = 0):
+    """Padded prompts [rows, bucket] -> their K/V and last-token logits, and with `prompt_top_k` the
+    logprobs of every prompt token (`forward.prompt_logprobs`)."""
     with activation_sharding(mesh, INFER_RULES):
         if prompt_top_k:
             logits, cache, hidden = layout(mesh).prefill(cfg, weights, tokens, lengths, return_hidden=True,
@@ -71,15 +74,20 @@ def prefill_step(cfg: ModelConfig, mesh, weights, tokens, lengths, params, seeds
         else:
             logits, cache = layout(mesh).prefill(cfg, weights, tokens, lengths, lora=lora)
             prompt = None
-        rows, vocab = tokens.shape[0], cfg.vocab_size
-        real = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-        prompt_mask = jnp.zeros((rows, vocab), bool).at[
-            jnp.arange(rows)[:, None], jnp.where(real, tokens, vocab)].set(True, mode="drop")
-        keys = keys_from_seeds(seeds)
-        first = sample(logits, params, keys, jnp.zeros(rows, jnp.int32), prompt_mask,
-                       jnp.zeros((rows, vocab), jnp.int32), bitmask)
-        logprobs = token_logprobs(logits, first, top_k) if top_k else None
-    return cache, keys, prompt_mask, first, logprobs, prompt
+    return cache, logits, prompt
+
+
+def first_tokens(logits, tokens, lengths, params, seeds, bitmask, top_k: int):
+    """Prefill's sampling: PRNG keys, prompt masks and first tokens (+ logprobs)."""
+    rows, vocab = logits.shape
+    real = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    prompt_mask = jnp.zeros((rows, vocab), bool).at[
+        jnp.arange(rows)[:, None], jnp.where(real, tokens, vocab)].set(True, mode="drop")
+    keys = keys_from_seeds(seeds)
+    first = sample(logits, params, keys, jnp.zeros(rows, jnp.int32), prompt_mask,
+                   jnp.zeros((rows, vocab), jnp.int32), bitmask)
+    logprobs = token_logprobs(logits, first, top_k) if top_k else None
+    return keys, prompt_mask, first, logprobs
 
 
 def insert_step(cfg: ModelConfig, put_rows, cache, state: SlotState, prefilled_cache, keys, prompt_mask, row, slot,
@@ -95,27 +103,47 @@ def insert_step(cfg: ModelConfig, put_rows, cache, state: SlotState, prefilled_c
     return cache, state
 
 
-def decode_step(cfg: ModelConfig, mesh, weights, cache, state: SlotState, bitmask, lora, attend: int, top_k: int):
-    """One token for every slot: forward, sample, advance the state."""
+def decode_step(cfg: ModelConfig, mesh, weights, cache, tokens, positions, lora, attend: int):
+    """One token's forward for every slot -> (cache, logits [slots, V])."""
     with activation_sharding(mesh, INFER_RULES):
-        logits, cache = layout(mesh).decode(cfg, weights, cache, state.tokens, state.positions, attend, lora)
-        tokens = sample(logits, state.params, state.keys, state.steps, state.prompt_mask, state.counts, bitmask)
-        logprobs = token_logprobs(logits, tokens, top_k) if top_k else None
+        logits, cache = layout(mesh).decode(cfg, weights, cache, tokens, positions, attend, lora)
+    return cache, logits
+
+
+def next_tokens(state: SlotState, logits, bitmask, top_k: int):
+    """Decode's sampling: a token per slot, the state advanced."""
+    tokens = sample(logits, state.params, state.keys, state.steps, state.prompt_mask, state.counts, bitmask)
+    logprobs = token_logprobs(logits, tokens, top_k) if top_k else None
     rows = jnp.arange(tokens.shape[0])
     state = dataclasses.replace(state, tokens=tokens, positions=state.positions + 1, steps=state.steps + 1,
                                 counts=state.counts.at[rows, tokens].add(1))
-    return cache, state, (tokens, logprobs)
+    return state, (tokens, logprobs)
 
 
 @dataclasses.dataclass(frozen=True)
 class CompiledSteps:
-    # (weights, tokens, lengths, params, seeds, bitmask, lora, top_k, prompt_top_k) -> prefill_step outputs;
-    # lora: None, or (adapter pool layers, adapter index per row) -- see rsdjax.infer.adapters
+    # (weights, tokens, lengths, lora, prompt_top_k) -> (cache, logits, prompt logprobs); lora: None, or
+    # (adapter pool layers, adapter index per row) -- see rsdjax.infer.adapters
     prefill: object
+    first_tokens: object  # (logits, tokens, lengths, params, seeds, bitmask, top_k) -> (keys, prompt_mask, first, logprobs)
     insert: object  # (cache, state, prefilled_cache, keys, prompt_mask, row, slot, token, length, params)
-    decode: object  # (weights, cache, state, bitmask, lora, attend, top_k) -> (cache, state, (tokens, logprobs))
+    decode: object  # (weights, cache, tokens, positions, lora, attend) -> (cache, logits)
+    next_tokens: object  # (state, logits, bitmask, top_k) -> (state, (tokens, logprobs))
     cache_sharding: NamedSharding
     state_sharding: NamedSharding
+
+    def prefill_and_sample(self, weights, tokens, lengths, params, seeds, bitmask, lora, top_k: int,
+                           prompt_top_k: int = 0):
+        """-> (cache, keys, prompt_mask, first tokens, logprobs, prompt logprobs)."""
+        cache, logits, prompt = self.prefill(weights, tokens, lengths, lora, prompt_top_k)
+        keys, prompt_mask, first, logprobs = self.first_tokens(logits, tokens, lengths, params, seeds, bitmask, top_k)
+        return cache, keys, prompt_mask, first, logprobs, prompt
+
+    def decode_and_sample(self, weights, cache, state: SlotState, bitmask, lora, attend: int, top_k: int):
+        """-> (cache, state, (tokens, logprobs))."""
+        cache, logits = self.decode(weights, cache, state.tokens, state.positions, lora, attend)
+        state, out = self.next_tokens(state, logits, bitmask, top_k)
+        return cache, state, out
 
 
 _COMPILED: dict[tuple, CompiledSteps] = {}
@@ -130,10 +158,13 @@ def compiled_steps(cfg: ModelConfig, mesh, max_slots: int, max_context: int) -> 
         replicated = NamedSharding(mesh, PartitionSpec())
         state_shardings = jax.tree.map(lambda _: replicated, empty_state(cfg, 1, 1))
         _COMPILED[key] = CompiledSteps(
-            prefill=jax.jit(functools.partial(prefill_step, cfg, mesh), static_argnums=(7, 8)),
+            prefill=jax.jit(functools.partial(prefill_step, cfg, mesh), static_argnums=(4,)),
+            first_tokens=jax.jit(first_tokens, static_argnums=(6,)),
             insert=jax.jit(functools.partial(insert_step, cfg, impl.put_rows), donate_argnums=(0, 1),
                            out_shardings=(cache_shardings, state_shardings)),
-            decode=jax.jit(functools.partial(decode_step, cfg, mesh), static_argnums=(5, 6), donate_argnums=(1, 2),
-                           out_shardings=(cache_shardings, state_shardings, replicated)),
+            decode=jax.jit(functools.partial(decode_step, cfg, mesh), static_argnums=(5,), donate_argnums=(1,),
+                           out_shardings=(cache_shardings, replicated)),
+            next_tokens=jax.jit(next_tokens, static_argnums=(3,), donate_argnums=(0,),
+                                out_shardings=(state_shardings, replicated)),
             cache_sharding=cache_sharding, state_sharding=replicated)
     return _COMPILED[key]

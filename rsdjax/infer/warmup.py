@@ -37,13 +37,20 @@ def _lora_stand_ins(engine, rows: int) -> list:
     return [None, (engine.adapters.layers, jax.ShapeDtypeStruct((rows,), jnp.int32))]
 
 
-def lower_decode(engine, attend: int, logprobs: bool = False, adapters: bool = False):
-    """The decode step lowered as `SlotEngine.generate` calls it (no grammar; base-model slots, or
-    with `adapters` slots on the adapter pool)."""
-    top_k = MAX_TOP_LOGPROBS if logprobs else 0
+def lower_decode(engine, attend: int, adapters: bool = False):
+    """The decode forward lowered as `SlotEngine.generate` calls it (base-model slots, or with
+    `adapters` slots on the adapter pool)."""
     lora = _lora_stand_ins(engine, engine.max_slots)[-1 if adapters else 0]
-    return engine._steps.decode.lower(engine.weights, engine._cache, engine._state, engine._no_constraint,
-                                      lora, int(attend), top_k)
+    state = engine._state
+    return engine._steps.decode.lower(engine.weights, engine._cache, state.tokens, state.positions, lora, int(attend))
+
+
+def _compile_sampling(engine, logprobs: bool) -> None:
+    """Decode's sampling program (one for every attention bucket: it sees only [slots, vocab] logits)."""
+    top_k = MAX_TOP_LOGPROBS if logprobs else 0
+    logits = jax.ShapeDtypeStruct((engine.max_slots, engine.cfg.vocab_size), jnp.float32,
+                                  sharding=engine._steps.state_sharding)
+    engine._steps.next_tokens.lower(engine._state, logits, engine._no_constraint, top_k).compile()
 
 
 def compile_decode(engine, attend_buckets: Iterable[int], logprobs: bool = False) -> int:
@@ -52,13 +59,15 @@ def compile_decode(engine, attend_buckets: Iterable[int], logprobs: bool = False
     n = 0
     for attend in attend_buckets:
         for adapters in (False, True) if engine.adapters is not None else (False,):
-            lower_decode(engine, attend, logprobs, adapters).compile()
+            lower_decode(engine, attend, adapters).compile()
         n += 1
+    _compile_sampling(engine, logprobs)
     return n
 
 
 def compile_prefill(engine, rows: int, length: int, logprobs: bool = False):
-    """Compile prefill for `rows` prompts padded to `length` and the insert of one of its rows."""
+    """Compile prefill (forward and sampling) for `rows` prompts padded to `length` and the insert of
+    one of its rows."""
     steps = engine._steps
     top_k = MAX_TOP_LOGPROBS if logprobs else 0
     tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32)
@@ -67,15 +76,21 @@ def compile_prefill(engine, rows: int, length: int, logprobs: bool = False):
     params = SamplingArrays.from_params([SamplingParams()] * rows)
     bitmask = jax.ShapeDtypeStruct((rows, bitmask_words(engine.cfg.vocab_size)), jnp.int32)
     for lora in _lora_stand_ins(engine, rows):
-        lowered = steps.prefill.lower(engine.weights, tokens, lengths, params, seeds, bitmask, lora, top_k)
-        compiled = lowered.compile()  # both variants have the same outputs: the insert below serves both
-    # the insert sees prefill's outputs as committed arrays: give the stand-ins their shardings too
-    outs = jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
-                        lowered.out_info, compiled.output_shardings)
-    cache, keys, prompt_mask = outs[:3]
+        lowered = steps.prefill.lower(engine.weights, tokens, lengths, lora, 0)
+        compiled = lowered.compile()  # both variants have the same outputs: what follows serves both
+    # the programs after it see prefill's outputs as committed arrays: give the stand-ins their shardings
+    cache, logits, _ = _committed(lowered, compiled)
+    sampling = steps.first_tokens.lower(logits, tokens, lengths, params, seeds, bitmask, top_k)
+    keys, prompt_mask = _committed(sampling, sampling.compile())[:2]
     one = jax.tree.map(lambda a: a[0], SamplingArrays.from_params([SamplingParams()]))
     # the engine passes row, slot, token and length as Python ints (weakly typed int32 scalars)
     steps.insert.lower(engine._cache, engine._state, cache, keys, prompt_mask, 0, 0, 0, 1, one).compile()
+
+
+def _committed(lowered, compiled):
+    """A compiled program's outputs as shape stand-ins with the shardings it gives them."""
+    return jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
+                        lowered.out_info, compiled.output_shardings)
 
 
 def compile_for_prompts(engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, logprobs: bool = False) -> None:

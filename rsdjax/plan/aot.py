@@ -73,8 +73,6 @@ def compile_infer(cfg: ModelConfig, mesh, batch: int, seq: int, prompt_len: int,
     to its bucket), and the decode step at its widest attention bucket (the whole cache)."""
     from rsdjax.infer import steps as serving
     from rsdjax.infer.engine import MIN_PREFILL_BUCKET
-    from rsdjax.infer.interface import SamplingParams
-    from rsdjax.infer.sampling import SamplingArrays, no_constraint
     from rsdjax.infer.shapes import bucket_for, buckets
 
     slots = batch * mesh_shape_of(mesh)["data"]
@@ -92,14 +90,15 @@ def compile_infer(cfg: ModelConfig, mesh, batch: int, seq: int, prompt_len: int,
     if not only_decode:
         rows = 1 << (slots - 1).bit_length()  # as SlotEngine pads a batch of prompts
         length = bucket_for(prompt_len, buckets(MIN_PREFILL_BUCKET, seq))
-        args = host((np.zeros((rows, length), np.int32), np.ones(rows, np.int32),
-                     SamplingArrays.from_params([SamplingParams()] * rows), np.zeros((rows, 2), np.uint32),
-                     no_constraint(rows, cfg.vocab_size)))
-        lowered = compiled.prefill.lower(weights, *args, None, 0, 0)
+        args = host((np.zeros((rows, length), np.int32), np.ones(rows, np.int32)))
+        lowered = compiled.prefill.lower(weights, *args, None, 0)
         # the engine's KV cache and slot state stay on the device while a prefill runs
         out.append(_figures("prefill", lowered.compile(), device_bytes((cache, state))))
-    lowered = compiled.decode.lower(weights, cache, state, host(no_constraint(slots, cfg.vocab_size)), None, seq, 0)
-    out.append(_figures("decode", lowered.compile()))
+    # the forward (sampling is a program of its own, over [slots, vocab] arrays); the rest of the
+    # slot state stays on the device meanwhile
+    lowered = compiled.decode.lower(weights, cache, state.tokens, state.positions, None, seq)
+    rest = dataclasses.replace(state, tokens=None, positions=None)
+    out.append(_figures("decode", lowered.compile(), device_bytes(rest)))
     return out
 
 
