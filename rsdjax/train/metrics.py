@@ -90,7 +90,10 @@ class MetricsLogger:
         every step logged (a checkpoint, the end); `log_eval` flushes by itself.
         """
         row = self.flush()
-        self._pending = (step, metrics, extra)
+        # a step that finished while it was dispatched (XLA:CPU often runs one synchronously) ends now;
+        # timed when its values are read instead, it would take the next step's time as well
+        done = time.perf_counter() if all(getattr(v, "is_ready", lambda: True)() for v in metrics.values()) else None
+        self._pending = (step, metrics, extra, done)
         return row
 
     def flush(self) -> dict | None:
@@ -98,12 +101,12 @@ class MetricsLogger:
         pending, self._pending = self._pending, None
         return self.log(*pending) if pending else None
 
-    def log(self, step: int, metrics: dict, extra: dict | None = None) -> dict:
-        """Record the metrics of update number `step` (1-based: the step count after it)."""
-        # read the values first: that waits for the step, so its time ends when it finished (the last
-        # step, flushed right after the one before it was logged, had timed ~0 s)
+    def log(self, step: int, metrics: dict, extra: dict | None = None, finished_at: float | None = None) -> dict:
+        """Record the metrics of update number `step` (1-based: the step count after it); `finished_at`:
+        when the step was seen finished (perf_counter), else when its values are read."""
+        # read the values first: that waits for the step, so its time ends when it finished
         values = {k: float(metrics[k]) for k in ("loss", "lr", "grad_norm", "tokens")}
-        now = time.perf_counter()
+        now = finished_at if finished_at is not None else time.perf_counter()
         seconds = now - self._last_time if self._last_time is not None else float("nan")
         self._last_time = now
         tps = self.tokens_per_step / seconds if seconds > 0 else float("nan")
