@@ -43,8 +43,8 @@ CITIES = ["Tokyo", "Osaka", "New \"York\""]
 def live(request, tmp_path_factory, tiny_tokenizer_dir):
     model_dir = confident_dir_with_tokenizer(tmp_path_factory, tiny_tokenizer_dir)
     engine, tokenizer = shared_engine(model_dir, max_slots=8, max_context=128, kind=request.param)
-    if hasattr(engine, "warmup"):  # as `rsdjax serve` does: every shape compiled before the first request
-        engine.warmup()
+    # no warm-up (test_paged_engine and test_serve_e2e cover it): only the shapes these tests run
+    # are compiled
     with ServerThread(create_app(engine, tokenizer, ["tiny"])) as server:
         yield server.url, engine
 
