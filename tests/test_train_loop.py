@@ -358,3 +358,47 @@ def test_metrics_logged_one_step_late_are_each_logged_once_in_order(tmp_path):
     assert [r and r["step"] for r in returned] == [None, 1, 2, 3, None, None, 5]
     assert logger.rows == rows  # what the loops report (first and last loss, the LoRA history)
     assert [json.loads(line)["step"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()] == [4]
+
+
+def test_step_times_end_when_each_step_finished_and_leave_evaluations_out(tmp_path, monkeypatch):
+    """A step already finished when dispatched (XLA:CPU often runs one synchronously) ends then, not
+    when its values are read after the next one ran; one still running ends when its values arrive; an
+    evaluation logged with a step counts in neither its time nor the next step's."""
+    from rsdjax.train import metrics as metrics_module
+
+    clock = [0.0]
+    monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: clock[0])
+
+    class Running:  # a device value not ready at dispatch: reading it waits until t = `arrives`
+        def __init__(self, arrives):
+            self.arrives = arrives
+
+        def is_ready(self):
+            return False
+
+        def __float__(self):
+            clock[0] = max(clock[0], self.arrives)
+            return 1.0
+
+    def at(t, step, loss=1.0):
+        clock[0] = t
+        return logger.log_after_next(step, {"loss": loss, "lr": 1e-3, "grad_norm": 1.0, "tokens": 8})
+
+    def evaluate():
+        clock[0] += 10.0
+        return {"eval_loss": 0.5}
+
+    logger = metrics_module.MetricsLogger(tmp_path, total_steps=5, start_step=0, tokens_per_step=8,
+                                          flops_per_token=1.0, peak_flops=None, tensorboard=False, progress=False)
+    logger.start_clock()
+    at(2.0, 1)
+    at(4.0, 2)
+    assert logger.flush(late=evaluate)["eval_loss"] == 0.5  # step 2 and its evaluation, t = 4 -> 14
+    at(16.0, 3)
+    at(17.0, 4, loss=Running(20.0))
+    at(18.0, 5, loss=Running(23.0))  # logs step 4: its value arrives at t = 20
+    logger.flush()
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step_s"] for r in rows] == [2.0, 2.0, 2.0, 4.0, 3.0]
+    assert [r.get("eval_loss") for r in rows] == [None, 0.5, None, None, None]

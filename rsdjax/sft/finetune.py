@@ -142,6 +142,7 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
             state = TrainState(tree["step"], tree["params"], tree["opt_state"], tree["rng"])
             log(f"resumed from {ckpt.directory}/{latest}")
         eval_before = eval_loss(state, frozen) if evals else None
+        eval_after = None
         if jax.process_index() == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "finetune_config.json").write_text(json.dumps(to_dict(cfg), indent=2, ensure_ascii=False))
@@ -157,10 +158,11 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
             for step in range(latest + 1, cfg.steps + 1):
                 batch = {k: from_host(v, ts.batch_sharding) for k, v in next(data).items()}
                 state, m = ts(state, frozen, batch)
-                extra = {"eval_loss": eval_loss(state, frozen)} if evals and (
-                    step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)) else {}
                 # logs the previous step (no host wait for this one: the next batch loads while it runs)
-                metrics.log_after_next(step, m, extra)
+                metrics.log_after_next(step, m)
+                if evals and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    row = metrics.flush(late=lambda: {"eval_loss": eval_loss(state, frozen)})
+                    eval_after = row["eval_loss"] if step == cfg.steps else None
                 evaluate_held_out(step, state)
                 if ckpt.due(step) or step == cfg.steps:
                     metrics.flush()  # every saved step has its metrics line (resume cuts later ones)
@@ -177,7 +179,8 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
     finally:
         ckpt.close()
     trained = ts.merge(state.params, frozen)
-    eval_after = eval_loss(state, frozen) if evals else None
+    if evals and eval_after is None:  # the last step ran in an earlier attempt
+        eval_after = eval_loss(state, frozen)
     save_adapter(trained, out, base_model_name_or_path=cfg.base, write=jax.process_index() == 0)
     after = answer(trained, tokenizer, questions, d.template, cfg.max_new_tokens, mesh)
     return FinetuneResult(trained, tokenizer, out, metrics.rows, eval_before, eval_after, before, after,

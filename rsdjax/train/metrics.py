@@ -96,19 +96,24 @@ class MetricsLogger:
         self._pending = (step, metrics, extra, done)
         return row
 
-    def flush(self) -> dict | None:
-        """Log the metrics `log_after_next` kept back (the row; None if there were none)."""
+    def flush(self, late: Callable[[], dict] | None = None) -> dict | None:
+        """Log the metrics `log_after_next` kept back (the row; None if there were none). `late`: more
+        values for the row (an evaluation), computed after the step's time is taken."""
         pending, self._pending = self._pending, None
-        return self.log(*pending) if pending else None
+        return self.log(*pending, late=late) if pending else None
 
-    def log(self, step: int, metrics: dict, extra: dict | None = None, finished_at: float | None = None) -> dict:
+    def log(self, step: int, metrics: dict, extra: dict | None = None, finished_at: float | None = None,
+            late: Callable[[], dict] | None = None) -> dict:
         """Record the metrics of update number `step` (1-based: the step count after it); `finished_at`:
-        when the step was seen finished (perf_counter), else when its values are read."""
+        when the step was seen finished (perf_counter), else when its values are read; `late`: as in flush."""
         # read the values first: that waits for the step, so its time ends when it finished
         values = {k: float(metrics[k]) for k in ("loss", "lr", "grad_norm", "tokens")}
         now = finished_at if finished_at is not None else time.perf_counter()
         seconds = now - self._last_time if self._last_time is not None else float("nan")
         self._last_time = now
+        if late is not None:  # run before the next step is dispatched: its time starts after this work
+            extra = {**(extra or {}), **late()}
+            self._last_time = time.perf_counter()
         tps = self.tokens_per_step / seconds if seconds > 0 else float("nan")
         row = {"step": step, "loss": values["loss"], "lr": values["lr"], "grad_norm": values["grad_norm"],
                "tokens_per_s": tps, "step_s": seconds,
@@ -135,9 +140,11 @@ class MetricsLogger:
     def log_eval(self, step: int, run_eval: Callable[[], dict[str, dict]]) -> dict[str, dict]:
         """Run a held-out evaluation after update `step` and record it: eval.jsonl, TensorBoard, the
         progress line. The step's own pending line is logged first, so it comes before its evaluation's
-        and its time does not include the evaluation."""
+        and neither its time nor the next step's includes the evaluation."""
         self.flush()
         results = run_eval()
+        if self._last_time is not None:
+            self._last_time = time.perf_counter()
         if not self.enabled:
             return results
         with open(self.eval_path, "a", encoding="utf-8") as f:
