@@ -361,9 +361,9 @@ def test_metrics_logged_one_step_late_are_each_logged_once_in_order(tmp_path):
 
 
 def test_step_times_end_when_each_step_finished_and_leave_evaluations_out(tmp_path, monkeypatch):
-    """A step already finished when dispatched (XLA:CPU often runs one synchronously) ends then, not
-    when its values are read after the next one ran; one still running ends when its values arrive; an
-    evaluation logged with a step counts in neither its time nor the next step's."""
+    """A step already finished when handed to the logger ends then, not when its values are read after
+    the next one was dispatched; one still running ends when its values arrive; an evaluation logged
+    with a step counts in neither its time nor the next step's."""
     from rsdjax.train import metrics as metrics_module
 
     clock = [0.0]

@@ -178,9 +178,8 @@ def forward_step(cfg: ModelConfig, mesh, weights, pools, batch: StepBatch, lora,
 
 def sample_step(state: SeqState, logits, rows, emit, bitmask, want_logprobs):
     """One token per row from its slot's state (logprobs, top MAX_TOP_LOGPROBS, behind a runtime
-    branch); the rows that `emit` advance their PRNG counter and output counts. A program of its own,
-    compiled once per row count: sorting the vocabulary and drawing Gumbel noise cost about as much to
-    compile as a small model's whole forward, and forward shapes are (rows x width x attended pages)."""
+    branch); the rows that `emit` advance their PRNG counter and output counts. Compiled once per row
+    count (see the module docstring)."""
     params = jax.tree.map(lambda a: a[rows], state.params)
     sampled = sample(logits, params, state.keys[rows], state.steps[rows], state.prompt_mask[rows],
                      state.counts[rows], bitmask)

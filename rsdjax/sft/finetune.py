@@ -162,7 +162,8 @@ def finetune(cfg: FinetuneConfig, mesh=None, log: Callable[[str], None] = print)
                 metrics.log_after_next(step, m)
                 if evals and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                     row = metrics.flush(late=lambda: {"eval_loss": eval_loss(state, frozen)})
-                    eval_after = row["eval_loss"] if step == cfg.steps else None
+                    if step == cfg.steps:
+                        eval_after = row["eval_loss"]
                 evaluate_held_out(step, state)
                 if ckpt.due(step) or step == cfg.steps:
                     metrics.flush()  # every saved step has its metrics line (resume cuts later ones)

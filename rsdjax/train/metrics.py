@@ -53,7 +53,7 @@ class MetricsLogger:
         self.path = Path(run_dir) / METRICS_FILE
         self.eval_path = Path(run_dir) / EVAL_FILE
         self._last_time = None
-        self._pending = None  # (step, metrics, extra) kept back by log_after_next
+        self._pending = None  # (step, metrics, extra, finished_at) kept back by log_after_next
         self.rows: list[dict] = []  # every step row this logger logged (this run's steps), on every process
         self._eval_status = ""
         self._tb = self._progress = None
@@ -90,8 +90,8 @@ class MetricsLogger:
         every step logged (a checkpoint, the end); `log_eval` flushes by itself.
         """
         row = self.flush()
-        # a step that finished while it was dispatched (XLA:CPU often runs one synchronously) ends now;
-        # timed when its values are read instead, it would take the next step's time as well
+        # a step already finished when handed over ends now; timed when its values are read (after the
+        # next step was dispatched), it would also take in what the host did in between
         done = time.perf_counter() if all(getattr(v, "is_ready", lambda: True)() for v in metrics.values()) else None
         self._pending = (step, metrics, extra, done)
         return row
