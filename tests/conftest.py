@@ -1,6 +1,8 @@
 """Shared fixtures. Tests run on 8 virtual CPU devices; tiny models; one compile per shape."""
 import atexit
+import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -82,7 +84,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
     """The reference: the same GGUF as `transformers` + `gguf` read it, saved as a float32 HF directory
-    (config, safetensors, tokenizer, chat template). About 20 s, once per test run: pytest-xdist's
+    (config, safetensors, tokenizer, chat template). 20-30 s, once per test run: pytest-xdist's
     workers share one copy (the first to ask writes it under a lock, the others wait for it)."""
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is per worker; its parent is this run's
@@ -97,12 +99,30 @@ def smollm2_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _gguf_lookups_cached():
+    """transformers parses the GGUF container again for the tokenizer, the config and the weights
+    (~10 s each here) and rebuilds gguf's tensor-name table for every module it maps (~400 times,
+    ~15 s). Both are pure lookups of the same file and architecture: cached while the reference is
+    written, they return the same objects' values, and transformers' own code does the rest."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def _save_smollm2_as_hf(gguf_path: Path, path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     kw = dict(gguf_file=gguf_path.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype="float32", **kw)
+    with _gguf_lookups_cached():
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype="float32", **kw)
     config = loaded.config
     # transformers refuses to save a model it loaded from GGUF; a plain copy of its weights saves.
     if hasattr(config, "quantization_config"):
