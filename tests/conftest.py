@@ -103,8 +103,9 @@ def smollm2_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
 def _gguf_lookups_cached():
     """transformers parses the GGUF container again for the tokenizer, the config and the weights
     (~10 s each here) and rebuilds gguf's tensor-name table for every module it maps (~400 times,
-    ~15 s). Both are pure lookups of the same file and architecture: cached while the reference is
-    written, they return the same objects' values, and transformers' own code does the rest."""
+    ~15 s). Both are pure lookups of the same file and architecture, cached only while the reference
+    is written; transformers' own code does the rest, and the directory it writes is byte-identical
+    (`tree_digest`) to an uncached run's."""
     import gguf
 
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
