@@ -29,7 +29,7 @@ import numpy as np
 import qwix
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rsdjax.parallel.sharding import jit_or_shapes
+from rsdjax.parallel.sharding import jit_or_shapes, one_shot_jit
 
 QArray = qwix.QArray
 MODES = ("int8",)
@@ -184,7 +184,7 @@ def quantize_serving(weights, mode: str = "int8", groups: dict[str, int] | None 
         quantize = _quantizer(contracted, group, order)
         sharding = getattr(w, "sharding", None)
         if not isinstance(sharding, NamedSharding):
-            return jax.jit(quantize)(w)
+            return one_shot_jit(quantize)(w)
         shapes = jax.eval_shape(quantize, w)
         value, scale = (_permuted(s, order, w.ndim) for s in (sharding, _scale_sharding(sharding, contracted, w.ndim)))
         out = dataclasses.replace(shapes, qvalue=value, scale=scale)
