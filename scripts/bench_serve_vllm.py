@@ -55,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="threads for vLLM (OMP_NUM_THREADS)")
     p.add_argument("--vllm-kv-gb", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="rsdjax --kv-cache-gb")
+    p.add_argument("--max-step-tokens", type=int, help="rsdjax --max-step-tokens (default: the server's)")
     p.add_argument("--max-slots", type=int, default=32, help="rsdjax --max-slots (vLLM: --max-num-seqs)")
     p.add_argument("--max-context", type=int, default=2304, help="both servers' context (2,000-token prompts fit)")
     p.add_argument("--seed", type=int, default=0)
@@ -94,10 +95,11 @@ def vllm_python() -> Path:
 
 def start_rsdjax(args, model: Path, logs: Path, prefix_caching: bool = True):
     extra = [] if prefix_caching else ["--no-prefix-caching"]
+    step_tokens = [] if args.max_step_tokens is None else ["--max-step-tokens", str(args.max_step_tokens)]
     return spawn("serve", ["--model", str(model), "--served-model-name", "bench",  # the default engine: paged
                            "--max-slots", str(args.max_slots),
                            "--max-context", str(args.max_context), "--kv-cache-gb", str(args.kv_cache_gb),
-                           "--log-level", "warning", *extra],
+                           "--log-level", "warning", *extra, *step_tokens],
                  log_file=logs / f"rsdjax{'' if prefix_caching else '_noprefix'}.log", timeout=1800)
 
 

@@ -163,3 +163,27 @@ def test_warmup_compiles_every_shape(model_dir):
     assert engine._steps.forward._cache_size() - before[0] <= shapes
     assert engine._steps.sample._cache_size() - before[1] <= len(engine.batch_sizes)
     assert engine.pool.used == 0
+
+
+def test_a_step_prefills_every_waiting_prompt_within_its_budget_one_chunk_each(model_dir, workload, contiguous,
+                                                                                 monkeypatch):
+    """The default budget is vLLM's on CPU (2,048 tokens): prompts that arrive together are prefilled in
+    the same step, each by at most one chunk of MAX_CHUNK tokens (lowered to 32 here, so the 41-token
+    prompt needs a second step while the others already have their first token)."""
+    from rsdjax.cli.common import DEFAULT_STEP_TOKENS
+    from rsdjax.infer import paged_engine
+    from rsdjax.infer.engine import load_engine
+
+    assert paged_engine.DEFAULT_STEP_TOKENS == DEFAULT_STEP_TOKENS  # `rsdjax serve`'s default is the engine's
+    monkeypatch.setattr(paged_engine, "MAX_CHUNK", 32)
+    engine = load_engine(model_dir, max_slots=4, max_context=CONTEXT, kind="paged", page_size=8, num_pages=64)[0]
+    assert engine.max_step_tokens == DEFAULT_STEP_TOKENS and engine.chunk_sizes == (16, 32)
+    prompts, params = workload
+    picked = [4, 6, 5, 7]  # 30, 41, 12 and 5 tokens
+    for slot, i in enumerate(picked):
+        engine.insert(engine.prefill(Request(str(i), prompts[i], params[i])), slot)
+    assert sorted(e.slot for e in engine.generate()) == [0, 2, 3]  # one step: 30 + 32 + 12 + 5 prompt tokens
+    assert [s.computed for s in engine._seqs] == [30, 32, 12, 5]
+    for slot in range(4):
+        engine.free(slot)
+    same(generate(engine, [prompts[i] for i in picked], [params[i] for i in picked]), [contiguous[i] for i in picked])

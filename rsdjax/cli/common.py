@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 OBJECTIVES = ("throughput", "latency", "tps-per-watt")  # rsdjax.plan.planner.OBJECTIVES (imported lazily there)
+DEFAULT_STEP_TOKENS = 2048  # rsdjax.infer.paged_engine.DEFAULT_STEP_TOKENS (the parser imports no JAX)
 
 
 def add_mesh_args(parser: argparse.ArgumentParser, default_hardware: str | None = None) -> None:
@@ -181,8 +182,9 @@ def add_engine_args(group) -> None:
     group.add_argument("--kv-memory-fraction", type=float, default=0.9,
                        help="share of the free device memory the page pool takes when --kv-cache-gb is not given")
     group.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the pages of cached prefixes")
-    group.add_argument("--max-step-tokens", type=int, default=256,
-                       help="tokens per engine step, decode and prompt chunks together (vLLM's max_num_batched_tokens)")
+    group.add_argument("--max-step-tokens", type=int, default=DEFAULT_STEP_TOKENS,
+                       help="tokens per engine step, decode and prompt chunks together (vLLM's max_num_batched_tokens; "
+                            f"default {DEFAULT_STEP_TOKENS}, vLLM's on CPU); each prompt adds at most one chunk of <= 256")
 
 
 def engine_options(args) -> dict:

@@ -42,6 +42,11 @@ from rsdjax.infer.shapes import DEFAULT_MAX_CONTEXT, bucket_for, buckets
 from rsdjax.parallel.mesh import make_mesh, mesh_shape_of
 
 DEFAULT_KV_CACHE_GB = 1.0  # where the backend reports no free memory (XLA:CPU)
+# the step budget, vLLM's max_num_batched_tokens for its CPU API server: prompts that arrive together
+# (8 x 128 tokens) are prefilled in one step, before any of them decodes, instead of two per step while
+# the first ones already stream (with 256: p99 inter-token latency 663 -> 120 ms at concurrency 8, output
+# 73 -> 94 tok/s at 32; scripts/bench_serve_vllm.py). Each prompt still takes one chunk a step (MAX_CHUNK).
+DEFAULT_STEP_TOKENS = 2048
 MIN_ATTEND_TOKENS = 256
 MIN_CHUNK = 16
 # attended pages grow 4x from one compiled shape to the next (batch sizes and chunk lengths 2x): warm-up
@@ -52,6 +57,11 @@ MIN_CHUNK = 16
 # in its TTFT and in the inter-token latency of every stream decoding during that step
 ATTEND_GROWTH = 4
 CHUNK_GROWTH = 2
+# the widest prompt chunk, whatever the step budget: at 128-256 tokens prefill already runs near the
+# machine's matmul peak (2.1-2.2 ms/token on 2 cores, scripts/bench_serve_step.py), so a wider chunk
+# gains nothing and only lengthens the step every decoding stream waits through. A larger budget
+# admits more prompts per step (one chunk each), not longer chunks of one prompt.
+MAX_CHUNK = 256
 
 
 @dataclasses.dataclass(eq=False)
@@ -84,7 +94,7 @@ class PagedEngine:
     def __init__(self, model, max_slots: int = 32, max_context: int | None = None,
                  eos_token_ids: list[int] | None = None, mesh=None, page_size: int = 16,
                  kv_cache_gb: float | None = None, kv_memory_fraction: float = 0.9, num_pages: int | None = None,
-                 prefix_caching: bool = True, max_step_tokens: int = 256, max_loras: int = 0,
+                 prefix_caching: bool = True, max_step_tokens: int = DEFAULT_STEP_TOKENS, max_loras: int = 0,
                  max_lora_rank: int = 16):
         cfg = self.cfg = model.cfg
         self.max_slots = int(max_slots)
@@ -120,7 +130,8 @@ class PagedEngine:
         self.batch_sizes = tuple(sorted({max(data, b) for b in buckets(1, self.max_slots)}))
         self.attend_pages = buckets(max(1, min(self.pages_per_seq, MIN_ATTEND_TOKENS // self.page_size)),
                                     self.pages_per_seq, ATTEND_GROWTH)
-        self.chunk_sizes = buckets(MIN_CHUNK, max(MIN_CHUNK, min(self.max_step_tokens, self.max_context)), CHUNK_GROWTH)
+        self.chunk_sizes = buckets(MIN_CHUNK, max(MIN_CHUNK, min(self.max_step_tokens, MAX_CHUNK, self.max_context)),
+                                  CHUNK_GROWTH)
 
         self.weights = forward.serving_weights(model, self.mesh)
         self._steps = compiled_steps(cfg, self.mesh, self.num_pages, self.page_size)
