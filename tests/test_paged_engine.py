@@ -168,22 +168,25 @@ def test_warmup_compiles_every_shape(model_dir):
 def test_a_step_prefills_every_waiting_prompt_within_its_budget_one_chunk_each(model_dir, workload, contiguous,
                                                                                  monkeypatch):
     """The default budget is vLLM's on CPU (2,048 tokens): prompts that arrive together are prefilled in
-    the same step, each by at most one chunk of MAX_CHUNK tokens (lowered to 32 here, so the 41-token
-    prompt needs a second step while the others already have their first token)."""
+    the same step, each by at most one chunk of MAX_CHUNK tokens (lowered to 16 here), and only one
+    prompt a step by a chunk that does not finish it (the 41-token prompt waits while the 30-token one
+    runs its first chunk)."""
     from rsdjax.cli.common import DEFAULT_STEP_TOKENS
     from rsdjax.infer import paged_engine
     from rsdjax.infer.engine import load_engine
 
     assert paged_engine.DEFAULT_STEP_TOKENS == DEFAULT_STEP_TOKENS  # `rsdjax serve`'s default is the engine's
-    monkeypatch.setattr(paged_engine, "MAX_CHUNK", 32)
+    monkeypatch.setattr(paged_engine, "MAX_CHUNK", 16)
     engine = load_engine(model_dir, max_slots=4, max_context=CONTEXT, kind="paged", page_size=8, num_pages=64)[0]
-    assert engine.max_step_tokens == DEFAULT_STEP_TOKENS and engine.chunk_sizes == (16, 32)
+    assert engine.max_step_tokens == DEFAULT_STEP_TOKENS and engine.chunk_sizes == (16,)
     prompts, params = workload
     picked = [4, 6, 5, 7]  # 30, 41, 12 and 5 tokens
     for slot, i in enumerate(picked):
         engine.insert(engine.prefill(Request(str(i), prompts[i], params[i])), slot)
-    assert sorted(e.slot for e in engine.generate()) == [0, 2, 3]  # one step: 30 + 32 + 12 + 5 prompt tokens
-    assert [s.computed for s in engine._seqs] == [30, 32, 12, 5]
+    assert sorted(e.slot for e in engine.generate()) == [2, 3]
+    assert [s.computed for s in engine._seqs] == [16, 0, 12, 5]
+    assert sorted(e.slot for e in engine.generate()) == [0, 2, 3]  # decodes, the 30's last 14, the 41's first 16
+    assert [s.computed for s in engine._seqs] == [30, 16, 13, 6]
     for slot in range(4):
         engine.free(slot)
     same(generate(engine, [prompts[i] for i in picked], [params[i] for i in picked]), [contiguous[i] for i in picked])

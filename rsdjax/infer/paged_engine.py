@@ -77,6 +77,7 @@ class _Seq:
     generated: int = 0
     done: bool = False
     preemptions: int = 0
+    matched: bool = False  # its prompt was looked up in the prefix cache (once per admission or recompute)
     cache_key: int = 0  # its adapter's (`AdapterPool.cache_key`): the root of its page hashes
     scored: list = dataclasses.field(default_factory=list)  # prompt logprob arrays, one tuple per chunk
 
@@ -210,14 +211,20 @@ class PagedEngine:
 
     def _plan_chunks(self, prefilling: list[_Seq], budget: int) -> list[tuple[_Seq, int]]:
         """Prompt chunks for this step, oldest sequence first, within `budget` tokens and the free pages
-        (a prompt waits for pages rather than preempting a running sequence)."""
-        plan = []
+        (a prompt waits for pages rather than preempting a running sequence). Only one prompt a step runs a
+        chunk that does not finish it (vLLM's max_num_partial_prefills = 1): prompts that fit in a chunk
+        all enter together, long ones one at a time, so a step never stacks several long prompts' chunks."""
+        plan, partial = [], False
         for seq in sorted(prefilling, key=lambda s: s.order):
             if budget < 1:
                 break
-            if seq.computed == 0 and not seq.pages:
+            if not seq.matched:
                 self._match_prefix(seq)
             n = min(len(seq.tokens) - seq.computed, budget, self.chunk_sizes[-1])
+            if n < len(seq.tokens) - seq.computed:
+                if partial:
+                    continue
+                partial = True
             if not self._reserve(seq, seq.computed + n):
                 n = len(seq.pages) * self.page_size - seq.computed  # what the pages it holds cover
             if n <= 0:
@@ -227,6 +234,7 @@ class PagedEngine:
         return plan
 
     def _match_prefix(self, seq: _Seq) -> None:
+        seq.matched = True
         if seq.scoring:  # every prompt position must run to be scored
             return
         full = (len(seq.tokens) - 1) // self.page_size  # the last token is always computed (its logits)
@@ -257,7 +265,7 @@ class PagedEngine:
 
     def _preempt(self, seq: _Seq) -> None:
         self.pool.release(seq.pages)
-        seq.pages, seq.computed, seq.registered = [], 0, 0
+        seq.pages, seq.computed, seq.registered, seq.matched = [], 0, 0, False
         if seq.scoring:  # its recompute scores the prompt again
             seq.scored = []
         seq.preemptions += 1
