@@ -190,3 +190,20 @@ def test_a_step_prefills_every_waiting_prompt_within_its_budget_one_chunk_each(m
     for slot in range(4):
         engine.free(slot)
     same(generate(engine, [prompts[i] for i in picked], [params[i] for i in picked]), [contiguous[i] for i in picked])
+
+
+def test_a_generation_compiles_only_the_shapes_its_prompts_reach(model_dir, workload, contiguous):
+    """What `rsdjax generate` warms up: decode at its row count and its widest prompt chunk, at each
+    attended-page bucket it reaches; every step of the generation then runs in one of them."""
+    engine = shared_engine(model_dir, 4, CONTEXT, **dict(PAGED, max_step_tokens=64))[0]
+    prompts, params = workload
+    picked = [0, 1, 3]  # 3, 9 and 6 tokens, up to 24 new: one 16-token chunk, three decode rows -> 4
+    shapes = engine.shapes_for([len(prompts[i]) for i in picked], 24)
+    assert shapes == [(4, 1, a) for a in engine.attend_pages] + [(1, 16, a) for a in engine.attend_pages]
+    assert len(shapes) < len(engine.shapes())
+    before = engine._steps.forward._cache_size()
+    engine.warmup(shapes)
+    warmed = engine._steps.forward._cache_size()
+    same(generate(engine, [prompts[i] for i in picked], [params[i] for i in picked]), [contiguous[i] for i in picked])
+    assert {s[:3] for s in engine._compiled} == set(shapes)  # every step ran in a warmed shape
+    assert engine._steps.forward._cache_size() == warmed <= before + len(shapes)  # nothing compiled mid-stream

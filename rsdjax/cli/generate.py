@@ -125,8 +125,8 @@ def run(args) -> int:
                             quantize=args.quantize, **engine_options(args))
     checked_requests(engine, prompts, params, tokenizer)  # a bad request fails before minutes of compiling
     # every shape the generation can reach, before the first token: nothing compiles mid-stream
-    if hasattr(engine, "warmup"):  # the paged engine: all its shapes (few at a generate's context)
-        engine.warmup()
+    if hasattr(engine, "warmup"):  # the paged engine: the shapes these prompts reach
+        engine.warmup(engine.shapes_for(map(len, prompts), args.max_new_tokens))
     else:
         compile_for_prompts(engine, prompts, args.max_new_tokens, logprobs=args.logprobs is not None)
     load_s = time.perf_counter() - t0

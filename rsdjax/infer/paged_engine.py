@@ -357,11 +357,12 @@ class PagedEngine:
 
     # ------------------------------------------------------------ warm-up and figures
 
-    def warmup(self) -> int:
-        """Compile (and run once, writing nothing) every shape `generate` can use; returns how many.
-        With the persistent compile cache (rsdjax/compile_cache.py) a restart loads them from disk."""
+    def warmup(self, shapes: list[tuple[int, int, int]] | None = None) -> int:
+        """Compile (and run once, writing nothing) every shape `generate` can use, or just `shapes`;
+        returns how many. With the persistent compile cache (rsdjax/compile_cache.py) a restart loads
+        them from disk."""
         self._arm(self.max_slots, Request("warmup", [0], SamplingParams(seed=0)))  # the spare row
-        shapes = self.shapes()
+        shapes = self.shapes() if shapes is None else shapes
         # with an adapter pool each shape has two variants: base rows only (no LoRA), and rows on adapters
         variants = [[0], [1]] if self.adapters is not None else [[0]]
         for rows, width, attend in shapes:
@@ -377,6 +378,18 @@ class PagedEngine:
         """(rows, tokens per row, attended pages) of every step `generate` can run."""
         steps = [(b, 1) for b in self.batch_sizes] + [(1, c) for c in self.chunk_sizes]
         return [(rows, width, attend) for rows, width in steps for attend in self.attend_pages]
+
+    def shapes_for(self, prompt_lengths, max_new_tokens: int) -> list[tuple[int, int, int]]:
+        """The shapes a generation of these prompts reaches (what `rsdjax generate` compiles first): decode
+        at its widest row count and the widest prompt chunk, at each attended-page bucket up to its longest
+        context. Every other step it runs fits in one of these and runs there (`_step_shape`); only a
+        preempted sequence's recompute, a chunk longer than its prompt, may need one more."""
+        lengths = list(prompt_lengths)
+        rows = bucket_for(min(len(lengths), self.max_slots), self.batch_sizes)
+        width = bucket_for(min(max(lengths), self.chunk_sizes[-1]), self.chunk_sizes)
+        reach = min(max(lengths) + max_new_tokens, self.max_context)
+        last = bucket_for(math.ceil(reach / self.page_size), self.attend_pages)
+        return [(r, w, a) for r, w in ((rows, 1), (1, width)) for a in self.attend_pages if a <= last]
 
     def stats(self) -> dict:
         q = self.pool.query_tokens
