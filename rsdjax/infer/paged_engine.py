@@ -220,8 +220,9 @@ class PagedEngine:
                 break
             if not seq.matched:
                 self._match_prefix(seq)
-            n = min(len(seq.tokens) - seq.computed, budget, self.chunk_sizes[-1])
-            if n < len(seq.tokens) - seq.computed:
+            left = len(seq.tokens) - seq.computed
+            n = min(left, budget, self.chunk_sizes[-1])
+            if n < left:
                 if partial:
                     continue
                 partial = True
