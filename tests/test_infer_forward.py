@@ -18,14 +18,21 @@ def model(tmp_path_factory):
     return load_model(confident_hf_dir(tmp_path_factory))
 
 
-def test_serving_weights_are_the_model_layers(model):
-    w = forward.serving_weights(model, make_mesh({}))
+@pytest.mark.parametrize("layout", sorted(forward.LAYOUTS))
+def test_serving_weights_are_the_model_layers(model, layout):
+    w = forward.serving_weights(model, make_mesh({}), layout)
     stacked = model.layer_params()
-    assert len(w.layers) == model.cfg.num_layers
+    assert len(w.layers) == model.cfg.num_layers and w.layout == layout
     for i, layer in enumerate(w.layers):
-        for name, value in forward.layer_view(layer).items():
+        for name, value in forward.layer_view(layer, layout).items():
             np.testing.assert_array_equal(np.asarray(value), np.asarray(stacked[name][i]))
     np.testing.assert_array_equal(np.asarray(w.lm_head).T, np.asarray(model.lm_head[...]))
+
+
+def test_engines_store_the_mlp_for_their_row_count():
+    """One decode row a step: [out, in] (a matrix-vector loop); several: the model's [in, out]."""
+    assert forward.layout_for(1) == "matvec" and forward.layout_for(8) == "matmul"
+    assert forward.LAYOUTS["matvec"]["w_gate"] == (1, 0) and "w_gate" not in forward.LAYOUTS["matmul"]
 
 
 def test_cached_decode_logits_equal_full_forward_at_every_step(model):

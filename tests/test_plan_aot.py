@@ -90,7 +90,7 @@ def test_shape_only_serving_weights_compile_the_engines_own_decode(tiny_hf_dir):
     from rsdjax.loading import abstract_model
     from rsdjax.parallel.sharding import sharded_abstract_model
 
-    shapes = serving.serving_weights(sharded_abstract_model(abstract_model(cfg), mesh, "infer"), mesh)
+    shapes = serving.serving_weights(sharded_abstract_model(abstract_model(cfg), mesh, "infer"), mesh, engine.max_slots)
     for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(engine.weights), strict=True):
         assert (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding)
     assert not any(isinstance(x, np.ndarray) or hasattr(x, "addressable_shards") for x in jax.tree.leaves(shapes))

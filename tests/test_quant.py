@@ -31,7 +31,7 @@ def all_logits(cfg, w, tokens):
     b, t = tokens.shape
     rope = rope_tables(cfg, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
     mask = causal_mask(b, t)
-    layer = jax.jit(lambda x, p: decoder_layer(cfg, x, forward.layer_view(p), rope, attend_with(mask)))
+    layer = jax.jit(lambda x, p: decoder_layer(cfg, x, forward.layer_view(p, w.layout), rope, attend_with(mask)))
     x = embed_tokens(cfg, w.embed, tokens)
     for p in w.layers:
         x = layer(x, p)
@@ -47,6 +47,15 @@ def tiny_weights(tiny_hf_dir):
     model = load_model(tiny_hf_dir)
     weights = forward.serving_weights(model, make_mesh({}))
     return model.cfg, weights, quantize_serving(weights)
+
+
+def test_int8_arrays_are_the_same_from_either_float_layout(tiny_hf_dir, tiny_weights):
+    """The int8 layout is fixed (INT8_ORDER): quantizing the one-row ("matvec") serving layout gives
+    the very arrays quantizing the batched ("matmul") one does, so an int8 checkpoint serves either engine."""
+    _, _, int8 = tiny_weights
+    other = quantize_serving(forward.serving_weights(load_model(tiny_hf_dir), make_mesh({}), "matvec"))
+    for a, b in zip(jax.tree.leaves(int8), jax.tree.leaves(other), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_int8_logits_are_close_to_float32(tiny_weights):
@@ -93,8 +102,8 @@ def test_int8_on_tensor_2_data_2_equals_one_device(tiny_hf_dir, tiny_weights):
     float_w = forward.serving_weights(model, mesh)
     sharded = quantize_serving(float_w)
     for name in CONTRACTED:  # the int8 values are sharded exactly like the float kernels (same dims)
-        q = forward.layer_view(sharded.layers[0])[name].qvalue
-        f = forward.layer_view(float_w.layers[0])[name]
+        q = forward.layer_view(sharded.layers[0], sharded.layout)[name].qvalue
+        f = forward.layer_view(float_w.layers[0], float_w.layout)[name]
         assert isinstance(q.sharding, NamedSharding) and q.sharding.is_equivalent_to(f.sharding, f.ndim)
     assert any(s is not None for s in sharded.layers[0]["w_up"].qvalue.sharding.spec)  # really sharded
     got = np.asarray(all_logits(cfg, sharded, TOKENS))

@@ -75,7 +75,7 @@ def serving_logits(cfg, w, tokens, positions, segment_ids=None):
     rope, mask = rope_tables(cfg, positions), causal_mask(b, t, segment_ids)
     x = embed_tokens(cfg, w.embed, tokens)
     for p in w.layers:
-        x = decoder_layer(cfg, x, layer_view(p), rope, attend_with(mask))
+        x = decoder_layer(cfg, x, layer_view(p, w.layout), rope, attend_with(mask))
     return lm_logits(cfg, x, w.final_norm, w.embed if w.lm_head is None else w.lm_head)
 
 

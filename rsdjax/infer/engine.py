@@ -80,7 +80,7 @@ class SlotEngine:
 
         if max_loras and layout(self.mesh) is staged:  # refused here, not at the first request
             raise ConfigError(staged.NO_ADAPTERS)
-        self.weights = serving_weights(model, self.mesh)  # stage > 1: stacked over stages (infer/staged.py)
+        self.weights = serving_weights(model, self.mesh, self.max_slots)  # stage > 1: stacked over stages (infer/staged.py)
         self._steps = compiled_steps(cfg, self.mesh, self.max_slots, self.max_context)
         self._cache = empty_cache(cfg, self.mesh, self.max_slots, self.max_context)
         self._state = jax.device_put(empty_state(cfg, self.max_slots, self.max_context), self._steps.state_sharding)

@@ -31,7 +31,7 @@ from rsdjax.config import ConfigError, ModelConfig
 from rsdjax.infer.sampling import token_logprobs
 from rsdjax.model.llama import (Llama, attend_with, cache_mask, causal_mask, decoder_layer, embed_tokens, lm_logits,
                                 resolve_dtype, rope_tables)
-from rsdjax.model.quant import int8_layout, transpose
+from rsdjax.model.quant import INT8, QArray, int8_order, transpose
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, constrain, resolve
 from rsdjax.parallel.sharding import jit_or_shapes
@@ -43,12 +43,18 @@ CACHE_LAYER_AXES = ("batch", "act_kv_heads", "cache_seq", "head_dim")
 @dataclasses.dataclass
 class ServingWeights:
     """The model's weights in compute dtype, the decoder layers as a list of per-layer dicts, each
-    projection in its stored layout (`STORED_ORDER`; `layer_view` gives the model's)."""
+    projection in its stored layout (`LAYOUTS[layout]`; `layer_view` gives the model's)."""
 
     embed: jax.Array  # [vocab, embed]
     final_norm: jax.Array  # [embed]
-    lm_head: jax.Array | None  # stored [vocab, embed] (see STORED_ORDER); None when tied to `embed`
+    lm_head: jax.Array | None  # stored [vocab, embed], HF's layout; None when tied to `embed`
     layers: list[dict]
+    # a key of LAYOUTS; "int8" once quantized (`quantize_serving`: every kernel in quant.INT8_ORDER)
+    layout: str = dataclasses.field(default="matmul", metadata=dict(static=True))
+
+    def stored_order(self, name: str) -> tuple[int, ...] | None:
+        """The permutation from the model's layout of float kernel `name` to the stored one (None: the same)."""
+        return LAYOUTS[self.layout].get(name)
 
 
 @jax.tree_util.register_dataclass
@@ -70,33 +76,45 @@ def model_mesh(model: Llama):
     return sharding.mesh if isinstance(sharding, NamedSharding) else None
 
 
-# Stored layouts. The MLP kernels (and the LM head) keep their output dim first and their input
-# dim last, the [out, in] layout of HF's nn.Linear, and `layer_view` hands the layer a transposed
-# view that XLA folds into the matmul. Measured on XLA:CPU streaming 400 MB of weights: 16-row
-# matmuls 1.7x faster than with [in, out] (the library packs the weight panel better), 1-row ones
-# 7% faster. The attention kernels keep [in, out]: their heads are a separate dim, and for those
-# XLA copied the transposed view to a plain matrix on every step instead. `wo` is stored
-# [head_dim, heads, embed]: the layer's einsum "bthd,hde->bte" contracts (d, h) in that order
-# (jnp.einsum sorts contracted names), and as [heads, head_dim, embed] XLA copies it to flatten it.
-STORED_ORDER = {  # axis permutation: the model's per-layer layout -> the stored one
-    "w_gate": (1, 0),  # [embed, mlp] -> [mlp, embed]
-    "w_up": (1, 0),
-    "w_down": (1, 0),  # [mlp, embed] -> [embed, mlp]
-    "wo": (1, 0, 2),  # [heads, head_dim, embed] -> [head_dim, heads, embed]
+# Stored layouts (axis permutations: the model's per-layer layout -> the stored one), one per kind
+# of step XLA:CPU is fastest at; `layer_view` hands the layer a transposed view that XLA folds into
+# the matmul. Measured on SmolLM2-135M f32 (scripts/bench_serve_step.py, an AVX-512 EPYC, 2 cores):
+# - "matmul" (the default): the MLP kernels as the model keeps them, [in, out]. Steps of several rows
+#   (batched decode, prompt chunks): a decode step of 8 rows 62 -> 27 ms against "matvec", prefill
+#   1.05 -> 0.88 ms a token; the 125M bench_infer model at batch 16: 36.7 -> 30.5 ms a token.
+# - "matvec": the MLP kernels [out, in], HF's nn.Linear layout: one row a step (decode at batch 1)
+#   reads them as a matrix-vector loop, 11.7 ms a token against 14.8 ms for "matmul" (125M model).
+#   Engines with one slot use it (`layout_for`). On an earlier AVX2 machine it was also the faster
+#   one at 16 rows: the library's choice of kernel, not the math, decides.
+# Both: the attention kernels keep [in, out] (their heads are a separate dim, and for those XLA
+# copied a transposed view to a plain matrix on every step); `wo` is [head_dim, heads, embed], since
+# "bthd,hde->bte" contracts (d, h) in that order (jnp.einsum sorts contracted names), and as
+# [heads, head_dim, embed] XLA copies it to flatten it. int8 kernels have their own layout
+# (`rsdjax.model.quant.INT8_ORDER`), whichever float layout they were quantized from.
+_WO = {"wo": (1, 0, 2)}  # [heads, head_dim, embed] -> [head_dim, heads, embed]
+LAYOUTS = {
+    "matmul": _WO,
+    "matvec": {**_WO, "w_gate": (1, 0), "w_up": (1, 0), "w_down": (1, 0)},  # [in, out] -> [out, in]
 }
 
 
-def layer_view(p: dict) -> dict:
-    """One layer's stored weights in the layout `decoder_layer` expects (transposed views)."""
-    p = {name: int8_layout(name, w) for name, w in p.items()}  # int8 kernels: see rsdjax/model/quant.py
-    for name, order in STORED_ORDER.items():
-        p[name] = transpose(p[name], tuple(int(i) for i in np.argsort(order)))  # float or int8 (QArray)
-    return p
+def layout_for(max_rows: int) -> str:
+    """The stored layout for an engine whose steps run up to `max_rows` decode rows."""
+    return "matvec" if max_rows == 1 else "matmul"
 
 
-def serving_weights(model: Llama, mesh) -> ServingWeights:
-    """Split the stacked layer weights into per-layer arrays in their stored layouts, each keeping
-    its shard layout (the same mesh axes on the same logical dims).
+def layer_view(p: dict, layout: str = "matmul") -> dict:
+    """One layer's stored weights (`layout`) in the layout `decoder_layer` expects (transposed views)."""
+    out = {}
+    for name, w in p.items():
+        order = int8_order(name) if isinstance(w, QArray) else None if layout == INT8 else LAYOUTS[layout].get(name)
+        out[name] = w if order is None else transpose(w, tuple(int(i) for i in np.argsort(order)))
+    return out
+
+
+def serving_weights(model: Llama, mesh, layout: str = "matmul") -> ServingWeights:
+    """Split the stacked layer weights into per-layer arrays in the stored `layout` (a key of
+    `LAYOUTS`), each keeping its shard layout (the same mesh axes on the same logical dims).
 
     Done once, in one jit (peak memory: both layouts). The engine keeps only these; the stacked
     arrays are freed when the caller drops the model. A shape-only model (`sharded_abstract_model`)
@@ -126,7 +144,8 @@ def serving_weights(model: Llama, mesh) -> ServingWeights:
         return s if isinstance(s, NamedSharding) else NamedSharding(mesh, PartitionSpec())
 
     specs = jax.tree.map_with_path(layer_spec, stacked)
-    for name, order in STORED_ORDER.items():
+    stored = LAYOUTS[layout]
+    for name, order in stored.items():
         specs[name] = tuple(specs[name][i] for i in order)
     per_layer = jax.tree.map(named, specs, is_leaf=lambda x: isinstance(x, tuple))
     cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
@@ -137,7 +156,7 @@ def serving_weights(model: Llama, mesh) -> ServingWeights:
         layers = []
         for i in range(cfg.num_layers):
             layer = jax.tree.map(lambda a: cast(a[i]), stacked)
-            for name, order in STORED_ORDER.items():
+            for name, order in stored.items():
                 layer[name] = jnp.transpose(layer[name], order)
             layers.append(layer)
         embed, final_norm, head = jax.tree.map(cast, globals_)
@@ -150,7 +169,7 @@ def serving_weights(model: Llama, mesh) -> ServingWeights:
     out_shardings = ([per_layer] * cfg.num_layers,
                      (same_sharding(globals_[0]), same_sharding(globals_[1]), head_sharding))
     layers, (embed, final_norm, head) = jit_or_shapes(split, out_shardings, stacked, globals_)
-    return ServingWeights(embed, final_norm, head, layers)
+    return ServingWeights(embed, final_norm, head, layers, layout)
 
 
 def cache_sharding(cfg: ModelConfig, mesh, batch: int, length: int) -> NamedSharding:
@@ -187,10 +206,10 @@ def _logits(cfg: ModelConfig, w: ServingWeights, x):
     return lm_logits(cfg, x, w.final_norm, w.embed if w.lm_head is None else w.lm_head)
 
 
-def with_adapters(p: dict, lora, i: int) -> dict:
+def with_adapters(w: ServingWeights, lora, i: int) -> dict:
     """Layer i's weights in the model's layout, plus its rows of the adapter pool when serving many
     LoRA adapters (`lora` = (per-layer pool arrays, adapter index per batch row); see `rsdjax.infer.adapters`)."""
-    p = layer_view(p)
+    p = layer_view(w.layers[i], w.layout)
     if lora is not None:
         layers, index = lora
         p["lora_rows"] = {**layers[i], "index": index}
@@ -210,13 +229,13 @@ def prefill(cfg: ModelConfig, w: ServingWeights, tokens, lengths, return_hidden:
     mask = causal_mask(b, t)
     x = embed_tokens(cfg, w.embed, tokens)
     ks, vs = [], []
-    for i, p in enumerate(w.layers):
+    for i in range(len(w.layers)):
         def keep(k, v):  # [B, T, KV, D] -> the cache layout [B, KV, T, D]
             ks.append(constrain(jnp.swapaxes(k, 1, 2), CACHE_LAYER_AXES))
             vs.append(constrain(jnp.swapaxes(v, 1, 2), CACHE_LAYER_AXES))
             return k, v
 
-        x = decoder_layer(cfg, x, with_adapters(p, lora, i), rope, attend_with(mask, keep))
+        x = decoder_layer(cfg, x, with_adapters(w, lora, i), rope, attend_with(mask, keep))
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
     if return_hidden:
         return _logits(cfg, w, last), LayerCache(ks, vs), x
@@ -276,7 +295,7 @@ def decode(cfg: ModelConfig, w: ServingWeights, cache: LayerCache, tokens, posit
     rows = jnp.arange(b)
     x = embed_tokens(cfg, w.embed, tokens[:, None])
     new_k, new_v = [], []
-    for i, p in enumerate(w.layers):
+    for i in range(len(w.layers)):
         def write(k, v, i=i):  # k, v [B, 1, KV, D]; in place when the cache is donated
             k_all = cache.k[i].at[rows, :, positions].set(k[:, 0].astype(cache.k[i].dtype), mode="drop")
             v_all = cache.v[i].at[rows, :, positions].set(v[:, 0].astype(cache.v[i].dtype), mode="drop")
@@ -285,6 +304,6 @@ def decode(cfg: ModelConfig, w: ServingWeights, cache: LayerCache, tokens, posit
             # the layer wants [B, S, KV, D]: XLA folds this transpose into the attention matmuls
             return jnp.swapaxes(new_k[-1][:, :, :attend], 1, 2), jnp.swapaxes(new_v[-1][:, :, :attend], 1, 2)
 
-        x = decoder_layer(cfg, x, with_adapters(p, lora, i), rope, attend_with(mask, write))
+        x = decoder_layer(cfg, x, with_adapters(w, lora, i), rope, attend_with(mask, write))
     return _logits(cfg, w, x[:, 0]), LayerCache(new_k, new_v)
 

@@ -134,7 +134,7 @@ class PagedEngine:
         self.chunk_sizes = buckets(MIN_CHUNK, max(MIN_CHUNK, min(self.max_step_tokens, MAX_CHUNK, self.max_context)),
                                   CHUNK_GROWTH)
 
-        self.weights = forward.serving_weights(model, self.mesh)
+        self.weights = forward.serving_weights(model, self.mesh, forward.layout_for(self.max_slots))
         self._steps = compiled_steps(cfg, self.mesh, self.num_pages, self.page_size)
         self._pools = empty_pools(cfg, self.mesh, self.num_pages, self.page_size)
         self._state = jax.device_put(empty_seq_state(cfg, self.max_slots + 1), self._steps.replicated)

@@ -130,7 +130,7 @@ def paged_forward(cfg: ModelConfig, w: forward.ServingWeights, pools: forward.La
     mask = cache_mask(positions, block_tables.shape[1] * page_size)  # [R, C, context]; padding sees nothing
     x = embed_tokens(cfg, w.embed, tokens)
     new_k, new_v = [], []
-    for i, p in enumerate(w.layers):
+    for i in range(len(w.layers)):
         def through_pages(k, v, i=i):
             k_pool, v_pool, k_all, v_all = paged_kv(pools.k[i], pools.v[i], k, v, write_pages, write_offsets,
                                                     block_tables)
@@ -138,7 +138,7 @@ def paged_forward(cfg: ModelConfig, w: forward.ServingWeights, pools: forward.La
             new_v.append(constrain(v_pool, POOL_AXES))
             return k_all, v_all
 
-        x = decoder_layer(cfg, x, forward.with_adapters(p, lora, i), rope, attend_with(mask, through_pages))
+        x = decoder_layer(cfg, x, forward.with_adapters(w, lora, i), rope, attend_with(mask, through_pages))
     x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     return forward._logits(cfg, w, x_last), forward.LayerCache(new_k, new_v), x
 

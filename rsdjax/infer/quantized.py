@@ -3,8 +3,8 @@
 quantizing the float model at load gives (no requantization, no float copy of any kernel).
 
 Layout: a native checkpoint (`rsdjax_model.json` + Orbax `params/`) whose JSON also holds
-`"quantization": {"mode": "int8", "groups": {...}}` and whose params are the serving layout
-(`rsdjax.infer.forward.STORED_ORDER`; wq/wk/wv/wo's int8 values permuted by `quant.INT8_ORDER`): `embed`, `final_norm`, `lm_head` and `layers/<i>/<name>`,
+`"quantization": {"mode": "int8", "groups": {...}}` and whose params are the serving weights, each
+kernel's int8 values in `quant.INT8_ORDER` (a permutation of the model's layout): `embed`, `final_norm`, `lm_head` and `layers/<i>/<name>`,
 each int8 kernel as `{"qvalue": int8, "scale": float32}`. A tied LM head is stored as its own int8
 copy of the embedding. The engines are built on the shape-only model and get these weights.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from rsdjax.checkpoint import native
 from rsdjax.checkpoint.errors import CheckpointError
 from rsdjax.infer.forward import ServingWeights, serving_weights
-from rsdjax.model.quant import DEFAULT_GROUPS, QArray, check_mode, make_qarray, quantize_serving
+from rsdjax.model.quant import DEFAULT_GROUPS, INT8, QArray, check_mode, make_qarray, quantize_serving
 
 def _pack(a):
     return {"qvalue": a.qvalue, "scale": a.scale} if isinstance(a, QArray) else a
@@ -32,7 +32,7 @@ def to_tree(w: ServingWeights) -> dict:
 
 def from_tree(tree: dict) -> ServingWeights:
     layers = [{k: _unpack(v) for k, v in tree["layers"][str(i)].items()} for i in range(len(tree["layers"]))]
-    return ServingWeights(tree["embed"], tree["final_norm"], _unpack(tree["lm_head"]), layers)
+    return ServingWeights(tree["embed"], tree["final_norm"], _unpack(tree["lm_head"]), layers, INT8)
 
 
 def save_quantized(model, path, mode: str, mesh) -> Path:

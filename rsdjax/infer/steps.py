@@ -55,8 +55,11 @@ def layout(mesh):
     return staged if int(dict(mesh.shape).get("stage", 1)) > 1 else forward
 
 
-def serving_weights(model, mesh):
-    return staged.weights(model, mesh) if layout(mesh) is staged else forward.serving_weights(model, mesh)
+def serving_weights(model, mesh, max_rows: int):
+    """The weights as the steps read them, in the stored layout fastest for up to `max_rows` decode rows."""
+    if layout(mesh) is staged:
+        return staged.weights(model, mesh)
+    return forward.serving_weights(model, mesh, forward.layout_for(max_rows))
 
 
 def empty_cache(cfg: ModelConfig, mesh, max_slots: int, max_context: int):

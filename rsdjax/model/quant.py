@@ -33,18 +33,18 @@ from rsdjax.parallel.sharding import jit_or_shapes, one_shot_jit
 
 QArray = qwix.QArray
 MODES = ("int8",)
-# Serving-layout kernels and the axes their matmul contracts (see rsdjax/infer/forward.STORED_ORDER):
-# the model's equations are wq/wk/wv "bte,ehd->bthd", wo "bthd,hde->bte", w_gate/w_up "bte,em->btm",
-# w_down "btm,me->bte", stored as [in, out] (wq, wk, wv), [head_dim, heads, embed] (wo) and
-# [out, in] (MLP); the LM head is [vocab, embed].
-CONTRACTED = {"wq": (0,), "wk": (0,), "wv": (0,), "wo": (0, 1), "w_gate": (1,), "w_up": (1,), "w_down": (1,)}
+INT8 = "int8"  # the layout name of quantized serving weights (rsdjax.infer.forward.ServingWeights.layout)
+# Kernels and the axes their matmul contracts, in the model's layout: wq/wk/wv "bte,ehd->bthd", wo
+# "bthd,hde->bte", w_gate/w_up "bte,em->btm", w_down "btm,me->bte"; the LM head is [vocab, embed].
+CONTRACTED = {"wq": (0,), "wk": (0,), "wv": (0,), "wo": (0, 1), "w_gate": (0,), "w_up": (0,), "w_down": (0,)}
 HEAD_CONTRACTED = (1,)
-# The int8 values keep the contracted axes minor, in the order of the model's equation (a
-# permutation of the serving layout; `int8_layout` gives the serving view back): XLA:CPU's fused
-# matrix-vector dot reads the weight row by row, and with the contracted axis major (wq/wk/wv are
-# served [in, out]) or permuted (wo) it ran 2-4x slower than float32.
+# The int8 layout, a permutation of the model's, whatever float layout the serving weights had
+# (rsdjax/infer/forward.LAYOUTS): the contracted axes minor, in the order of the model's equation.
+# XLA:CPU's fused matrix-vector dot reads the weight row by row, and with the contracted axis major
+# or permuted it ran 2-4x slower than float32.
 INT8_ORDER = {"wq": (1, 2, 0), "wk": (1, 2, 0), "wv": (1, 2, 0),  # [embed, heads, head_dim] -> [heads, head_dim, embed]
-              "wo": (2, 1, 0)}  # [head_dim, heads, embed] -> [embed, heads, head_dim] (the model's "hd" order)
+              "wo": (2, 0, 1),  # [heads, head_dim, embed] -> [embed, heads, head_dim]
+              "w_gate": (1, 0), "w_up": (1, 0), "w_down": (1, 0)}  # [in, out] -> [out, in]
 
 # Per-channel everywhere: weight-only int8 is within 1% of float32 on SmolLM2-135M, and per-group
 # scales (a reshape in the dequantize) keep XLA:CPU from fusing it into the matrix-vector dot
@@ -128,12 +128,9 @@ def _vector_matmul(x, xs: str, w: QArray, ws: str, out: str, contracted: str):
     return jnp.transpose(y, order).reshape([1 if c not in outs else w.shape[ws.index(c)] for c in out]).astype(x.dtype)
 
 
-def int8_layout(name: str, w):
-    """An int8 kernel as `quantize_serving` keeps it (`INT8_ORDER`) -> its serving layout (a view)."""
-    if not isinstance(w, QArray) or name not in INT8_ORDER:
-        return w
-    order = INT8_ORDER[name]
-    return transpose(w, tuple(int(i) for i in np.argsort(order)))
+def int8_order(name: str) -> tuple[int, ...] | None:
+    """The permutation from the model's layout of kernel `name` to its int8 one (None: unpermuted)."""
+    return INT8_ORDER.get(name)
 
 
 def _scale_sharding(value_sharding, contracted: tuple[int, ...], ndim: int):
@@ -177,10 +174,13 @@ def quantize_serving(weights, mode: str = "int8", groups: dict[str, int] | None 
 
     groups = DEFAULT_GROUPS if groups is None else groups
 
-    def one(w, contracted, name):
+    def one(w, contracted, name, stored=None):
+        """`stored`: the permutation that gave `w`'s layout from the model's (None: the model's)."""
+        stored = stored or tuple(range(w.ndim))
+        contracted = tuple(sorted(stored.index(a) for a in contracted))
+        order = tuple(stored.index(a) for a in INT8_ORDER.get(name, range(w.ndim)))
         group = groups.get(name)
         group = group if group and w.shape[contracted[-1]] % group == 0 else None
-        order = INT8_ORDER.get(name, tuple(range(w.ndim)))
         quantize = _quantizer(contracted, group, order)
         sharding = getattr(w, "sharding", None)
         if not isinstance(sharding, NamedSharding):
@@ -194,10 +194,10 @@ def quantize_serving(weights, mode: str = "int8", groups: dict[str, int] | None 
     for p in weights.layers:
         p = dict(p)
         for name, contracted in CONTRACTED.items():
-            p[name] = one(p[name], contracted, name)
+            p[name] = one(p[name], contracted, name, weights.stored_order(name))
         layers.append(p)
     head = weights.lm_head if weights.lm_head is not None else weights.embed
-    return dataclasses.replace(weights, layers=layers, lm_head=one(head, HEAD_CONTRACTED, "lm_head"))
+    return dataclasses.replace(weights, layers=layers, lm_head=one(head, HEAD_CONTRACTED, "lm_head"), layout=INT8)
 
 
 def is_quantized(w) -> bool:

@@ -76,7 +76,7 @@ def compile_infer(cfg: ModelConfig, mesh, batch: int, seq: int, prompt_len: int,
     from rsdjax.infer.shapes import bucket_for, buckets
 
     slots = batch * mesh_shape_of(mesh)["data"]
-    weights = serving.serving_weights(sharded_abstract_model(abstract_model(cfg), mesh, "infer"), mesh)
+    weights = serving.serving_weights(sharded_abstract_model(abstract_model(cfg), mesh, "infer"), mesh, slots)
     compiled = serving.compiled_steps(cfg, mesh, slots, seq)
     layout = serving.layout(mesh)
     cache = shaped(jax.eval_shape(lambda: layout.empty_cache(cfg, mesh, slots, seq)),
