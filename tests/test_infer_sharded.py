@@ -37,7 +37,8 @@ def test_sharded_engine_equals_one_device(model_dir, reference, mesh, cache_spec
     assert engine.mesh.devices.size == 8
     assert engine._cache.k[0].sharding.spec == cache_spec
     assert engine.weights.layers[0]["wq"].sharding.spec == P(None, "tensor")  # q heads over tensor
-    assert engine.weights.layers[0]["w_up"].sharding.spec == P("tensor")  # mlp over tensor (stored [mlp, embed])
+    assert engine.weights.layout == "matmul"  # 4 slots: the MLP kernels stored [embed, mlp]
+    assert engine.weights.layers[0]["w_up"].sharding.spec == P(None, "tensor")  # mlp over tensor
     got = generate(engine, prompts, PARAMS)
     for want, have in zip(expected, got):
         assert have.token_ids == want.token_ids
