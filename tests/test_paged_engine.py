@@ -59,6 +59,18 @@ def test_paged_equals_contiguous_and_hf(model_dir, workload, contiguous):
     assert engine.pool.used == 0 and engine.pool.available == engine.num_pages
 
 
+@pytest.mark.parametrize("mesh", [None, "data=2,tensor=2"])
+def test_attention_over_blocks_of_pages_equals_contiguous(model_dir, workload, contiguous, mesh):
+    """Pages of 4 tokens: a row's table (32 pages) is wider than one block of `BLOCK_PAGES`, so every
+    step attends in the loop over blocks (rsdjax/infer/paged_attention.py), sharded too."""
+    from rsdjax.infer.paged_attention import BLOCK_PAGES
+
+    prompts, params = workload
+    engine = shared_engine(model_dir, 4, CONTEXT, mesh=mesh, **{**PAGED, "page_size": 4, "num_pages": 128})[0]
+    assert min(engine.attend_pages) > BLOCK_PAGES
+    same(generate(engine, prompts, params), contiguous)
+
+
 def test_paged_on_a_data_2_tensor_2_mesh_equals_one_device(model_dir, workload, contiguous):
     prompts, params = workload
     engine = shared_engine(model_dir, 4, CONTEXT, mesh="data=2,tensor=2", **PAGED)[0]

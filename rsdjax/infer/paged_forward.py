@@ -5,9 +5,9 @@ sequences; a sequence's block table lists its pages in order. One function runs 
 (row, chunk) work: rows of `C` new tokens each (decode: C = 1; a prefill chunk: one row of C
 tokens), each row at its own positions with its own block table. The new K/V are written into
 the pools in place (the pools are donated) and attention reads the row's pages back through
-`paged_kv`, the one place that knows the page layout: a pure-JAX gather that runs on every
-backend, handed to the model's layer as its `attend` hook. A ragged paged attention kernel (Pallas
-on TPU/GPU) replaces that hook (`through_pages` + `attention`) and nothing else changes.
+`rsdjax.infer.paged_attention`, the one place that knows the page layout (pure JAX, every
+backend), handed to the model's layer as its `attend` hook. A ragged paged attention kernel (Pallas
+on TPU/GPU) replaces `paged_attention` and nothing else changes.
 
 Pools are sharded like the contiguous cache: kv heads over `tensor` when they divide it,
 replicated otherwise; pages are not split over `data` (any sequence may use any page), the rows
@@ -35,7 +35,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rsdjax.config import ModelConfig
 from rsdjax.infer import forward
 from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, sample, token_logprobs
-from rsdjax.model.llama import attend_with, cache_mask, decoder_layer, embed_tokens, resolve_dtype, rope_tables
+from rsdjax.infer.paged_attention import paged_attention, write_pages
+from rsdjax.model.llama import decoder_layer, embed_tokens, resolve_dtype, rope_tables
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, activation_sharding, constrain, resolve
 
@@ -102,20 +103,6 @@ def empty_seq_state(cfg: ModelConfig, rows: int) -> SeqState:
                     np.zeros((rows, cfg.vocab_size), bool), np.zeros((rows, cfg.vocab_size), np.int32))
 
 
-def paged_kv(k_pool, v_pool, k, v, write_pages, write_offsets, block_tables):
-    """Write new keys/values into the pools, then read each row's context back through its block table.
-
-    k, v [R, C, KV, D]; write_pages / write_offsets [R, C] (a page index >= the pool size drops the
-    write: padding); block_tables [R, n] -> pools and k_all, v_all [R, n * page_size, KV, D] (position
-    j of a row's context is entry j // page_size of its table, offset j % page_size).
-    """
-    k_pool = k_pool.at[write_pages, write_offsets].set(k.astype(k_pool.dtype), mode="drop")
-    v_pool = v_pool.at[write_pages, write_offsets].set(v.astype(v_pool.dtype), mode="drop")
-    r, n = block_tables.shape
-    gather = lambda pool: pool[block_tables].reshape(r, n * pool.shape[1], *pool.shape[2:])  # noqa: E731
-    return k_pool, v_pool, gather(k_pool), gather(v_pool)
-
-
 def paged_forward(cfg: ModelConfig, w: forward.ServingWeights, pools: forward.LayerCache, tokens, positions,
                   block_tables, last, lora=None):
     """tokens, positions [R, C] (position -1 = padding); block_tables [R, n]; last [R]: the column of
@@ -124,21 +111,19 @@ def paged_forward(cfg: ModelConfig, w: forward.ServingWeights, pools: forward.La
     page_size, num_pages = pools.k[0].shape[1], pools.k[0].shape[0]
     real = positions >= 0
     pos = jnp.maximum(positions, 0)
-    write_pages = jnp.where(real, jnp.take_along_axis(block_tables, pos // page_size, axis=1), num_pages)
-    write_offsets = pos % page_size
+    page_of = jnp.where(real, jnp.take_along_axis(block_tables, pos // page_size, axis=1), num_pages)
+    offset_of = pos % page_size
     rope = rope_tables(cfg, pos)
-    mask = cache_mask(positions, block_tables.shape[1] * page_size)  # [R, C, context]; padding sees nothing
     x = embed_tokens(cfg, w.embed, tokens)
     new_k, new_v = [], []
     for i in range(len(w.layers)):
-        def through_pages(k, v, i=i):
-            k_pool, v_pool, k_all, v_all = paged_kv(pools.k[i], pools.v[i], k, v, write_pages, write_offsets,
-                                                    block_tables)
+        def through_pages(q, k, v, i=i):
+            k_pool, v_pool = write_pages(pools.k[i], pools.v[i], k, v, page_of, offset_of)
             new_k.append(constrain(k_pool, POOL_AXES))
             new_v.append(constrain(v_pool, POOL_AXES))
-            return k_all, v_all
+            return paged_attention(q, new_k[-1], new_v[-1], block_tables, positions)
 
-        x = decoder_layer(cfg, x, forward.with_adapters(w, lora, i), rope, attend_with(mask, through_pages))
+        x = decoder_layer(cfg, x, forward.with_adapters(w, lora, i), rope, through_pages)
     x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     return forward._logits(cfg, w, x_last), forward.LayerCache(new_k, new_v), x
 
