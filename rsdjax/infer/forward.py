@@ -78,14 +78,14 @@ def model_mesh(model: Llama):
 
 # Stored layouts (axis permutations: the model's per-layer layout -> the stored one), one per kind
 # of step XLA:CPU is fastest at; `layer_view` hands the layer a transposed view that XLA folds into
-# the matmul. Measured on SmolLM2-135M f32 (scripts/bench_serve_step.py, an AVX-512 EPYC, 2 cores):
-# - "matmul" (the default): the MLP kernels as the model keeps them, [in, out]. Steps of several rows
-#   (batched decode, prompt chunks): a decode step of 8 rows 62 -> 27 ms against "matvec", prefill
-#   1.05 -> 0.88 ms a token; the 125M bench_infer model at batch 16: 36.7 -> 30.5 ms a token.
-# - "matvec": the MLP kernels [out, in], HF's nn.Linear layout: one row a step (decode at batch 1)
-#   reads them as a matrix-vector loop, 11.7 ms a token against 14.8 ms for "matmul" (125M model).
-#   Engines with one slot use it (`layout_for`). On an earlier AVX2 machine it was also the faster
-#   one at 16 rows: the library's choice of kernel, not the math, decides.
+# the matmul. Measured on an AVX-512 EPYC, 2 cores, f32 (the two layouts in one process, alternating):
+# - "matmul" (the default): the MLP kernels as the model keeps them, [in, out]. Steps of several
+#   rows: SmolLM2-135M's paged decode step of 8 rows 38.6 -> 29.9 ms against "matvec", of 32 rows
+#   83.5 -> 75.6 ms; prompt chunks the same.
+# - "matvec": the MLP kernels [out, in], HF's nn.Linear layout, which one row a step (decode at
+#   batch 1) reads as a matrix-vector loop: 11.7 ms a token against 14.0 ms for "matmul" (the 125M
+#   scripts/bench_infer.py model). Engines with one slot use it (`layout_for`). On an earlier AVX2
+#   machine it was the faster one at 16 rows too: the CPU's matmul library decides, not the math.
 # Both: the attention kernels keep [in, out] (their heads are a separate dim, and for those XLA
 # copied a transposed view to a plain matrix on every step); `wo` is [head_dim, heads, embed], since
 # "bthd,hde->bte" contracts (d, h) in that order (jnp.einsum sorts contracted names), and as

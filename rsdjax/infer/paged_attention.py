@@ -13,9 +13,10 @@ Two forms, picked by the static width of the block tables:
 - wider: a loop over blocks of `BLOCK_PAGES` pages with an online softmax (flash attention's
   running max and sum), for as many blocks as the step's longest row reaches, a bound known only at
   run time. A step then costs the context its rows have, not the attend bucket's width (4x the
-  reach at worst), and the whole context is never copied out of the pools. Measured on 2 cores
-  (SmolLM2-135M's attention, 30 layers, /tmp figures in docs/serving.md): 8 decode rows at 600
-  tokens in a 2,304-token bucket 338 -> 39 ms, a 256-token prompt chunk at 1,100 tokens 573 -> 300 ms.
+  reach at worst), and the whole context is never copied out of the pools. SmolLM2-135M f32 on 2
+  cores, rows reaching 2,048 tokens (scripts/bench_serve_step.py --context 2048, the whole step):
+  8 decode rows 136 -> 83 ms, a 256-token prompt chunk 756 -> 656 ms. At one block the single
+  gather is faster (no loop, no running rescale), hence the two forms.
 """
 from __future__ import annotations
 
