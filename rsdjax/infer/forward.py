@@ -78,7 +78,7 @@ def model_mesh(model: Llama):
 
 # Stored layouts (axis permutations: the model's per-layer layout -> the stored one), one per kind
 # of step XLA:CPU is fastest at; `layer_view` hands the layer a transposed view that XLA folds into
-# the matmul. Measured on an AVX-512 EPYC, 2 cores, f32 (the two layouts in one process, alternating):
+# the matmul. Measured on an AVX-512 EPYC, 2 cores, f32 (scripts/bench_layouts.py: both in one process):
 # - "matmul" (the default): the MLP kernels as the model keeps them, [in, out]. Steps of several
 #   rows: SmolLM2-135M's paged decode step of 8 rows 38.6 -> 29.9 ms against "matvec", of 32 rows
 #   83.5 -> 75.6 ms; prompt chunks the same.
