@@ -84,7 +84,7 @@ def model_mesh(model: Llama):
 #   83.5 -> 75.6 ms; prompt chunks the same.
 # - "matvec": the MLP kernels [out, in], HF's nn.Linear layout, which one row a step (decode at
 #   batch 1) reads as a matrix-vector loop: 11.7 ms a token against 14.0 ms for "matmul" (the 125M
-#   scripts/bench_infer.py model). Engines with one slot use it (`layout_for`). On an earlier AVX2
+#   scripts/bench_infer.py model). Engines with one slot use it (`layout_for`). On an earlier
 #   machine it was the faster one at 16 rows too: the CPU's matmul library decides, not the math.
 # Both: the attention kernels keep [in, out] (their heads are a separate dim, and for those XLA
 # copied a transposed view to a plain matrix on every step); `wo` is [head_dim, heads, embed], since
