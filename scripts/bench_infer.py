@@ -40,7 +40,8 @@ MODEL_125M = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num
                   num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048)
 MODEL_QUICK = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-TARGETS = {1: {"speedup_vs_hf": 1.1, "fraction_of_decode_limit": 0.7}, 16: {"speedup_vs_hf": 1.5}}
+# issue #14's targets (f32; int8 batch 1 >= 3x HF f32 is printed with the int8 run)
+TARGETS = {1: {"speedup_vs_hf": 2.0, "fraction_of_decode_limit": 0.85}, 16: {"speedup_vs_hf": 2.0}}
 
 
 def parse_args(argv=None):
