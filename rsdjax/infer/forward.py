@@ -103,11 +103,13 @@ def layout_for(max_rows: int) -> str:
     return "matvec" if max_rows == 1 else "matmul"
 
 
-def layer_view(p: dict, layout: str = "matmul") -> dict:
-    """One layer's stored weights (`layout`) in the layout `decoder_layer` expects (transposed views)."""
+def layer_view(p: dict, layout: str) -> dict:
+    """One layer's stored weights (`ServingWeights.layout`) in the layout `decoder_layer` expects
+    (transposed views)."""
+    stored = {} if layout == INT8 else LAYOUTS[layout]  # int8: every kernel a QArray, the norms as the model's
     out = {}
     for name, w in p.items():
-        order = int8_order(name) if isinstance(w, QArray) else None if layout == INT8 else LAYOUTS[layout].get(name)
+        order = int8_order(name) if isinstance(w, QArray) else stored.get(name)
         out[name] = w if order is None else transpose(w, tuple(int(i) for i in np.argsort(order)))
     return out
 

@@ -43,19 +43,15 @@ def paged_attention(q, k_pool, v_pool, block_tables, positions):
     """q [R, C, H, D] at positions [R, C] (-1: padding, sees nothing); block_tables [R, n] -> [R, C, H, D].
     Each token attends its row's context positions <= its own."""
     if block_tables.shape[1] <= BLOCK_PAGES:
-        return attention(q, *_gather(k_pool, v_pool, block_tables), cache_mask(positions, _tokens(k_pool, block_tables)))
+        k, v = _gather(k_pool, v_pool, block_tables)
+        return attention(q, k, v, cache_mask(positions, k.shape[1]))
     return _blockwise(q, k_pool, v_pool, block_tables, positions)
-
-
-def _tokens(pool, block_tables) -> int:
-    return block_tables.shape[1] * pool.shape[1]
 
 
 def _gather(k_pool, v_pool, block_tables):
     """The pages of each row, in table order -> k, v [R, n * page_size, KV, D]."""
-    r = block_tables.shape[0]
-    n = _tokens(k_pool, block_tables)
-    return tuple(pool[block_tables].reshape(r, n, *pool.shape[2:]) for pool in (k_pool, v_pool))
+    r, n = block_tables.shape
+    return tuple(pool[block_tables].reshape(r, n * pool.shape[1], *pool.shape[2:]) for pool in (k_pool, v_pool))
 
 
 def _blockwise(q, k_pool, v_pool, block_tables, positions):
