@@ -31,7 +31,7 @@ from rsdjax.config import ConfigError, ModelConfig
 from rsdjax.infer.sampling import token_logprobs
 from rsdjax.model.llama import (Llama, attend_with, cache_mask, causal_mask, decoder_layer, embed_tokens, lm_logits,
                                 resolve_dtype, rope_tables)
-from rsdjax.model.quant import INT8, QArray, int8_order, transpose
+from rsdjax.model.quant import INT8, INT8_ORDER, QArray, transpose
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, constrain, resolve
 from rsdjax.parallel.sharding import jit_or_shapes
@@ -54,7 +54,7 @@ class ServingWeights:
 
     def stored_order(self, name: str) -> tuple[int, ...] | None:
         """The permutation from the model's layout of float kernel `name` to the stored one (None: the same)."""
-        return LAYOUTS[self.layout].get(name)
+        return stored_orders(self.layout).get(name)
 
 
 @jax.tree_util.register_dataclass
@@ -103,13 +103,18 @@ def layout_for(max_rows: int) -> str:
     return "matvec" if max_rows == 1 else "matmul"
 
 
+def stored_orders(layout: str) -> dict[str, tuple[int, ...]]:
+    """The permutation of each float kernel stored in `layout` (int8 weights: none, every kernel a QArray)."""
+    return {} if layout == INT8 else LAYOUTS[layout]
+
+
 def layer_view(p: dict, layout: str) -> dict:
     """One layer's stored weights (`ServingWeights.layout`) in the layout `decoder_layer` expects
     (transposed views)."""
-    stored = {} if layout == INT8 else LAYOUTS[layout]  # int8: every kernel a QArray, the norms as the model's
+    stored = stored_orders(layout)
     out = {}
     for name, w in p.items():
-        order = int8_order(name) if isinstance(w, QArray) else stored.get(name)
+        order = INT8_ORDER.get(name) if isinstance(w, QArray) else stored.get(name)
         out[name] = w if order is None else transpose(w, tuple(int(i) for i in np.argsort(order)))
     return out
 

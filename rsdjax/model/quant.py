@@ -25,7 +25,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import qwix
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -126,11 +125,6 @@ def _vector_matmul(x, xs: str, w: QArray, ws: str, out: str, contracted: str):
                    preferred_element_type=jnp.float32).reshape(n_shape)
     order = [outs.index(c) for c in out if c in outs]
     return jnp.transpose(y, order).reshape([1 if c not in outs else w.shape[ws.index(c)] for c in out]).astype(x.dtype)
-
-
-def int8_order(name: str) -> tuple[int, ...] | None:
-    """The permutation from the model's layout of kernel `name` to its int8 one (None: unpermuted)."""
-    return INT8_ORDER.get(name)
 
 
 def _scale_sharding(value_sharding, contracted: tuple[int, ...], ndim: int):
