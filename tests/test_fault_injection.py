@@ -38,29 +38,35 @@ def body(i, stream):
             "ignore_eos": True, "stream": stream}
 
 
-async def stream_one(http, url, i, hang_up_after, progress):
-    """('done', text) | ('error', text) | ('hung up', text), and the seconds it took."""
-    start, text = time.monotonic(), ""
+async def stream_one(http, url, i, hang_up_after, progress, open_on):
+    """('done', text) | ('error', text) | ('hung up', text), and the seconds it took. While it runs,
+    open_on[backend][i] counts the tokens it still expects (the router names the backend in a header)."""
+    start, text, events = time.monotonic(), "", 0
     async with http.stream("POST", f"{url}/v1/completions", json=body(i, True)) as r:
         assert r.status_code == 200, await r.aread()
-        events = 0
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                return ("done" if events == MAX_TOKENS else "error"), text, time.monotonic() - start
-            event = json.loads(data)
-            if "error" in event:
-                text = ("error", text)
-                continue
-            if isinstance(text, tuple):
-                raise AssertionError(f"stream {i}: data after an error event")
-            text += event["choices"][0]["text"]
-            events += 1
-            progress[0] += 1
-            if events == hang_up_after:
-                return "hung up", text, time.monotonic() - start
+        streams_here = open_on.setdefault(r.headers["x-rsdjax-backend"], {})
+        streams_here[i] = hang_up_after or MAX_TOKENS
+        try:
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    return ("done" if events == MAX_TOKENS else "error"), text, time.monotonic() - start
+                event = json.loads(data)
+                if "error" in event:
+                    text = ("error", text)
+                    continue
+                if isinstance(text, tuple):
+                    raise AssertionError(f"stream {i}: data after an error event")
+                text += event["choices"][0]["text"]
+                events += 1
+                progress[0] += 1
+                streams_here[i] -= 1
+                if events == hang_up_after:
+                    return "hung up", text, time.monotonic() - start
+        finally:
+            streams_here.pop(i)
     raise AssertionError(f"stream {i} ended without [DONE]")
 
 
@@ -71,15 +77,20 @@ async def plain_one(http, url, i):
     return r.json()["choices"][0]["text"], time.monotonic() - start
 
 
-async def chaos(url, victim):
+async def chaos(url, victim, victim_url):
     rng = random.Random(16)
     hang_ups = dict(zip(rng.sample(range(STREAMS), HANGUPS), (rng.randint(1, MAX_TOKENS - 1) for _ in range(HANGUPS))))
-    progress = [0]
+    progress, open_on = [0], {}
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT + 10, limits=httpx.Limits(max_connections=None)) as http:
-        streams = [asyncio.create_task(stream_one(http, url, i, hang_ups.get(i), progress)) for i in range(STREAMS)]
+        streams = [asyncio.create_task(stream_one(http, url, i, hang_ups.get(i), progress, open_on))
+                   for i in range(STREAMS)]
         plain = [asyncio.create_task(plain_one(http, url, STREAMS + i)) for i in range(PLAIN)]
-        while progress[0] < STREAMS * MAX_TOKENS // 4:  # a quarter of the streamed tokens are out
-            await asyncio.sleep(0.01)
+        # the kill comes once a quarter of the streamed tokens are out and a stream on the victim has ten
+        # tokens to go (timing alone is not enough: on a fast machine the victim's streams may all be over)
+        deadline = time.monotonic() + REQUEST_TIMEOUT
+        while progress[0] < STREAMS * MAX_TOKENS // 4 or max(open_on.get(victim_url, {}).values(), default=0) < 10:
+            assert time.monotonic() < deadline, f"no stream in flight on the victim; open streams: {open_on}"
+            await asyncio.sleep(0.005)
         victim.kill()
         return await asyncio.gather(*streams), await asyncio.gather(*plain), hang_ups
 
@@ -92,7 +103,7 @@ def test_streams_hangups_and_a_killed_backend(backends, tiny_tokenizer_dir):
     (victim, victim_url), (_, survivor_url) = backends
     with ServerThread(create_router_app([victim_url, survivor_url], policy="least-loaded", health_interval=0.3,
                                         timeout=REQUEST_TIMEOUT)) as router:
-        streams, plain, hang_ups = asyncio.run(chaos(router.url, victim))
+        streams, plain, hang_ups = asyncio.run(chaos(router.url, victim, victim_url))
 
         for i, (outcome, text, _) in enumerate(streams):
             if outcome == "done":
