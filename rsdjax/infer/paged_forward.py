@@ -38,7 +38,7 @@ from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, sample, toke
 from rsdjax.infer.paged_attention import paged_attention, write_pages
 from rsdjax.model.llama import decoder_layer, embed_tokens, resolve_dtype, rope_tables
 from rsdjax.parallel.mesh import mesh_shape_of
-from rsdjax.parallel.rules import INFER_RULES, activation_sharding, constrain, resolve
+from rsdjax.parallel.rules import INFER_RULES, activation_sharding, active_sharding, constrain, resolve
 
 POOL_AXES = (None, None, "act_kv_heads", "head_dim")  # [pages, page_size, kv_heads, head_dim]
 
@@ -112,20 +112,46 @@ def paged_forward(cfg: ModelConfig, w: forward.ServingWeights, pools: forward.La
     real = positions >= 0
     pos = jnp.maximum(positions, 0)
     page_of = jnp.where(real, jnp.take_along_axis(block_tables, pos // page_size, axis=1), num_pages)
-    offset_of = pos % page_size
+    pages = (page_of, pos % page_size, block_tables, positions)
     rope = rope_tables(cfg, pos)
     x = embed_tokens(cfg, w.embed, tokens)
+    layer = _layer_over_pages(cfg, w.layout)
     new_k, new_v = [], []
     for i in range(len(w.layers)):
-        def through_pages(q, k, v, i=i):
-            k_pool, v_pool = write_pages(pools.k[i], pools.v[i], k, v, page_of, offset_of)
-            new_k.append(constrain(k_pool, POOL_AXES))
-            new_v.append(constrain(v_pool, POOL_AXES))
-            return paged_attention(q, new_k[-1], new_v[-1], block_tables, positions)
-
-        x = decoder_layer(cfg, x, forward.with_adapters(w, lora, i), rope, through_pages)
+        lora_rows = None if lora is None else {**lora[0][i], "index": lora[1]}
+        x, k_pool, v_pool = layer(x, w.layers[i], lora_rows, pools.k[i], pools.v[i], rope, pages)
+        new_k.append(k_pool)
+        new_v.append(v_pool)
     x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     return forward._logits(cfg, w, x_last), forward.LayerCache(new_k, new_v), x
+
+
+_LAYERS: dict[tuple, object] = {}
+
+
+def _layer_over_pages(cfg: ModelConfig, layout: str):
+    """One decoder layer reading and writing its page pools, jitted on its own so that a forward traces
+    and lowers it once rather than once per layer (tracing the unrolled layers was most of a warm
+    `rsdjax generate`'s start); XLA inlines the calls, so the compiled step is the same. One function
+    per model, layout and sharding context (which `constrain` reads while tracing)."""
+    key = (repr(cfg), layout, active_sharding())
+    if key not in _LAYERS:
+        def layer(x, weights, lora_rows, k_pool, v_pool, rope, pages):
+            page_of, offset_of, block_tables, positions = pages
+            p = forward.layer_view(weights, layout)
+            if lora_rows is not None:
+                p["lora_rows"] = lora_rows
+            pools = []
+
+            def through_pages(q, k, v):
+                pools.extend(constrain(a, POOL_AXES) for a in write_pages(k_pool, v_pool, k, v, page_of, offset_of))
+                return paged_attention(q, *pools, block_tables, positions)
+
+            x = decoder_layer(cfg, x, p, rope, through_pages)
+            return x, *pools
+
+        _LAYERS[key] = jax.jit(layer)
+    return _LAYERS[key]
 
 
 @jax.tree_util.register_dataclass
