@@ -25,6 +25,11 @@ LLAMA3_TEMPLATE = (
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
+# How Q&A pairs become text (fine-tuning, eval): "chat" the tokenizer's own template, "llama3" the
+# one above, "plain" question and answer lines. Here, not in rsdjax.sft, so the CLI's parser can
+# list them without importing the trainer.
+TEMPLATES = ("chat", "llama3", "plain")
+
 
 class ChatTemplateError(ValueError):
     """A template that cannot be compiled or that raised while rendering; the message says which."""

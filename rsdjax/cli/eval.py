@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from rsdjax.chat import TEMPLATES
 from rsdjax.cli.common import MODEL, add_mesh_args, list_keys_in_help
-from rsdjax.sft.data import TEMPLATES
 
 
 def register(sub) -> None:

@@ -2,21 +2,11 @@
 
     from rsdjax.sft import finetune, load_finetune_config, answer, compare_answers
     result = finetune(load_finetune_config("lora-qa-demo", ["base=checkpoints/cpt-demo"]))
-
-Names are imported on first use: the CLI reads `rsdjax.sft.data` for its help text, and that must
-not import the trainer (orbax, optax) into every `rsdjax` command.
 """
-import importlib
+from rsdjax.sft.answers import answer, compare_answers, show_answers
+from rsdjax.sft.config import FinetuneConfig, SFTDataConfig, load_finetune_config
+from rsdjax.sft.data import SFTDataError
+from rsdjax.sft.finetune import FinetuneResult, finetune, sft_loss
 
-_HOMES = {"answer": "answers", "compare_answers": "answers", "show_answers": "answers",
-          "FinetuneConfig": "config", "SFTDataConfig": "config", "load_finetune_config": "config",
-          "SFTDataError": "data", "FinetuneResult": "finetune", "finetune": "finetune", "sft_loss": "finetune"}
-
-
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module 'rsdjax.sft' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"rsdjax.sft.{_HOMES[name]}"), name)
-
-
-__all__ = sorted(_HOMES)
+__all__ = ["FinetuneConfig", "FinetuneResult", "SFTDataConfig", "SFTDataError", "answer", "compare_answers",
+           "finetune", "load_finetune_config", "sft_loss", "show_answers"]

@@ -22,10 +22,9 @@ from typing import Iterator
 
 import numpy as np
 
-from rsdjax.chat import LLAMA3_TEMPLATE
+from rsdjax.chat import LLAMA3_TEMPLATE, TEMPLATES
 from rsdjax.tokenizer import Tokenizer
 
-TEMPLATES = ("chat", "llama3", "plain")
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
