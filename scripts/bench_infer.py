@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Inference benchmark: rsdjax's slot engine vs HF transformers `generate`, same weights, same run.
+"""Inference benchmark: rsdjax's engine vs HF transformers `generate`, same weights, same run.
 
     python scripts/bench_infer.py            # ~125M Llama, f32, prompt 128, 64 new tokens, batch 1 and 16
     python scripts/bench_infer.py --quick    # a tiny model: a smoke run (what the test suite runs)
@@ -57,6 +57,9 @@ def parse_args(argv=None):
                    help="a real model (HF Llama directory or .gguf file) instead of the random 125M Llama")
     p.add_argument("--quantize", default=None, choices=["int8"],
                    help="also run rsdjax with int8 weights (`--quantize int8`), alternating with float32 and HF")
+    p.add_argument("--engine", default="slots", choices=["slots", "paged"],
+                   help="rsdjax's engine: the contiguous slot engine (this benchmark's series so far) or paged "
+                        "(what `rsdjax generate` and `serve` run; chunked prefill, so batch 16's TTFT is longer)")
     p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "infer.json")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in (args.batches or ("1,2" if args.quick else "1,16")).split(",")]
@@ -134,30 +137,24 @@ def make_model(path: Path, config: dict) -> None:
     LlamaForCausalLM(LlamaConfig(**config, bos_token_id=1, eos_token_id=2)).eval().save_pretrained(path)
 
 
-def rsdjax_runner(path: Path, prompts, new_tokens: int, context: int, mesh=None, quantize=None):
-    """A function that runs the whole batch once -> (total s, TTFT s, output ids per prompt)."""
+def rsdjax_runner(path: Path, prompts, new_tokens: int, context: int, mesh=None, quantize=None, kind="paged"):
+    """A function that runs the whole batch once through `rsdjax.infer.generate` (what `rsdjax generate`
+    runs) -> (total s, TTFT s: until every prompt has its first token, output ids per prompt, TPOT s: each
+    prompt's own time per token after its first, averaged; chunked prefill starts prompts at different
+    steps, so total - TTFT would undercount it)."""
     from rsdjax.infer.engine import load_engine
-    from rsdjax.infer.interface import Request, SamplingParams
+    from rsdjax.infer.generate import generate
+    from rsdjax.infer.interface import SamplingParams
 
-    engine, _ = load_engine(path, mesh=mesh, max_slots=len(prompts), max_context=context, kind="slots",
+    engine, _ = load_engine(path, mesh=mesh, max_slots=len(prompts), max_context=context, kind=kind,
                             quantize=quantize)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
     def once():
         t0 = time.perf_counter()
-        prefixes = engine.prefill_many([Request(f"r{i}", p, params) for i, p in enumerate(prompts)])
-        t_first = time.perf_counter()
-        outputs = [[pre.first_token.token_id] for pre in prefixes]
-        for slot, pre in enumerate(prefixes):
-            engine.insert(pre, slot)
-        live = len(prompts)
-        while live:
-            for event in engine.generate():
-                outputs[event.slot].append(event.token_id)
-                if event.finish_reason is not None:
-                    engine.free(event.slot)
-                    live -= 1
-        return time.perf_counter() - t0, t_first - t0, outputs
+        done = generate(engine, prompts, params)
+        tpot = sum((c.done_s - c.ttft_s) / max(len(c.token_ids) - 1, 1) for c in done) / len(done)
+        return time.perf_counter() - t0, max(c.ttft_s for c in done), [c.token_ids for c in done], tpot
 
     once()  # compile every shape this workload uses
     return once
@@ -205,7 +202,7 @@ def hf_runner(path: Path, prompts, new_tokens: int):
 def best_of(runs, batch: int, new_tokens: int) -> dict:
     totals = [r[0] for r in runs]
     ttfts = [r[1] for r in runs]
-    tpots = [(r[0] - r[1]) / max(new_tokens - 1, 1) for r in runs]
+    tpots = [r[3] if len(r) > 3 else (r[0] - r[1]) / max(new_tokens - 1, 1) for r in runs]
     best = min(totals)
     return {"tokens_per_s": batch * new_tokens / best, "ttft_s": min(ttfts), "tpot_s": min(tpots),
             "total_s": best, "runs_total_s": totals, "tokens": runs[totals.index(best)][2]}
@@ -243,8 +240,9 @@ def main(argv=None) -> int:
             make_model(path, config)
         for batch in args.batches:
             prompts = rng.integers(3, config["vocab_size"], (batch, args.prompt_len)).tolist()
-            ours_once = rsdjax_runner(path, prompts, args.new_tokens, context, mesh)
-            int8_once = rsdjax_runner(path, prompts, args.new_tokens, context, mesh, args.quantize) if args.quantize else None
+            ours_once = rsdjax_runner(path, prompts, args.new_tokens, context, mesh, kind=args.engine)
+            int8_once = (rsdjax_runner(path, prompts, args.new_tokens, context, mesh, args.quantize, args.engine)
+                         if args.quantize else None)
             peer_once = hf_runner(path, prompts, args.new_tokens)
             # torch's default (one thread per core) spins badly when another process holds a core,
             # so the peer also runs on one thread and its better setting is the one compared
@@ -287,7 +285,7 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "inference", "quick": args.quick, "model": config, "dtype": "float32",
-        "model_path": str(args.model) if args.model else None, "quantize": args.quantize,
+        "model_path": str(args.model) if args.model else None, "quantize": args.quantize, "engine": args.engine,
         "rsdjax_mesh": args.mesh or "one device", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_before": load_before,
