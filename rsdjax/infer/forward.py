@@ -216,10 +216,22 @@ def _logits(cfg: ModelConfig, w: ServingWeights, x):
 def with_adapters(w: ServingWeights, lora, i: int) -> dict:
     """Layer i's weights in the model's layout, plus its rows of the adapter pool when serving many
     LoRA adapters (`lora` = (per-layer pool arrays, adapter index per batch row); see `rsdjax.infer.adapters`)."""
-    p = layer_view(w.layers[i], w.layout)
-    if lora is not None:
-        layers, index = lora
-        p["lora_rows"] = {**layers[i], "index": index}
+    return layer_with_adapters(w.layers[i], w.layout, adapter_rows(lora, i))
+
+
+def adapter_rows(lora, i: int) -> dict | None:
+    """Layer i's part of the step's `lora` argument (None: every row on the base model)."""
+    if lora is None:
+        return None
+    layers, index = lora
+    return {**layers[i], "index": index}
+
+
+def layer_with_adapters(stored: dict, layout: str, rows: dict | None) -> dict:
+    """One layer's stored weights as `decoder_layer` takes them, with its adapter rows (`adapter_rows`)."""
+    p = layer_view(stored, layout)
+    if rows is not None:
+        p["lora_rows"] = rows
     return p
 
 

@@ -118,7 +118,7 @@ def paged_forward(cfg: ModelConfig, w: forward.ServingWeights, pools: forward.La
     layer = _layer_over_pages(cfg, w.layout)
     new_k, new_v = [], []
     for i in range(len(w.layers)):
-        lora_rows = None if lora is None else {**lora[0][i], "index": lora[1]}
+        lora_rows = forward.adapter_rows(lora, i)
         x, k_pool, v_pool = layer(x, w.layers[i], lora_rows, pools.k[i], pools.v[i], rope, pages)
         new_k.append(k_pool)
         new_v.append(v_pool)
@@ -138,9 +138,7 @@ def _layer_over_pages(cfg: ModelConfig, layout: str):
     if key not in _LAYERS:
         def layer(x, weights, lora_rows, k_pool, v_pool, rope, pages):
             page_of, offset_of, block_tables, positions = pages
-            p = forward.layer_view(weights, layout)
-            if lora_rows is not None:
-                p["lora_rows"] = lora_rows
+            p = forward.layer_with_adapters(weights, layout, lora_rows)
             pools = []
 
             def through_pages(q, k, v):
