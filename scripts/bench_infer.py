@@ -137,7 +137,7 @@ def make_model(path: Path, config: dict) -> None:
     LlamaForCausalLM(LlamaConfig(**config, bos_token_id=1, eos_token_id=2)).eval().save_pretrained(path)
 
 
-def rsdjax_runner(path: Path, prompts, new_tokens: int, context: int, mesh=None, quantize=None, kind="paged"):
+def rsdjax_runner(path: Path, prompts, new_tokens: int, context: int, mesh=None, quantize=None, kind="slots"):
     """A function that runs the whole batch once through `rsdjax.infer.generate` (what `rsdjax generate`
     runs) -> (total s, TTFT s: until every prompt has its first token, output ids per prompt, TPOT s: each
     prompt's own time per token after its first, averaged; chunked prefill starts prompts at different
@@ -161,7 +161,7 @@ def rsdjax_runner(path: Path, prompts, new_tokens: int, context: int, mesh=None,
 
 
 def hf_runner(path: Path, prompts, new_tokens: int):
-    """The same for HF transformers `generate`, taking the number of torch threads to use."""
+    """The same (total, TTFT, ids, TPOT) for HF transformers `generate`, taking the number of torch threads."""
     import torch
     from transformers import LlamaForCausalLM
     from transformers.generation.streamers import BaseStreamer
@@ -192,7 +192,8 @@ def hf_runner(path: Path, prompts, new_tokens: int):
             t0 = time.perf_counter()
             out = model.generate(ids, streamer=streamer, **kw)
             total = time.perf_counter() - t0
-        return total, streamer.first - t0, out[:, ids.shape[1]:].tolist()
+        ttft = streamer.first - t0  # every row's first token at once: the rest is decoding
+        return total, ttft, out[:, ids.shape[1]:].tolist(), (total - ttft) / max(new_tokens - 1, 1)
 
     with torch.inference_mode():
         model.generate(ids, **{**kw, "max_new_tokens": 2})  # warm up
@@ -202,7 +203,7 @@ def hf_runner(path: Path, prompts, new_tokens: int):
 def best_of(runs, batch: int, new_tokens: int) -> dict:
     totals = [r[0] for r in runs]
     ttfts = [r[1] for r in runs]
-    tpots = [r[3] if len(r) > 3 else (r[0] - r[1]) / max(new_tokens - 1, 1) for r in runs]
+    tpots = [r[3] for r in runs]
     best = min(totals)
     return {"tokens_per_s": batch * new_tokens / best, "ttft_s": min(ttfts), "tpot_s": min(tpots),
             "total_s": best, "runs_total_s": totals, "tokens": runs[totals.index(best)][2]}
