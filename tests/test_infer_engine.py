@@ -159,6 +159,22 @@ def test_bad_requests_are_refused_with_their_id(engine, ids, params, message):
     assert "bad-1" in str(info.value) or isinstance(info.value, PromptTooLongError)
 
 
+def test_a_slot_reused_after_an_unforeseen_stop_gives_what_alone_gives(engine):
+    """generate() queues the next step before reading this one's tokens, so a row that stops on a token
+    id has one step computed past its end: dropped, and the waiting prompt that takes its slot, and
+    the rows still running, come out as each alone."""
+    batch = prompts(6, seed=5)
+    free_runs = generate(engine, batch[:1], GREEDY) + generate(engine, batch[2:3], GREEDY)
+    stops = {0: free_runs[0].token_ids[4], 2: free_runs[1].token_ids[6]}
+    settings = [dataclasses.replace(GREEDY, stop_token_ids=[stops[i]]) if i in stops else GREEDY for i in range(6)]
+    together = generate(engine, batch, settings)
+    for i in stops:
+        assert together[i].finish_reason == "stop" and len(together[i].token_ids) < GREEDY.max_tokens
+    for ids, params, joint in zip(batch, settings, together):
+        (alone,) = generate(engine, [ids], params)
+        assert joint.token_ids == alone.token_ids
+
+
 def test_slots_insert_free(engine):
     ids = prompts(1, seed=7)[0]
     p = dataclasses.replace(GREEDY, max_tokens=3)

@@ -56,6 +56,15 @@ class _Slot:
     done: bool = False
 
 
+@dataclasses.dataclass
+class _Step:
+    """A decode step queued on the device: the rows it is for, and its sampled ids (and logprobs)."""
+
+    rows: list[tuple[int, _Slot]]
+    tokens: jax.Array
+    logprobs: tuple | None
+
+
 class SlotEngine:
     def __init__(self, model, max_slots: int = 8, max_context: int | None = None,
                  eos_token_ids: list[int] | None = None, mesh=None,
@@ -85,6 +94,7 @@ class SlotEngine:
         self._cache = empty_cache(cfg, self.mesh, self.max_slots, self.max_context)
         self._state = jax.device_put(empty_state(cfg, self.max_slots, self.max_context), self._steps.state_sharding)
         self._slots: list[_Slot | None] = [None] * self.max_slots
+        self._ahead: _Step | None = None  # the step queued before the last one's tokens were read (generate)
         # multi-LoRA: adapters stacked on the device, one entry per batch row (rsdjax.infer.adapters)
         self.adapters = AdapterPool(cfg, self.mesh, max_loras, max_lora_rank) if max_loras else None
         self._no_constraint = jax.device_put(no_constraint(self.max_slots, cfg.vocab_size), self._steps.state_sharding)
@@ -160,9 +170,30 @@ class SlotEngine:
                                   done=prefix.first_token.finish_reason is not None)
 
     def generate(self) -> list[TokenEvent]:
-        active = [(i, s) for i, s in enumerate(self._slots) if s is not None and not s.done]
-        if not active:
-            return []
+        """The events of one decode step. The step after it is queued on the device before this one's
+        tokens are read back, so the host's reading, bookkeeping and dispatch (~0.5-1 ms a step) overlap
+        the device's work instead of adding to it. A row that ended meanwhile computed one token too
+        many: it is dropped. Not with a grammar in the batch: its next mask needs this step's tokens."""
+        step, self._ahead = self._ahead, None
+        if step is None or not any(self._live(i, s) for i, s in step.rows):
+            active = self._active()
+            if not active:
+                return []
+            step = self._dispatch(active)
+        ending = {id(s) for _, s in step.rows if s.generated + 1 >= s.request.params.max_tokens}
+        going_on = [(i, s) for i, s in self._active() if id(s) not in ending]  # inserted since included
+        if going_on and not any(s.request.params.guide for _, s in going_on):
+            self._ahead = self._dispatch(going_on)
+        return self._read(step)
+
+    def _live(self, i: int, s: _Slot) -> bool:
+        return self._slots[i] is s and not s.done
+
+    def _active(self) -> list[tuple[int, _Slot]]:
+        return [(i, s) for i, s in enumerate(self._slots) if s is not None and not s.done]
+
+    def _dispatch(self, active: list[tuple[int, _Slot]]) -> _Step:
+        """Queue a decode step for every slot (idle ones ride along); `active` are the ones it is for."""
         attend = bucket_for(max(s.length for _, s in active) + 1, self.attend_buckets)
         top_k = MAX_TOP_LOGPROBS if any(s.request.params.logprobs is not None for _, s in active) else 0
         guides = [None] * self.max_slots
@@ -174,11 +205,17 @@ class SlotEngine:
         lora = self._lora([s.request.adapter if s is not None else 0 for s in self._slots])
         self._cache, self._state, (tokens, logprobs) = self._steps.decode_and_sample(
             self.weights, self._cache, self._state, bitmask, lora, attend, top_k)
-        tokens = np.asarray(tokens)
-        logprobs = None if logprobs is None else tuple(np.asarray(a) for a in logprobs)
+        for _, s in active:
+            s.length += 1  # the device wrote the pending token at position s.length
+        return _Step(active, tokens, logprobs)
+
+    def _read(self, step: _Step) -> list[TokenEvent]:
+        tokens = np.asarray(step.tokens)
+        logprobs = None if step.logprobs is None else tuple(np.asarray(a) for a in step.logprobs)
         events = []
-        for i, s in active:
-            s.length += 1
+        for i, s in step.rows:
+            if not self._live(i, s):  # ended (or freed and reused) after the step was queued
+                continue
             s.generated += 1
             events.append(self._event(s, i, int(tokens[i]), logprobs, i))
         return events
