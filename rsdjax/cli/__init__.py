@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Command modules, in the order `rsdjax --help` lists them. Add a module here to add a command.
 COMMANDS = ("convert", "shard_report", "plan", "tokenizer", "train", "finetune", "lora", "generate", "eval", "serve",
             "route", "warmup")
+# Commands that have written everything out when they return (stdout, closed files; nothing in flight).
+# Run as the `rsdjax` program they end without the interpreter's teardown: ~0.4 s of freeing the model
+# and the XLA client, an eighth of a warm `rsdjax generate`.
+ENDS_AT_ONCE = frozenset({"generate", "plan"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +52,20 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 
 def main(argv: list[str] | None = None) -> int:
+    return _run(argv)[1]
+
+
+def entry() -> None:
+    """The `rsdjax` program (pyproject's script, `python -m rsdjax`): `main`, then the process ends."""
+    command, code = _run(None)
+    if command in ENDS_AT_ONCE:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _run(argv: list[str] | None) -> tuple[str, int]:
     parser = build_parser()
     args = parse(parser, argv)
     from rsdjax import compile_cache
@@ -56,15 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         compile_cache.enable()
     try:
-        return int(args.func(args) or 0)
+        return args.command, int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
         # our errors (ConfigError, CheckpointError, ShardingError, ...) are ValueErrors with a full message
         print(f"rsdjax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return args.command, 2
     except KeyboardInterrupt:
         print(f"rsdjax {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return args.command, 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,5 +1,3 @@
-import sys
+from rsdjax.cli import entry
 
-from rsdjax.cli import main
-
-sys.exit(main())
+entry()
