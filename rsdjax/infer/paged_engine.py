@@ -91,20 +91,6 @@ class _Seq:
         return self.computed == len(self.tokens) - 1 and self.generated > 0
 
 
-@dataclasses.dataclass(eq=False)
-class _Step:
-    """A device call queued by `_dispatch`; `_finish` reads it back."""
-
-    seqs: list[_Seq | None]
-    lengths: list[int]
-    rows: int  # the compiled row count
-    emit: np.ndarray
-    sampled: jax.Array
-    logprobs: tuple | None
-    prompt: tuple | None  # a scored chunk's prompt logprobs
-    follow: jax.Array  # `sampled` as the next decode step's tokens [rows, 1]
-
-
 class PagedEngine:
     def __init__(self, model, max_slots: int = 32, max_context: int | None = None,
                  eos_token_ids: list[int] | None = None, mesh=None, page_size: int = 16,
@@ -155,7 +141,6 @@ class PagedEngine:
         self._compiled: set[tuple[int, int, int, bool]] = set()  # (rows, width, attend, on adapters) run so far
         self.pool = PagePool(self.num_pages, self.page_size, prefix_caching)
         self._seqs: list[_Seq | None] = [None] * self.max_slots
-        self._ahead: _Step | None = None  # a decode step queued before the last one was read (_run_ahead)
         self._admitted = 0
         self.preemptions = 0
         self._rng = np.random.default_rng()
@@ -208,49 +193,19 @@ class PagedEngine:
         return [i for i, s in enumerate(self._seqs) if s is None]
 
     def generate(self) -> list[TokenEvent]:
-        step, self._ahead = self._ahead, None
-        if step is None:
-            decode = sorted((s for s in self._seqs if s is not None and not s.done and s.decoding),
-                            key=lambda s: s.order)
-            for seq in decode:
-                if seq.decoding:  # not preempted by an older one's reservation
-                    self._reserve(seq, seq.computed + 1)
-            decode = [s for s in decode if s.decoding]
-            prefilling = [s for s in self._seqs if s is not None and not s.done and not s.decoding]
-            chunks = self._plan_chunks(prefilling, self.max_step_tokens - len(decode))
-            if chunks or not decode:
-                events = self._finish(self._dispatch(decode, [1] * len(decode))) if decode else []
-                for seq, n in chunks:
-                    events += self._finish(self._dispatch([seq], [n], chunk=True))
-                return events
-            step = self._dispatch(decode, [1] * len(decode))
-        self._ahead = self._run_ahead(step)
-        return self._finish(step)
-
-    def _run_ahead(self, step: _Step) -> _Step | None:
-        """Queue the decode step after `step` before reading `step`'s tokens back: they feed it on the
-        device (`follow`), so the device does not wait while the host reads, books and dispatches. Only
-        when it is the step the next call would run anyway: decode rows only (a prompt waiting means
-        chunks to plan), no grammar (its mask needs the token), and pages at hand (nothing is preempted
-        under a step in flight). A row that ends at `step` (EOS, a stop id) has one token computed past
-        its end: dropped by `_finish`, its position written in a page it still holds."""
-        if any(s is not None and not s.done and not s.decoding for s in self._seqs):
-            return None
-        seqs = [s if self._live(s) and s.generated + 1 < s.request.params.max_tokens else None for s in step.seqs]
-        going = [s for s in seqs if s is not None]
-        if not going or any(s.request.params.guide is not None for s in going):
-            return None
-        pages = [math.ceil((s.computed + 2) / self.page_size) for s in going]
-        if sum(max(0, n - len(s.pages)) for s, n in zip(going, pages)) > self.pool.available:
-            return None
-        if self._step_shape(len(seqs), 0, max(pages), self._on_adapters(going))[0] != step.rows:
-            return None  # another row count: `follow` would not fit
-        for s in going:
-            self._reserve(s, s.computed + 2)
-        return self._dispatch(seqs, [1] * len(seqs), ahead=step)
-
-    def _live(self, s: _Seq | None) -> bool:
-        return s is not None and self._seqs[s.slot] is s and not s.done
+        decode = sorted((s for s in self._seqs if s is not None and not s.done and s.decoding), key=lambda s: s.order)
+        for seq in decode:
+            if seq.decoding:  # not preempted by an older one's reservation
+                self._reserve(seq, seq.computed + 1)
+        decode = [s for s in decode if s.decoding]
+        prefilling = [s for s in self._seqs if s is not None and not s.done and not s.decoding]
+        chunks = self._plan_chunks(prefilling, self.max_step_tokens - len(decode))
+        events = []
+        if decode:
+            events += self._run(decode, [1] * len(decode))
+        for seq, n in chunks:
+            events += self._run([seq], [n], chunk=True)
+        return events
 
     # ------------------------------------------------------------ scheduling
 
@@ -319,65 +274,44 @@ class PagedEngine:
 
     # ------------------------------------------------------------ running a step
 
-    def _dispatch(self, seqs: list[_Seq | None], lengths: list[int], chunk: bool = False,
-                  ahead: _Step | None = None) -> _Step:
-        """Queue one device call: row i runs `lengths[i]` tokens of seqs[i] from its `computed` position;
-        `chunk`: one prompt chunk (a chunk shape, even for one token), else decode rows. `ahead`: the
-        decode step in flight these rows follow (their tokens are its samples, one position on; a None
-        row is padding)."""
-        offset = 0 if ahead is None else 1
-        live = [(i, s, n) for i, (s, n) in enumerate(zip(seqs, lengths)) if s is not None]
-        reach = max(s.computed + offset + n for _, s, n in live)
-        on_adapters = self._on_adapters([s for _, s, _ in live])  # another program
+    def _run(self, seqs: list[_Seq], lengths: list[int], chunk: bool = False) -> list[TokenEvent]:
+        """One device call: row i runs `lengths[i]` tokens of seqs[i] from its `computed` position;
+        `chunk`: one prompt chunk (a chunk shape, even for one token), else decode rows."""
+        reach = max(s.computed + n for s, n in zip(seqs, lengths))
+        on_adapters = self.adapters is not None and any(s.request.adapter for s in seqs)  # another program
         rows, width, attend = self._step_shape(len(seqs), max(lengths) if chunk else 0,
                                                math.ceil(reach / self.page_size), on_adapters)
         batch = self._empty_batch(rows, width, attend)
-        for i, s, n in live:
-            start = s.computed + offset
-            batch.tokens[i, :n] = s.tokens[start:start + n] if ahead is None else 0
-            batch.positions[i, :n] = np.arange(start, start + n)
+        for i, (s, n) in enumerate(zip(seqs, lengths)):
+            batch.tokens[i, :n] = s.tokens[s.computed:s.computed + n]
+            batch.positions[i, :n] = np.arange(s.computed, s.computed + n)
             batch.block_tables[i, :len(s.pages)] = s.pages
             batch.last[i], batch.rows[i] = n - 1, s.slot
-            batch.emit[i] = start + n == len(s.tokens) + offset
-            scored = s.tokens[start + 1:start + n + 1]
+            batch.emit[i] = s.computed + n == len(s.tokens)
+            scored = s.tokens[s.computed + 1:s.computed + n + 1]
             batch.targets[i, :len(scored)] = scored
-        if ahead is not None:
-            batch.tokens = ahead.follow
-        guides = [None] * rows
-        for i, s, _ in live:
-            guides[i] = s.request.params.guide if batch.emit[i] else None
+        guides = [s.request.params.guide if batch.emit[i] else None for i, s in enumerate(seqs)]
         if any(guides):
-            batch.bitmask = fill_bitmasks(guides, self.cfg.vocab_size)
-        want = any(s.request.params.logprobs is not None for _, s, _ in live)
+            batch.bitmask = fill_bitmasks(guides + [None] * (rows - len(seqs)), self.cfg.vocab_size)
+        want = any(s.request.params.logprobs is not None for s in seqs)
         scoring = chunk and seqs[0].scoring
-        lora = self._lora([s.request.adapter if s is not None else 0 for s in seqs] + [0] * (rows - len(seqs)))
-        self._pools, self._state, (sampled, logprobs, prompt), follow = self._steps.step(
+        lora = self._lora([s.request.adapter for s in seqs] + [0] * (rows - len(seqs)))
+        self._pools, self._state, (sampled, logprobs, prompt) = self._steps.step(
             self.weights, self._pools, self._state, batch, lora, np.bool_(want), np.bool_(scoring))
         self._compiled.add((rows, width, attend, on_adapters))
-        return _Step(seqs, lengths, rows, batch.emit, sampled, logprobs if want else None,
-                     prompt if scoring else None, follow)
-
-    def _finish(self, step: _Step) -> list[TokenEvent]:
-        """Read a step's tokens back; events for its rows that are outputs (rows that ended or were freed
-        since it was queued are dropped)."""
-        sampled = np.asarray(step.sampled)
-        logprobs = None if step.logprobs is None else tuple(np.asarray(a) for a in step.logprobs)
-        if step.prompt is not None:
-            step.seqs[0].scored.append(tuple(np.asarray(a)[0, :step.lengths[0]] for a in step.prompt))
+        sampled = np.asarray(sampled)
+        logprobs = tuple(np.asarray(a) for a in logprobs) if want else None
+        if scoring:
+            seqs[0].scored.append(tuple(np.asarray(a)[0, :lengths[0]] for a in prompt))
         events = []
-        for i, (s, n) in enumerate(zip(step.seqs, step.lengths)):
-            if not self._live(s):
-                continue
+        for i, (s, n) in enumerate(zip(seqs, lengths)):
             s.computed += n
             self._register_full_pages(s)
-            if step.emit[i]:
+            if batch.emit[i]:
                 s.tokens.append(int(sampled[i]))
                 s.generated += 1
                 events.append(self._event(s, int(sampled[i]), logprobs, i))
         return events
-
-    def _on_adapters(self, seqs: list[_Seq]) -> bool:
-        return self.adapters is not None and any(s.request.adapter for s in seqs)
 
     def _step_shape(self, rows: int, chunk: int, pages: int, on_adapters: bool) -> tuple[int, int, int]:
         """(rows, width, attended pages) for `rows` decode rows (`chunk` 0) or one prompt chunk of `chunk`
@@ -435,7 +369,7 @@ class PagedEngine:
         for rows, width, attend in shapes:
             for entry in variants:
                 self._compiled.add((rows, width, attend, entry == [1]))
-                self._pools, self._state, _, _ = self._steps.step(
+                self._pools, self._state, _ = self._steps.step(
                     self.weights, self._pools, self._state, self._empty_batch(rows, width, attend),
                     self._lora(entry * rows), np.bool_(False), np.bool_(False))
         jax.block_until_ready(self._pools)

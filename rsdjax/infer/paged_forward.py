@@ -198,7 +198,7 @@ def sample_step(state: SeqState, logits, rows, emit, bitmask, want_logprobs):
     inc = emit.astype(jnp.int32)
     state = dataclasses.replace(state, steps=state.steps.at[rows].add(inc),
                                 counts=state.counts.at[rows, sampled].add(inc))
-    return state, (sampled, logprobs), sampled[:, None]
+    return state, (sampled, logprobs)
 
 
 def arm_slot(state: SeqState, slot, key, params, prompt_mask) -> SeqState:
@@ -212,21 +212,17 @@ def arm_slot(state: SeqState, slot, key, params, prompt_mask) -> SeqState:
 @dataclasses.dataclass(frozen=True)
 class PagedSteps:
     forward: object  # (weights, pools, batch, lora, want_prompt_logprobs) -> (pools, logits, prompt logprobs)
-    sample: object  # (state, logits, rows, emit, bitmask, want_logprobs) -> (state, (sampled, logprobs), follow)
+    sample: object  # (state, logits, rows, emit, bitmask, want_logprobs) -> (state, (sampled, logprobs))
     arm: object  # (state, slot, key, params, prompt_mask) -> state
     pool_sharding: NamedSharding
     replicated: NamedSharding
 
     def step(self, weights, pools, state: SeqState, batch: StepBatch, lora, want_logprobs, want_prompt_logprobs):
-        """One engine step, the forward then sampling -> (pools, state, (sampled, logprobs, prompt logprobs),
-        follow): `follow` [R, 1] is `sampled` as the tokens of a decode step of the same rows, on the
-        device, so that step can be queued before `sampled` is read back."""
-        # host tokens or a step's `follow`: placed alike, so both run the same executable
-        batch = dataclasses.replace(batch, tokens=jax.device_put(batch.tokens, self.replicated))
+        """One engine step, the forward then sampling -> (pools, state, (sampled, logprobs, prompt logprobs))."""
         pools, logits, prompt = self.forward(weights, pools, batch, lora, want_prompt_logprobs)
-        state, (sampled, logprobs), follow = self.sample(state, logits, batch.rows, batch.emit, batch.bitmask,
-                                                         want_logprobs)
-        return pools, state, (sampled, logprobs, prompt), follow
+        state, (sampled, logprobs) = self.sample(state, logits, batch.rows, batch.emit, batch.bitmask,
+                                                 want_logprobs)
+        return pools, state, (sampled, logprobs, prompt)
 
 
 _COMPILED: dict[tuple, PagedSteps] = {}
@@ -244,7 +240,7 @@ def compiled_steps(cfg: ModelConfig, mesh, num_pages: int, page_size: int) -> Pa
         _COMPILED[key] = PagedSteps(
             forward=jax.jit(functools.partial(forward_step, cfg, mesh), donate_argnums=(1,),
                             out_shardings=(pools, replicated, replicated)),
-            sample=jax.jit(sample_step, donate_argnums=(0,), out_shardings=(states, replicated, replicated)),
+            sample=jax.jit(sample_step, donate_argnums=(0,), out_shardings=(states, replicated)),
             arm=jax.jit(arm_slot, donate_argnums=(0,), out_shardings=states),
             pool_sharding=sharding, replicated=replicated)
     return _COMPILED[key]
