@@ -35,15 +35,15 @@ def _batch(seed=0, b=B, t=T):
 _STEPS = {}  # one TrainStep (one compile) per configuration, shared by the tests below
 
 
-def _run(mesh_shape, grad_accum=1, trainable=nnx.Param, steps=STEPS, batches=None):
-    key = (tuple(sorted(mesh_shape.items())), grad_accum, repr(trainable))
+def _run(mesh_shape, grad_accum=1, trainable=nnx.Param, steps=STEPS, batches=None, cfg=CFG):
+    key = (tuple(sorted(mesh_shape.items())), grad_accum, repr(trainable), repr(cfg))
     if key not in _STEPS:
         mesh = make_mesh(mesh_shape)
-        abstract = nnx.eval_shape(lambda: Llama(CFG, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
         tx, schedule = make_optimizer(OPTIM, 40)
         _STEPS[key] = TrainStep(abstract, tx, mesh, trainable=trainable, grad_accum=grad_accum, schedule=schedule)
     ts = _STEPS[key]
-    model = create_sharded(lambda: Llama(CFG, rngs=nnx.Rngs(0)), ts.mesh, "train")
+    model = create_sharded(lambda: Llama(cfg, rngs=nnx.Rngs(0)), ts.mesh, "train")
     params, frozen = ts.split(model)
     initial = jax.tree.map(np.asarray, params)
     state = ts.init(params)
@@ -77,6 +77,15 @@ def test_sharded_step_matches_one_device(single, mesh_shape, grad_accum):
     _assert_close(opt_state, single[3], atol=1e-5)
     wq = ts.param_shardings["wq"].spec  # (layers, embed, q_heads, head_dim): fsdp on embed, tensor on heads
     assert wq[1] == "fsdp" and (wq[2] if len(wq) > 2 else None) == ("tensor" if "tensor" in mesh_shape else None)
+
+
+def test_unrolled_layers_train_as_the_scan_does(single):
+    """model.scan_layers=false (the layer loop unrolled, no layer-stacked residual buffers) computes
+    what the scan computes."""
+    losses, params, _, opt_state, _ = _run({}, cfg=dataclasses.replace(CFG, scan_layers=False))
+    np.testing.assert_allclose(losses, single[0], rtol=2e-6)
+    _assert_close(params, single[1], atol=1e-5)
+    _assert_close(opt_state, single[3], atol=1e-6)
 
 
 def test_embedding_stage_trains_only_embeddings_and_head():

@@ -232,7 +232,7 @@ def layer_scan(cfg: ModelConfig, params: dict, x, aux: tuple, cache: tuple = (),
             return decoder_layer(cfg, x, p, (cos, sin), attend_with(mask, select), row_reduce), None
 
         body = jax.checkpoint(body) if cfg.remat else body
-        return jax.lax.scan(body, x, params)[0], ()
+        return jax.lax.scan(body, x, params, unroll=1 if cfg.scan_layers else True)[0], ()
 
     positions = aux[3]
     rows = jnp.arange(x.shape[0])[:, None]
