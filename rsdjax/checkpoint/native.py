@@ -9,8 +9,6 @@ import json
 import shutil
 from pathlib import Path
 
-import orbax.checkpoint as ocp
-
 from rsdjax.config import ConfigError, ModelConfig, from_dict, to_dict
 from rsdjax.checkpoint.durable import publish_dir
 from rsdjax.checkpoint.errors import CheckpointError
@@ -52,7 +50,7 @@ def save_params(directory: Path, cfg: ModelConfig, params_pure: dict, extra: dic
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    with ocp.StandardCheckpointer() as ckptr:
+    with _orbax().StandardCheckpointer() as ckptr:
         ckptr.save(tmp / "params", params_pure)
         ckptr.wait_until_finished()
     (tmp / MODEL_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "model": to_dict(cfg), **(extra or {})},
@@ -64,9 +62,17 @@ def save_params(directory: Path, cfg: ModelConfig, params_pure: dict, extra: dic
 def restore_params(directory: Path, abstract_pure: dict) -> dict:
     """Restore into `abstract_pure` (ShapeDtypeStructs with shardings); shapes must match."""
     directory = Path(directory).absolute()
-    with ocp.StandardCheckpointer() as ckptr:
+    with _orbax().StandardCheckpointer() as ckptr:
         try:
             return ckptr.restore(directory / "params", abstract_pure)
         except (ValueError, KeyError, FileNotFoundError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"{directory}/params: cannot restore ({msg})") from None
+
+
+def _orbax():
+    """Orbax, imported when a checkpoint is read or written: 0.2 s that loading a GGUF or HF model (and
+    every `rsdjax` command's start, through rsdjax.loading) does not need."""
+    import orbax.checkpoint as ocp
+
+    return ocp
