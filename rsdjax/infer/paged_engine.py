@@ -23,7 +23,6 @@ adapter that wrote them). Use from one thread.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -34,7 +33,8 @@ from rsdjax.infer import forward
 from rsdjax.infer.adapters import AdapterPool
 from rsdjax.infer.events import check_request, prompt_logprob_entries, token_event
 from rsdjax.infer.interface import Prefix, Request, SamplingParams, TokenEvent
-from rsdjax.infer.pages import PagePool, extend_hashes
+from rsdjax.infer.pages import PagePool
+from rsdjax.infer.paged_schedule import PageScheduling, Seq
 from rsdjax.infer.paged_forward import (StepBatch, compiled_steps, empty_pools, empty_seq_state, page_bytes,
                                         pages_for_budget)
 from rsdjax.infer.sampling import SamplingArrays, fill_bitmasks, keys_from_seeds, no_constraint, seed_pair
@@ -64,34 +64,7 @@ CHUNK_GROWTH = 2
 MAX_CHUNK = 256
 
 
-@dataclasses.dataclass(eq=False)
-class _Seq:
-    request: Request
-    slot: int
-    order: int  # admission order: the newest is preempted first
-    tokens: list[int]  # prompt, then every sampled token
-    pages: list[int] = dataclasses.field(default_factory=list)
-    hashes: list[bytes] = dataclasses.field(default_factory=list)  # keys of its full pages so far
-    computed: int = 0  # tokens whose K/V are in `pages`
-    registered: int = 0  # full pages offered to the prefix cache
-    generated: int = 0
-    done: bool = False
-    preemptions: int = 0
-    matched: bool = False  # its prompt was looked up in the prefix cache (once per admission or recompute)
-    cache_key: int = 0  # its adapter's (`AdapterPool.cache_key`): the root of its page hashes
-    scored: list = dataclasses.field(default_factory=list)  # prompt logprob arrays, one tuple per chunk
-
-    @property
-    def scoring(self) -> bool:
-        """Its prompt's logprobs are wanted and not yet delivered (they come with the first token)."""
-        return self.request.params.prompt_logprobs is not None and self.generated == 0
-
-    @property
-    def decoding(self) -> bool:
-        return self.computed == len(self.tokens) - 1 and self.generated > 0
-
-
-class PagedEngine:
+class PagedEngine(PageScheduling):
     def __init__(self, model, max_slots: int = 32, max_context: int | None = None,
                  eos_token_ids: list[int] | None = None, mesh=None, page_size: int = 16,
                  kv_cache_gb: float | None = None, kv_memory_fraction: float = 0.9, num_pages: int | None = None,
@@ -140,7 +113,7 @@ class PagedEngine:
         self._state = jax.device_put(empty_seq_state(cfg, self.max_slots + 1), self._steps.replicated)
         self._compiled: set[tuple[int, int, int, bool]] = set()  # (rows, width, attend, on adapters) run so far
         self.pool = PagePool(self.num_pages, self.page_size, prefix_caching)
-        self._seqs: list[_Seq | None] = [None] * self.max_slots
+        self._seqs: list[Seq | None] = [None] * self.max_slots
         self._admitted = 0
         self.preemptions = 0
         self._rng = np.random.default_rng()
@@ -173,7 +146,7 @@ class PagedEngine:
         self._arm(slot, r)
         self._admitted += 1
         key = self.adapters.cache_key(r.adapter) if r.adapter else 0
-        self._seqs[slot] = _Seq(r, slot, self._admitted, [int(t) for t in r.prompt_ids], cache_key=key)
+        self._seqs[slot] = Seq(r, slot, self._admitted, [int(t) for t in r.prompt_ids], cache_key=key)
 
     def _arm(self, slot: int, r: Request) -> None:
         seed = r.params.seed if r.params.seed is not None else int(self._rng.integers(0, 2**63))
@@ -207,74 +180,9 @@ class PagedEngine:
             events += self._run([seq], [n], chunk=True)
         return events
 
-    # ------------------------------------------------------------ scheduling
-
-    def _plan_chunks(self, prefilling: list[_Seq], budget: int) -> list[tuple[_Seq, int]]:
-        """Prompt chunks for this step, oldest sequence first, within `budget` tokens and the free pages
-        (a prompt waits for pages rather than preempting a running sequence). Only one prompt a step runs a
-        chunk that does not finish it (vLLM's max_num_partial_prefills = 1): prompts that fit in a chunk
-        all enter together, long ones one at a time, so a step never stacks several long prompts' chunks."""
-        plan, partial = [], False
-        for seq in sorted(prefilling, key=lambda s: s.order):
-            if budget < 1:
-                break
-            if not seq.matched:
-                self._match_prefix(seq)
-            left = len(seq.tokens) - seq.computed
-            n = min(left, budget, self.chunk_sizes[-1])
-            if n < left:
-                if partial:
-                    continue
-                partial = True
-            if not self._reserve(seq, seq.computed + n):
-                n = len(seq.pages) * self.page_size - seq.computed  # what the pages it holds cover
-            if n <= 0:
-                break
-            plan.append((seq, n))
-            budget -= n
-        return plan
-
-    def _match_prefix(self, seq: _Seq) -> None:
-        seq.matched = True
-        if seq.scoring:  # every prompt position must run to be scored
-            return
-        full = (len(seq.tokens) - 1) // self.page_size  # the last token is always computed (its logits)
-        extend_hashes(seq.hashes, seq.tokens, self.page_size, full, seq.cache_key)
-        seq.pages = self.pool.match(seq.hashes[:full])
-        seq.computed, seq.registered = len(seq.pages) * self.page_size, len(seq.pages)
-        if seq.preemptions == 0:  # a recompute is not a new query
-            self.pool.query_tokens += len(seq.tokens)
-            self.pool.hit_tokens += seq.computed
-
-    def _reserve(self, seq: _Seq, length: int) -> bool:
-        """Pages for `length` tokens of `seq`. When none are left, sequences newer than `seq` are
-        preempted, newest first (older requests have priority, as in vLLM); a decoding `seq` that is
-        itself the newest preempts itself. False if `seq` did not get them all."""
-        need = math.ceil(length / self.page_size)
-        while len(seq.pages) < need:
-            page = self.pool.allocate()
-            if page is None:
-                victim = max((s for s in self._seqs if s is not None and s.pages), key=lambda s: s.order)
-                if victim.order > seq.order:
-                    self._preempt(victim)
-                    continue
-                if victim is seq and seq.decoding:
-                    self._preempt(seq)
-                return False
-            seq.pages.append(page)
-        return True
-
-    def _preempt(self, seq: _Seq) -> None:
-        self.pool.release(seq.pages)
-        seq.pages, seq.computed, seq.registered, seq.matched = [], 0, 0, False
-        if seq.scoring:  # its recompute scores the prompt again
-            seq.scored = []
-        seq.preemptions += 1
-        self.preemptions += 1
-
     # ------------------------------------------------------------ running a step
 
-    def _run(self, seqs: list[_Seq], lengths: list[int], chunk: bool = False) -> list[TokenEvent]:
+    def _run(self, seqs: list[Seq], lengths: list[int], chunk: bool = False) -> list[TokenEvent]:
         """One device call: row i runs `lengths[i]` tokens of seqs[i] from its `computed` position;
         `chunk`: one prompt chunk (a chunk shape, even for one token), else decode rows."""
         reach = max(s.computed + n for s, n in zip(seqs, lengths))
@@ -313,20 +221,6 @@ class PagedEngine:
                 events.append(self._event(s, int(sampled[i]), logprobs, i))
         return events
 
-    def _step_shape(self, rows: int, chunk: int, pages: int, on_adapters: bool) -> tuple[int, int, int]:
-        """(rows, width, attended pages) for `rows` decode rows (`chunk` 0) or one prompt chunk of `chunk`
-        tokens, reaching `pages` pages: the smallest shape this engine has compiled that holds it, else
-        the smallest that does. A compile costs seconds and a padded step milliseconds, so a generation
-        whose rows finish one by one, or a short prompt after a long one, compiles nothing new; after
-        `warmup` every shape is compiled and each step runs in the smallest that holds it."""
-        need = (1, chunk, pages) if chunk else (rows, 1, pages)
-        compiled = [s[:3] for s in self._compiled if s[3] == on_adapters and (s[1] > 1) == bool(chunk)
-                    and all(a >= b for a, b in zip(s, need))]
-        if compiled:
-            return min(compiled, key=lambda s: (s[0] * s[1], s[2]))
-        width = bucket_for(chunk, self.chunk_sizes) if chunk else 1
-        return (1 if chunk else bucket_for(rows, self.batch_sizes)), width, bucket_for(pages, self.attend_pages)
-
     def _empty_batch(self, rows: int, width: int, attend: int) -> StepBatch:
         """Every row padding (positions -1, the spare state row, no grammar) until filled in."""
         return StepBatch(np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32),
@@ -338,15 +232,7 @@ class PagedEngine:
         """The step's `lora` argument: None without an adapter pool or when every row is on the base."""
         return None if self.adapters is None else self.adapters.step_argument(adapters)
 
-    def _register_full_pages(self, seq: _Seq) -> None:
-        full = seq.computed // self.page_size
-        if full > seq.registered:
-            extend_hashes(seq.hashes, seq.tokens, self.page_size, full, seq.cache_key)
-            for j in range(seq.registered, full):
-                self.pool.register(seq.pages[j], seq.hashes[j])
-            seq.registered = full
-
-    def _event(self, s: _Seq, token: int, logprobs, row: int) -> TokenEvent:
+    def _event(self, s: Seq, token: int, logprobs, row: int) -> TokenEvent:
         event = token_event(s.request, s.slot, token, s.generated, self.eos_token_ids, logprobs, row)
         if s.generated == 1 and s.request.params.prompt_logprobs is not None:
             scored = tuple(np.concatenate([c[j] for c in s.scored])[None] for j in range(4))  # [1, prompt, ...]
