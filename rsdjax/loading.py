@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rsdjax.checkpoint import gguf, hf, native
+from rsdjax.checkpoint import gguf, gguf_device, hf, native
 from rsdjax.checkpoint.errors import CheckpointError
 from rsdjax.config import ModelConfig, apply_overrides
 from rsdjax.model.llama import Llama, resolve_dtype
@@ -66,9 +66,11 @@ def load_model(path: str | Path, mesh=None, rules: str | Sequence[Rule] = "infer
         restored = native.restore_params(path, target)
         nnx.replace_by_pure_dict(abs_state, restored)
         return nnx.merge(graphdef, abs_state)
-    arrays = hf.load_hf_state(path, cfg, nnx.to_pure_dict(abs_state), nnx.to_pure_dict(shardings),
-                              param_dtype=resolve_dtype(cfg.param_dtype),
-                              refs=None if source is None else source.tensor_refs(cfg))
+    abstract, placed, dtype = nnx.to_pure_dict(abs_state), nnx.to_pure_dict(shardings), resolve_dtype(cfg.param_dtype)
+    arrays = gguf_device.load_state(source, cfg, abstract, placed, dtype) if source is not None else None
+    if arrays is None:  # safetensors, or a GGUF with a type only the host dequantizes
+        arrays = hf.load_hf_state(path, cfg, abstract, placed, param_dtype=dtype,
+                                  refs=None if source is None else source.tensor_refs(cfg))
     nnx.replace_by_pure_dict(abs_state, arrays)
     return nnx.merge(graphdef, abs_state)
 

@@ -113,6 +113,11 @@ def test_dequantize_matches_transformers(kind):
         want = hf_dequantize(torch.from_numpy(raw.reshape(-1).copy()), int(qtype)).numpy()
     got = gguf.quants.dequantize(raw.reshape(1, -1), qtype).reshape(-1)
     np.testing.assert_array_equal(got, want)
+    from rsdjax.checkpoint import gguf_device
+
+    if kind in gguf_device.TYPES:  # the same blocks dequantized on the device, as the file reader gives them
+        data = raw.view(np.float16) if kind == "F16" else raw
+        np.testing.assert_array_equal(np.asarray(gguf_device.dequantize(data, kind)).reshape(-1), want)
 
 
 def _same_as_gguf_reader(path):
@@ -134,3 +139,41 @@ def _same_as_gguf_reader(path):
 def test_container_reader_equals_gguf_reader(tiny_gguf, smollm2_gguf):
     _same_as_gguf_reader(tiny_gguf)  # every tensor type the quantizer leaves in Llama GGUFs
     _same_as_gguf_reader(smollm2_gguf)  # a real file: tokenizer arrays, merges, chat template
+
+
+def test_device_load_equals_the_host_load_and_k_quants_take_the_host_path(tiny_gguf, tmp_path, monkeypatch):
+    """The device dequantizer (gguf_device) lays out every parameter bit for bit as the host path does;
+    a GGUF with a type it lacks (Q5_1) loads through the host path, still equal to transformers."""
+    import torch
+    from flax import nnx
+    from transformers import AutoModelForCausalLM
+
+    from rsdjax.checkpoint import gguf_device
+    from rsdjax.loading import load_model
+    from rsdjax.parallel.mesh import make_mesh
+
+    mesh = make_mesh({"tensor": 2})
+    device = nnx.to_pure_dict(nnx.state(load_model(tiny_gguf, mesh=mesh)))
+    with monkeypatch.context() as m:
+        m.setattr(gguf_device, "load_state", lambda *a: None)
+        host = nnx.to_pure_dict(nnx.state(load_model(tiny_gguf, mesh=mesh)))
+    leaves = jax_leaves(device), jax_leaves(host)
+    assert [k for k, _ in leaves[0]] == [k for k, _ in leaves[1]] and len(leaves[0]) == 12  # 9 stacked + 3
+    for (name, a), (_, b) in zip(*leaves):
+        assert a.sharding == b.sharding, name
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+    calls = []
+    monkeypatch.setattr(gguf_device, "load_state", lambda *a: calls.append(1) or None)
+    k_quant = write_gguf(tmp_path / "q5_1.gguf", make_hf_llama(tmp_path / "hf", seed=6), types={**TYPES, "ffn_down": "Q5_1"})
+    ref = AutoModelForCausalLM.from_pretrained(k_quant.parent, gguf_file=k_quant.name, dtype=torch.float32).eval()
+    tokens = np.random.default_rng(2).integers(0, TINY_HF["vocab_size"], (1, 12)).astype(np.int32)
+    with torch.no_grad():
+        want = ref(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    assert max_abs(load_model(k_quant)(tokens), want) <= 1e-4 and calls
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [(jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_leaves_with_path(tree)]

@@ -2,12 +2,14 @@
 
 Each GGUF tensor becomes a `GGUFTensorRef` that looks like a safetensors `TensorRef` under its HF
 name (`model.layers.3.self_attn.q_proj.weight` ...), so `hf.load_hf_state` cuts device shards from it
-exactly as it does from safetensors. Dequantization is `gguf.quants.dequantize` (llama.cpp's own
-reference, ported to numpy); a small byte-bounded cache keeps a tensor's float32 copy while the
-shards of one parameter are cut, instead of dequantizing it once per device.
+exactly as it does from safetensors. That host path dequantizes with `gguf.quants.dequantize`
+(llama.cpp's own reference, ported to numpy); a small byte-bounded cache keeps a tensor's float32
+copy while the shards of one parameter are cut, instead of dequantizing it once per device. Files
+whose types all have a device dequantizer (F32/F16/BF16, Q8_0, Q4_0, Q4_1) load through
+gguf_device.py instead, 3-4x faster.
 
 llama.cpp's converter interleaves the rows of q_proj / k_proj per head (for its rotate-half RoPE
-kernel); `_unpermute` undoes that, as transformers does when it reads a GGUF.
+kernel); `unpermute` undoes that, as transformers does when it reads a GGUF.
 """
 from __future__ import annotations
 
@@ -155,14 +157,15 @@ def _dequantize(path: Path, ref: GGUFTensorRef) -> np.ndarray:
     except (ValueError, IndexError) as e:
         raise CheckpointError(f"{path}: tensor '{ref.tensor.name}' cannot be read ({e})") from None
     if ref.heads is not None:
-        out = _unpermute(out, ref.heads)
+        out = unpermute(out, ref.heads)
     return out
 
 
-def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's `permute`: per head it stored rows as (pairs, 2) where HF has (2, pairs)."""
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def unpermute(w, heads: int):
+    """Undo llama.cpp's `permute`: per head it stored rows as (pairs, 2) where HF has (2, pairs).
+    w: [..., rows, cols], numpy or jax (a stack of layers on the device)."""
+    *lead, rows, cols = w.shape
+    return w.reshape(*lead, heads, rows // heads // 2, 2, cols).swapaxes(-3, -2).reshape(w.shape)
 
 
 def permute(w: np.ndarray, heads: int) -> np.ndarray:

@@ -36,7 +36,7 @@ GLOBAL_TENSORS = {"embed": "model.embed_tokens.weight", "final_norm": "model.nor
 # ---------------------------------------------------------------- config.json
 
 
-def config_from_hf(directory: Path) -> ModelConfig:
+def configfrom_hf(directory: Path) -> ModelConfig:
     path = Path(directory) / "config.json"
     hf = read_json(path, f"{directory}: no config.json (not an HF model directory)")
     if hf.get("model_type") != "llama":
@@ -96,14 +96,16 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
 # ---------------------------------------------------------------- tensor layout
 
 
-def _from_hf(kind, t: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+def from_hf(kind, t, cfg: ModelConfig):
+    """An HF tensor (numpy or jax, any leading axes: a stack of layers) in our layout."""
     e, d = cfg.hidden_size, cfg.resolved_head_dim
+    lead = t.shape[:-2]
     if kind == "heads_in" or kind == "kv_in":  # [heads*D, E] -> [E, heads, D]
-        return t.T.reshape(e, -1, d)
+        return t.swapaxes(-1, -2).reshape(*lead, e, -1, d)
     if kind == "heads_out":  # [E, H*D] -> [H, D, E]
-        return t.T.reshape(-1, d, e)
+        return t.swapaxes(-1, -2).reshape(*lead, -1, d, e)
     if kind == "t":
-        return t.T
+        return t.swapaxes(-1, -2)
     return t
 
 
@@ -121,7 +123,7 @@ def _hf_shape(kind, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(_to_hf(kind, np.empty(shape, np.int8)).shape)
 
 
-class _Source:
+class Source:
     """Where each of our parameters lives in the HF files, with shape checks up front."""
 
     def __init__(self, refs: dict[str, TensorRef], cfg: ModelConfig, abstract_state, directory: Path):
@@ -151,10 +153,10 @@ class _Source:
         if name in LAYER_TENSORS:
             hf_name, kind, _ = LAYER_TENSORS[name]
             layers = range(*index[0].indices(shape[0]))
-            parts = [_from_hf(kind, self.refs[f"model.layers.{i}.{hf_name}"].load(), self.cfg)[index[1:]] for i in layers]
+            parts = [from_hf(kind, self.refs[f"model.layers.{i}.{hf_name}"].load(), self.cfg)[index[1:]] for i in layers]
             return np.stack(parts)
         kind = "t" if name == "lm_head" else None
-        full = _from_hf(kind, self.refs[GLOBAL_TENSORS[name]].load(), self.cfg)
+        full = from_hf(kind, self.refs[GLOBAL_TENSORS[name]].load(), self.cfg)
         if name in ("embed", "lm_head") and tuple(full.shape) != tuple(shape):
             axis = 0 if name == "embed" else 1  # zero rows: their logits are masked to -inf anyway
             pad = [(0, 0), (0, 0)]
@@ -166,7 +168,7 @@ class _Source:
 def load_hf_state(directory: Path, cfg: ModelConfig, abstract_state, shardings, param_dtype=None, refs=None):
     """Arrays for every variable of `abstract_state`, each created shard by shard on its devices.
     `refs`: tensors by HF name (default: the directory's safetensors; a GGUF passes its own)."""
-    source = _Source(index_directory(directory) if refs is None else refs, cfg, abstract_state, Path(directory))
+    source = Source(index_directory(directory) if refs is None else refs, cfg, abstract_state, Path(directory))
 
     def make(name, var, sharding):
         dtype = param_dtype or var.dtype
