@@ -37,7 +37,7 @@ from rsdjax.infer.pages import PagePool
 from rsdjax.infer.paged_schedule import PageScheduling, Seq
 from rsdjax.infer.paged_forward import (StepBatch, compiled_steps, empty_pools, empty_seq_state, page_bytes,
                                         pages_for_budget)
-from rsdjax.infer.sampling import SamplingArrays, fill_bitmasks, keys_from_seeds, no_constraint, seed_pair
+from rsdjax.infer.sampling import SamplingArrays, fill_bitmasks, no_constraint, seed_pair
 from rsdjax.infer.shapes import DEFAULT_MAX_CONTEXT, bucket_for, buckets
 from rsdjax.parallel.mesh import make_mesh, mesh_shape_of
 
@@ -150,11 +150,11 @@ class PagedEngine(PageScheduling):
 
     def _arm(self, slot: int, r: Request) -> None:
         seed = r.params.seed if r.params.seed is not None else int(self._rng.integers(0, 2**63))
-        key = keys_from_seeds(np.array([seed_pair(seed)], np.uint32))[0]
+        seed = np.array(seed_pair(seed), np.uint32)
         mask = np.zeros(self.cfg.vocab_size, bool)
         mask[np.asarray(r.prompt_ids)] = True
         params = jax.tree.map(lambda a: a[0], SamplingArrays.from_params([r.params]))
-        self._state = self._steps.arm(self._state, np.int32(slot), key, params, mask)
+        self._state = self._steps.arm(self._state, np.int32(slot), seed, params, mask)
 
     def free(self, slot: int) -> None:
         seq = self._seqs[slot]

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rsdjax.config import ModelConfig
 from rsdjax.infer import forward
-from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, sample, token_logprobs
+from rsdjax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, keys_from_seeds, sample, token_logprobs
 from rsdjax.infer.paged_attention import paged_attention, write_pages
 from rsdjax.model.llama import decoder_layer, embed_tokens, resolve_dtype, rope_tables
 from rsdjax.parallel.mesh import mesh_shape_of
@@ -201,8 +201,11 @@ def sample_step(state: SeqState, logits, rows, emit, bitmask, want_logprobs):
     return state, (sampled, logprobs)
 
 
-def arm_slot(state: SeqState, slot, key, params, prompt_mask) -> SeqState:
-    """A new request in `slot`: its key and settings, its prompt's tokens, nothing sampled yet."""
+def arm_slot(state: SeqState, slot, seed, params, prompt_mask) -> SeqState:
+    """A new request in `slot`: its key (from `seed`, uint32 [2]: derived here, in the compiled step,
+    since eagerly each of its few ops was its own dispatch) and settings, its prompt's tokens,
+    nothing sampled yet."""
+    key = keys_from_seeds(seed[None])[0]
     return SeqState(keys=state.keys.at[slot].set(key), steps=state.steps.at[slot].set(0),
                     params=jax.tree.map(lambda a, v: a.at[slot].set(v), state.params, params),
                     prompt_mask=state.prompt_mask.at[slot].set(prompt_mask),
@@ -213,7 +216,7 @@ def arm_slot(state: SeqState, slot, key, params, prompt_mask) -> SeqState:
 class PagedSteps:
     forward: object  # (weights, pools, batch, lora, want_prompt_logprobs) -> (pools, logits, prompt logprobs)
     sample: object  # (state, logits, rows, emit, bitmask, want_logprobs) -> (state, (sampled, logprobs))
-    arm: object  # (state, slot, key, params, prompt_mask) -> state
+    arm: object  # (state, slot, seed, params, prompt_mask) -> state
     pool_sharding: NamedSharding
     replicated: NamedSharding
 
