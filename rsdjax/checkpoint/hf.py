@@ -36,7 +36,7 @@ GLOBAL_TENSORS = {"embed": "model.embed_tokens.weight", "final_norm": "model.nor
 # ---------------------------------------------------------------- config.json
 
 
-def configfrom_hf(directory: Path) -> ModelConfig:
+def config_from_hf(directory: Path) -> ModelConfig:
     path = Path(directory) / "config.json"
     hf = read_json(path, f"{directory}: no config.json (not an HF model directory)")
     if hf.get("model_type") != "llama":
