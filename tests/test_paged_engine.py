@@ -168,12 +168,12 @@ def test_steps_run_in_the_smallest_compiled_shape_that_holds_them(model_dir):
 def test_warmup_compiles_every_shape(model_dir):
     engine = shared_engine(model_dir, 4, CONTEXT, **PAGED)[0]
     assert engine.batch_sizes == (1, 2, 4) and engine.chunk_sizes == (16, 32)
-    before = engine._steps.forward._cache_size(), engine._steps.sample._cache_size()
+    before = engine._steps.forward.cache_size(), engine._steps.sample.cache_size()
     shapes = engine.warmup()
     assert shapes == len(engine.shapes()) == 5 * len(engine.attend_pages)
     # logprobs are runtime branches, not shapes; sampling is compiled once per row count, not per shape
-    assert engine._steps.forward._cache_size() - before[0] <= shapes
-    assert engine._steps.sample._cache_size() - before[1] <= len(engine.batch_sizes)
+    assert engine._steps.forward.cache_size() - before[0] <= shapes
+    assert engine._steps.sample.cache_size() - before[1] <= len(engine.batch_sizes)
     assert engine.pool.used == 0
 
 
@@ -213,9 +213,9 @@ def test_a_generation_compiles_only_the_shapes_its_prompts_reach(model_dir, work
     shapes = engine.shapes_for([len(prompts[i]) for i in picked], 24)
     assert shapes == [(4, 1, a) for a in engine.attend_pages] + [(1, 16, a) for a in engine.attend_pages]
     assert len(shapes) < len(engine.shapes())
-    before = engine._steps.forward._cache_size()
+    before = engine._steps.forward.cache_size()
     engine.warmup(shapes)
-    warmed = engine._steps.forward._cache_size()
+    warmed = engine._steps.forward.cache_size()
     same(generate(engine, [prompts[i] for i in picked], [params[i] for i in picked]), [contiguous[i] for i in picked])
     assert {s[:3] for s in engine._compiled} == set(shapes)  # every step ran in a warmed shape
-    assert engine._steps.forward._cache_size() == warmed <= before + len(shapes)  # nothing compiled mid-stream
+    assert engine._steps.forward.cache_size() == warmed <= before + len(shapes)  # nothing compiled mid-stream

@@ -24,6 +24,8 @@ adapter that wrote them). Use from one thread.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -154,7 +156,7 @@ class PagedEngine(PageScheduling):
         mask = np.zeros(self.cfg.vocab_size, bool)
         mask[np.asarray(r.prompt_ids)] = True
         params = jax.tree.map(lambda a: a[0], SamplingArrays.from_params([r.params]))
-        self._state = self._steps.arm(self._state, np.int32(slot), seed, params, mask)
+        self._state = self._steps.arm((self._state.keys.shape[0],), self._state, np.int32(slot), seed, params, mask)
 
     def free(self, slot: int) -> None:
         seq = self._seqs[slot]
@@ -252,6 +254,13 @@ class PagedEngine(PageScheduling):
         shapes = self.shapes() if shapes is None else shapes
         # with an adapter pool each shape has two variants: base rows only (no LoRA), and rows on adapters
         variants = [[0], [1]] if self.adapters is not None else [[0]]
+        if self.adapters is None:  # the forward executables, loaded (or compiled) side by side first
+            def prepare(batch: StepBatch) -> None:
+                key = self._steps.forward_key(self.weights, batch, None)
+                self._steps.forward.prepare(key, self.weights, self._pools, batch, None, np.bool_(False))
+
+            with ThreadPoolExecutor(max(1, min(len(shapes), os.cpu_count() or 1, 4))) as pool:
+                list(pool.map(prepare, [self._empty_batch(*shape) for shape in shapes]))
         for rows, width, attend in shapes:
             for entry in variants:
                 self._compiled.add((rows, width, attend, entry == [1]))

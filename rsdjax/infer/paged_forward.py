@@ -39,6 +39,7 @@ from rsdjax.infer.paged_attention import paged_attention, write_pages
 from rsdjax.model.llama import decoder_layer, embed_tokens, resolve_dtype, rope_tables
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, activation_sharding, active_sharding, constrain, resolve
+from rsdjax.stored_executables import Stored
 
 POOL_AXES = (None, None, "act_kv_heads", "head_dim")  # [pages, page_size, kv_heads, head_dim]
 
@@ -214,18 +215,30 @@ def arm_slot(state: SeqState, slot, seed, params, prompt_mask) -> SeqState:
 
 @dataclasses.dataclass(frozen=True)
 class PagedSteps:
-    forward: object  # (weights, pools, batch, lora, want_prompt_logprobs) -> (pools, logits, prompt logprobs)
-    sample: object  # (state, logits, rows, emit, bitmask, want_logprobs) -> (state, (sampled, logprobs))
-    arm: object  # (state, slot, seed, params, prompt_mask) -> state
+    # each called as (key, *arguments): `Stored` executables (rsdjax/stored_executables.py)
+    forward: Stored  # (weights, pools, batch, lora, want_prompt_logprobs) -> (pools, logits, prompt logprobs)
+    sample: Stored  # (state, logits, rows, emit, bitmask, want_logprobs) -> (state, (sampled, logprobs))
+    arm: Stored  # (state, slot, seed, params, prompt_mask) -> state
     pool_sharding: NamedSharding
     replicated: NamedSharding
 
     def step(self, weights, pools, state: SeqState, batch: StepBatch, lora, want_logprobs, want_prompt_logprobs):
-        """One engine step, the forward then sampling -> (pools, state, (sampled, logprobs, prompt logprobs))."""
-        pools, logits, prompt = self.forward(weights, pools, batch, lora, want_prompt_logprobs)
-        state, (sampled, logprobs) = self.sample(state, logits, batch.rows, batch.emit, batch.bitmask,
-                                                 want_logprobs)
+        """One engine step, the forward then sampling -> (pools, state, (sampled, logprobs, prompt logprobs)).
+        Executables are found by the step's shape (`Stored`); with an adapter pool's argument, whose
+        shapes that key does not cover, by jit."""
+        rows, width = batch.tokens.shape
+        pools, logits, prompt = self.forward(self.forward_key(weights, batch, lora), weights, pools, batch, lora,
+                                             want_prompt_logprobs)
+        state, (sampled, logprobs) = self.sample((rows, state.keys.shape[0]), state, logits, batch.rows, batch.emit,
+                                                 batch.bitmask, want_logprobs)
         return pools, state, (sampled, logprobs, prompt)
+
+    @staticmethod
+    def forward_key(weights, batch: StepBatch, lora):
+        """The forward's executable key: its weights' layout and the step's shape (None with an adapter
+        pool, whose argument has more shapes than this says: jit dispatch then)."""
+        rows, width = batch.tokens.shape
+        return None if lora is not None else (weights.layout, rows, width, batch.block_tables.shape[1])
 
 
 _COMPILED: dict[tuple, PagedSteps] = {}
@@ -241,9 +254,9 @@ def compiled_steps(cfg: ModelConfig, mesh, num_pages: int, page_size: int) -> Pa
         replicated = NamedSharding(mesh, PartitionSpec())
         states = jax.tree.map(lambda _: replicated, empty_seq_state(cfg, 1))
         _COMPILED[key] = PagedSteps(
-            forward=jax.jit(functools.partial(forward_step, cfg, mesh), donate_argnums=(1,),
-                            out_shardings=(pools, replicated, replicated)),
-            sample=jax.jit(sample_step, donate_argnums=(0,), out_shardings=(states, replicated)),
-            arm=jax.jit(arm_slot, donate_argnums=(0,), out_shardings=states),
+            forward=Stored("paged_forward", jax.jit(functools.partial(forward_step, cfg, mesh), donate_argnums=(1,),
+                                                    out_shardings=(pools, replicated, replicated))),
+            sample=Stored("paged_sample", jax.jit(sample_step, donate_argnums=(0,), out_shardings=(states, replicated))),
+            arm=Stored("paged_arm", jax.jit(arm_slot, donate_argnums=(0,), out_shardings=states)),
             pool_sharding=sharding, replicated=replicated)
     return _COMPILED[key]
