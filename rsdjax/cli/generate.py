@@ -122,7 +122,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=slots, max_context=max_context,
                             overrides=split_overrides(args.overrides, "model"), lora=adapters[0] if adapters else None,
-                            quantize=args.quantize, **engine_options(args))
+                            quantize=args.quantize, tokenizer=tokenizer, **engine_options(args))
     checked_requests(engine, prompts, params, tokenizer)  # a bad request fails before minutes of compiling
     # every shape the generation can reach, before the first token: nothing compiles mid-stream
     if hasattr(engine, "warmup"):  # the paged engine: the shapes these prompts reach

@@ -273,7 +273,7 @@ def parse_lora_args(values: Sequence[str]) -> dict[str, str]:
 def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | None = None,
                 overrides: Sequence[str] = (), lora=None, adapters: dict[str, str] | None = None,
                 max_loras: int = 0, max_lora_rank: int = 16, quantize: str | None = None, kind: str = "paged",
-                **paged_options):
+                tokenizer=None, **paged_options):
     """An HF Llama directory, GGUF file or rsdjax checkpoint -> (engine, Tokenizer | None).
 
     `kind`: "paged" (the default: `rsdjax.infer.paged_engine.PagedEngine`; `paged_options` are its
@@ -284,7 +284,7 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
     `adapters` {name: directory}: served side by side, chosen per request, in a pool of
     `max(max_loras, len(adapters))` entries of rank up to `max_lora_rank` (more can be loaded later).
     `quantize`: 'int8' stores every projection and the LM head as int8 (rsdjax/model/quant.py); LoRA
-    stays float on top.
+    stays float on top. `tokenizer`: the model's, when the caller has read it already (not read again).
     """
     if kind not in ("paged", "slots"):
         raise ConfigError(f"engine kind must be 'paged' or 'slots', got {kind!r}")
@@ -309,7 +309,7 @@ def load_engine(model_path, mesh=None, max_slots: int = 8, max_context: int | No
         from rsdjax.checkpoint.peft import apply_adapter
 
         model = apply_adapter(model, lora)
-    tokenizer = Tokenizer.for_model(path)
+    tokenizer = tokenizer if tokenizer is not None else Tokenizer.for_model(path)
     adapters = dict(adapters or {})
     eos = eos_ids_for(path, model.cfg, tokenizer)
     common = dict(max_slots=max_slots, max_context=max_context, eos_token_ids=eos, mesh=mesh,
