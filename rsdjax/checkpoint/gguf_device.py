@@ -12,6 +12,8 @@ version here: `load_state` returns None and the model loads through the host pat
 """
 from __future__ import annotations
 
+import hashlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ from rsdjax.checkpoint import hf
 from rsdjax.checkpoint.gguf import GGUFFile, unpermute
 from rsdjax.config import ModelConfig
 from rsdjax.parallel.sharding import one_shot_jit
+from rsdjax.stored_executables import compiled
 
 
 def _half(block, offset: int):
@@ -93,4 +96,7 @@ def load_state(file: GGUFFile, cfg: ModelConfig, abstract_state: dict, shardings
 
     mesh = next(iter(shardings.values())).mesh
     replicated = {name: NamedSharding(mesh, PartitionSpec()) for name in raws}
-    return one_shot_jit(lay_out, in_shardings=(replicated,), out_shardings=shardings)(raws)
+    jitted = one_shot_jit(lay_out, in_shardings=(replicated,), out_shardings=shardings)
+    # what lay_out closes over, beyond the raw arrays' shapes: the plans, the model's dims, the dtype
+    closure = repr((plans, cfg.hidden_size, cfg.resolved_head_dim, jnp.dtype(dtype).name, shardings))
+    return compiled(f"gguf_lay_out-{hashlib.sha256(closure.encode()).hexdigest()[:16]}", jitted, raws)(raws)

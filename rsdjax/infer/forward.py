@@ -175,7 +175,8 @@ def serving_weights(model: Llama, mesh, layout: str = "matmul") -> ServingWeight
         head_sharding = named((spec[1], spec[0]))
     out_shardings = ([per_layer] * cfg.num_layers,
                      (same_sharding(globals_[0]), same_sharding(globals_[1]), head_sharding))
-    layers, (embed, final_norm, head) = jit_or_shapes(split, out_shardings, stacked, globals_)
+    layers, (embed, final_norm, head) = jit_or_shapes(split, out_shardings, stacked, globals_,
+                                                      stored_as=f"serving_split-{layout}-{jnp.dtype(dtype).name}")
     return ServingWeights(embed, final_norm, head, layers, layout)
 
 
