@@ -59,6 +59,16 @@ def test_paged_equals_contiguous_and_hf(model_dir, workload, contiguous):
     assert engine.pool.used == 0 and engine.pool.available == engine.num_pages
 
 
+def test_prompts_prefilled_one_token_a_step_give_what_chunks_give(model_dir, workload, contiguous):
+    """`max_chunk=1` (what `rsdjax generate` uses for short prompts): every prompt token is a decode row of
+    its own step, through the decode program only, with the same outputs, logprobs and sampling."""
+    prompts, params = workload
+    engine = shared_engine(model_dir, 4, CONTEXT, **PAGED, max_chunk=1)[0]
+    assert engine.chunk_sizes == (1,) and {w for _, w, _ in engine.shapes_for(LENGTHS, 24)} == {1}
+    same(generate(engine, prompts, params), contiguous)
+    assert engine.pool.used == 0
+
+
 @pytest.mark.parametrize("mesh", [None, "data=2,tensor=2"])
 def test_attention_over_blocks_of_pages_equals_contiguous(model_dir, workload, contiguous, mesh):
     """Pages of 4 tokens: a row's table (32 pages) is wider than one block of `BLOCK_PAGES`, so every

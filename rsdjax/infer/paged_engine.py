@@ -13,6 +13,8 @@ none is left, the newest sequence holding pages is preempted: its pages go back,
 and its sampling state, and it is recomputed from its tokens later (prompt + what it generated),
 so its output is the same and no request is lost. Decode rows are padded to the smallest compiled
 batch size that holds them, so a step costs what is running; `warmup()` compiles every shape.
+`max_chunk` caps a prompt chunk's width; at 1 a prompt runs one token a step through the decode
+program, so there is no prompt-chunk program to load (`rsdjax generate` does that for short prompts).
 
 What the slot engine serves, served the same way: the same sampler with each row's grammar bitmask
 (structured output; a guide advances only on tokens that are outputs, so a recomputed request
@@ -71,7 +73,7 @@ class PagedEngine(PageScheduling):
                  eos_token_ids: list[int] | None = None, mesh=None, page_size: int = 16,
                  kv_cache_gb: float | None = None, kv_memory_fraction: float = 0.9, num_pages: int | None = None,
                  prefix_caching: bool = True, max_step_tokens: int = DEFAULT_STEP_TOKENS, max_loras: int = 0,
-                 max_lora_rank: int = 16):
+                 max_lora_rank: int = 16, max_chunk: int = MAX_CHUNK):
         cfg = self.cfg = model.cfg
         self.max_slots = int(max_slots)
         self.max_context = int(max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT))
@@ -85,6 +87,8 @@ class PagedEngine(PageScheduling):
             raise ConfigError(f"page_size must be in [1, 1024] (16-128 is usual), got {page_size}")
         if self.max_step_tokens < MIN_CHUNK:
             raise ConfigError(f"max_step_tokens must be >= {MIN_CHUNK}, got {max_step_tokens}")
+        if max_chunk < 1:
+            raise ConfigError(f"max_chunk must be >= 1, got {max_chunk}")
         default_eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
         self.eos_token_ids = [int(t) for t in (eos_token_ids if eos_token_ids is not None else default_eos)
                               if t is not None]
@@ -106,8 +110,8 @@ class PagedEngine(PageScheduling):
         self.batch_sizes = tuple(sorted({max(data, b) for b in buckets(1, self.max_slots)}))
         self.attend_pages = buckets(max(1, min(self.pages_per_seq, MIN_ATTEND_TOKENS // self.page_size)),
                                     self.pages_per_seq, ATTEND_GROWTH)
-        self.chunk_sizes = buckets(MIN_CHUNK, max(MIN_CHUNK, min(self.max_step_tokens, MAX_CHUNK, self.max_context)),
-                                  CHUNK_GROWTH)
+        widest = min(int(max_chunk), max(MIN_CHUNK, min(self.max_step_tokens, MAX_CHUNK, self.max_context)))
+        self.chunk_sizes = buckets(min(MIN_CHUNK, widest), widest, CHUNK_GROWTH)  # (1,): prompts run as decode rows
 
         self.weights = forward.serving_weights(model, self.mesh, forward.layout_for(self.max_slots))
         self._steps = compiled_steps(cfg, self.mesh, self.num_pages, self.page_size)
@@ -285,7 +289,7 @@ class PagedEngine(PageScheduling):
         width = bucket_for(min(max(lengths), self.chunk_sizes[-1]), self.chunk_sizes)
         reach = min(max(lengths) + max_new_tokens, self.max_context)
         last = bucket_for(math.ceil(reach / self.page_size), self.attend_pages)
-        return [(r, w, a) for r, w in ((rows, 1), (1, width)) for a in self.attend_pages if a <= last]
+        return list(dict.fromkeys((r, w, a) for r, w in ((rows, 1), (1, width)) for a in self.attend_pages if a <= last))
 
     def stats(self) -> dict:
         q = self.pool.query_tokens
