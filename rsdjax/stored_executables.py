@@ -29,6 +29,9 @@ import jax
 from rsdjax import compile_cache
 
 SUBDIR = "executables"
+# jax settings that change what a traced function lowers to (besides its arguments)
+LOWERING_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
+                  "jax_threefry_partitionable")
 
 
 class Stored:
@@ -113,8 +116,9 @@ def _write(path: Path, exe) -> None:
 
 def _key(name: str, args) -> str:
     leaves, tree = jax.tree.flatten(args)
+    config = tuple(getattr(jax.config, flag) for flag in LOWERING_FLAGS)  # these can change at run time
     h = hashlib.sha256(_environment().encode())
-    h.update(f"{name}|{tree}".encode())
+    h.update(f"{name}|{tree}|{config}".encode())
     for leaf in leaves:
         sharding = getattr(leaf, "sharding", None)
         devices = sorted(d.id for d in sharding.device_set) if sharding is not None else None
@@ -125,14 +129,13 @@ def _key(name: str, args) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _environment() -> str:
-    """Everything besides the arguments that decides the compiled program."""
+    """What decides the compiled program besides the arguments and LOWERING_FLAGS, fixed in a process."""
     import flax
     import jaxlib
 
     devices = [(d.platform, d.device_kind, d.id) for d in jax.devices()]
-    config = (jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)
     return repr((jax.__version__, jaxlib.__version__, flax.__version__, os.environ.get("XLA_FLAGS", ""),
-                 jax.devices()[0].client.platform_version, devices, config, compile_cache.build_id()))
+                 jax.devices()[0].client.platform_version, devices, compile_cache.build_id()))
 
 
 _warned: set[str] = set()

@@ -88,3 +88,34 @@ def test_builds_other_than_the_newest_are_pruned(tmp_path):
     (tmp_path / "unrelated").mkdir()
     compile_cache._prune(tmp_path, keep=tmp_path / "build-d")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build-a", "build-b", "build-d", "unrelated"]
+
+
+def test_a_stored_executable_round_trips_and_a_damaged_one_is_compiled_again(tmp_path, monkeypatch, capsys):
+    """stored_executables.compiled in one process: written on a compile, read back whole (same values,
+    the donation kept), one entry per argument signature, a damaged entry reported and rewritten."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rsdjax import compile_cache
+    from rsdjax.stored_executables import SUBDIR, compiled
+
+    monkeypatch.setattr(compile_cache, "active_dir", lambda: tmp_path)
+    step = jax.jit(lambda x, w: (x @ w + 0.25, jnp.tanh(w).sum()), donate_argnums=(0,))
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((8, 8)), jnp.float32)
+    want = step(jnp.ones((2, 8)), w)
+    first = compiled("round_trip", step, jnp.ones((2, 8)), w)
+    (entry,) = (tmp_path / SUBDIR).iterdir()
+    before = compile_cache.stats()["stored_hits"]
+    again = compiled("round_trip", step, jnp.ones((2, 8)), w)
+    assert compile_cache.stats()["stored_hits"] == before + 1 and again is not first
+    x = jnp.ones((2, 8))
+    for got, expected in zip(again(x, w), want):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    assert x.is_deleted()  # donated, as the jit says
+    compiled("round_trip", step, jnp.ones((3, 8)), w)  # another shape, another entry
+    assert len(list((tmp_path / SUBDIR).iterdir())) == 2
+    entry.write_bytes(b"damaged" + entry.read_bytes()[:32])
+    healed = compiled("round_trip", step, jnp.ones((2, 8)), w)
+    assert "ignoring the damaged entry" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(healed(jnp.ones((2, 8)), w)[0]), np.asarray(want[0]))
