@@ -82,16 +82,23 @@ def jit_or_shapes(fn, out_shardings, *args, stored_as: str | None = None):
     """`one_shot_jit(fn, out_shardings=out_shardings)(*args)`, or, when the arguments are shape-only (an
     `abstract_model`'s), the outputs' shapes on `out_shardings` without computing anything: one
     function then lays out concrete weights and abstract ones for the AOT check alike. `stored_as`:
+    see `program_or_shapes`."""
+    return program_or_shapes(fn, out_shardings, *args, stored_as=stored_as)(*args)
+
+
+def program_or_shapes(fn, out_shardings, *args, stored_as: str | None = None):
+    """`jit_or_shapes` as a callable for arguments shaped like `args`, to run several times. `stored_as`:
     keep the executable whole under that name (rsdjax/stored_executables.py), which must then say
     everything `fn` closes over that the arguments' shapes and shardings do not."""
     if is_shape_only(args):
-        return shaped(jax.eval_shape(fn, *args), out_shardings)
+        outputs = shaped(jax.eval_shape(fn, *args), out_shardings)
+        return lambda *_: outputs
     jitted = one_shot_jit(fn, out_shardings=out_shardings)
     if stored_as is None:
-        return jitted(*args)
+        return jitted
     from rsdjax.stored_executables import compiled
 
-    return compiled(stored_as, jitted, *args)(*args)
+    return compiled(stored_as, jitted, *args)
 
 
 def sharded_abstract_model(model, mesh, rules: str | Sequence[Rule]):
