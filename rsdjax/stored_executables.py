@@ -26,7 +26,7 @@ from pathlib import Path
 
 import jax
 
-from rsdjax import compile_cache
+import rsdjax.compile_cache as compile_cache  # a module import: `from rsdjax import` is the package (test_imports)
 
 SUBDIR = "executables"
 # jax settings that change what a traced function lowers to (besides its arguments)
