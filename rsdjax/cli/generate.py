@@ -9,10 +9,10 @@ from pathlib import Path
 from rsdjax.cli.common import MODEL, add_engine_args, add_mesh_args, add_overrides, split_overrides
 
 DEFAULT_SLOTS = 8
-# Prompts this short are prefilled one token a step through the decode program (the paged engine's
-# max_chunk=1): on a warm CPU start, loading a prompt-chunk program and running it the first time cost
-# ~0.65 s (deserializing it, and XLA:CPU setting up its ~400 YNNPACK fusions), ~35 decode steps of
-# SmolLM2-135M; a cold start also compiles one program fewer.
+# Prompts this short (all together) are prefilled one token a step through the decode program (the
+# paged engine's max_chunk=1): on a warm CPU start, loading a prompt-chunk program and running it the
+# first time cost ~0.65 s (deserializing it, and XLA:CPU setting up its ~400 YNNPACK fusions), ~35
+# decode steps of SmolLM2-135M; a cold start also compiles one program fewer.
 SHORT_PROMPT = 24
 
 
@@ -125,7 +125,7 @@ def run(args) -> int:
     if len(adapters) > 1:
         raise ValueError("generate: give one --lora (serve one adapter per request with rsdjax serve)")
     options = engine_options(args)
-    if options["kind"] == "paged" and max(map(len, prompts)) <= SHORT_PROMPT:
+    if options["kind"] == "paged" and sum(map(len, prompts)) <= SHORT_PROMPT:  # one token a step in all
         options["max_chunk"] = 1
     t0 = time.perf_counter()
     engine, _ = load_engine(args.model, mesh=mesh, max_slots=slots, max_context=max_context,
