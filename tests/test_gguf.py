@@ -163,6 +163,17 @@ def test_device_load_equals_the_host_load_and_k_quants_take_the_host_path(tiny_g
         assert a.sharding == b.sharding, name
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
 
+    from rsdjax.checkpoint import hf
+
+    host_loads = []
+    with monkeypatch.context() as m:  # replicating the raw blocks past the budget: the host path, same values
+        m.setattr(gguf_device, "EXTRA_COPIES_BYTES", 0)
+        m.setattr(hf, "load_hf_state", lambda *a, _f=hf.load_hf_state, **k: host_loads.append(1) or _f(*a, **k))
+        again = nnx.to_pure_dict(nnx.state(load_model(tiny_gguf, mesh=mesh)))
+    assert host_loads
+    for (name, a), (_, b) in zip(jax_leaves(again), leaves[0]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
     calls = []
     monkeypatch.setattr(gguf_device, "load_state", lambda *a: calls.append(1) or None)
     k_quant = write_gguf(tmp_path / "q5_1.gguf", make_hf_llama(tmp_path / "hf", seed=6), types={**TYPES, "ffn_down": "Q5_1"})

@@ -8,7 +8,8 @@ is one executable read from the compile cache and a few elementwise loops.
 
 Block layouts are ggml's (`block_q8_0`, `block_q4_0`, `block_q4_1`); tests/test_gguf.py checks each
 against gguf's and transformers' dequantizers. Other types (the K-quants, Q5_*) have no device
-version here: `load_state` returns None and the model loads through the host path (hf.load_hf_state).
+version here: `load_state` returns None and the model loads through the host path (hf.load_hf_state),
+as it does when replicating the raw blocks to every device would cost more than EXTRA_COPIES_BYTES.
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def _q4_1(block):  # f16 d, f16 m, 4-bit q[32]: d * q + m
 
 
 BLOCKS = {"Q8_0": (34, _q8_0), "Q4_0": (18, _q4_0), "Q4_1": (20, _q4_1)}  # bytes per 32 values
+# the raw blocks are replicated to every device of the mesh, and each cuts its own shards; past this
+# many bytes of copies beyond the first, the model loads through the host path (shard by shard)
+EXTRA_COPIES_BYTES = 2 << 30
 PLAIN = ("F32", "F16", "BF16")
 TYPES = PLAIN + tuple(BLOCKS)
 
@@ -95,6 +99,8 @@ def load_state(file: GGUFFile, cfg: ModelConfig, abstract_state: dict, shardings
         return out
 
     mesh = next(iter(shardings.values())).mesh
+    if sum(a.nbytes for a in raws.values()) * (mesh.devices.size - 1) > EXTRA_COPIES_BYTES:
+        return None  # every device gets all the raw blocks: for a large model on many devices, the host path
     replicated = {name: NamedSharding(mesh, PartitionSpec()) for name in raws}
     jitted = one_shot_jit(lay_out, in_shardings=(replicated,), out_shardings=shardings)
     # what lay_out closes over, beyond the raw arrays' shapes: the plans, the model's dims, the dtype
