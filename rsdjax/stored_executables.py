@@ -46,10 +46,8 @@ class Stored:
     def __call__(self, key, *args):
         if key is None:  # arguments the caller cannot key: plain jit dispatch
             return self.jitted(*args)
-        exe = self._memo.get(key)
-        if exe is None:
-            exe = self._memo[key] = compiled(self.name, self.jitted, *args)
-        return exe(*args)
+        self.prepare(key, *args)
+        return self._memo[key](*args)
 
     def prepare(self, key, *args) -> None:
         """Find (or compile) the executable for `key` without running it. Reading one spends most of its

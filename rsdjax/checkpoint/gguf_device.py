@@ -74,16 +74,20 @@ def load_state(file: GGUFFile, cfg: ModelConfig, abstract_state: dict, shardings
     None when a tensor's type has no device dequantizer (the host path then loads the file)."""
     refs = file.tensor_refs(cfg)
     source = hf.Source(refs, cfg, abstract_state, file.path)  # the shape checks every load makes
-    raws, plans = {}, {}
+    tensors, plans = {}, {}
     for name, var in abstract_state.items():
         parts = [(refs[key], kind) for key, kind, _ in source.expected(name, tuple(var.shape))]
         kinds = {ref.tensor.tensor_type.name for ref, _ in parts}
         if len(kinds) != 1 or not kinds <= set(TYPES):
             return None
-        data = [np.asarray(ref.tensor.data) for ref, _ in parts]
-        raws[name] = np.stack(data) if name in hf.LAYER_TENSORS else data[0]
+        tensors[name] = [ref.tensor.data for ref, _ in parts]
         first, kind = parts[0]
         plans[name] = (kinds.pop(), first.shape, kind, first.heads, tuple(var.shape))
+    mesh = next(iter(shardings.values())).mesh
+    if sum(t.nbytes for parts in tensors.values() for t in parts) * (mesh.devices.size - 1) > EXTRA_COPIES_BYTES:
+        return None  # every device gets all the raw blocks: for a large model on many devices, the host path
+    raws = {name: np.stack(parts) if name in hf.LAYER_TENSORS else np.asarray(parts[0])
+            for name, parts in tensors.items()}
 
     def lay_out(raws):
         out = {}
@@ -98,9 +102,6 @@ def load_state(file: GGUFFile, cfg: ModelConfig, abstract_state: dict, shardings
             out[name] = value.astype(dtype)
         return out
 
-    mesh = next(iter(shardings.values())).mesh
-    if sum(a.nbytes for a in raws.values()) * (mesh.devices.size - 1) > EXTRA_COPIES_BYTES:
-        return None  # every device gets all the raw blocks: for a large model on many devices, the host path
     replicated = {name: NamedSharding(mesh, PartitionSpec()) for name in raws}
     jitted = one_shot_jit(lay_out, in_shardings=(replicated,), out_shardings=shardings)
     # what lay_out closes over, beyond the raw arrays' shapes: the plans, the model's dims, the dtype

@@ -226,7 +226,7 @@ class PagedSteps:
         """One engine step, the forward then sampling -> (pools, state, (sampled, logprobs, prompt logprobs)).
         Executables are found by the step's shape (`Stored`); with an adapter pool's argument, whose
         shapes that key does not cover, by jit."""
-        rows, width = batch.tokens.shape
+        rows = batch.tokens.shape[0]
         pools, logits, prompt = self.forward(self.forward_key(weights, batch, lora), weights, pools, batch, lora,
                                              want_prompt_logprobs)
         state, (sampled, logprobs) = self.sample((rows, state.keys.shape[0]), state, logits, batch.rows, batch.emit,
