@@ -84,7 +84,9 @@ def test_unrolled_layers_train_as_the_scan_does(single):
     what the scan computes."""
     losses, params, _, opt_state, _ = _run({}, cfg=dataclasses.replace(CFG, scan_layers=False))
     np.testing.assert_allclose(losses, single[0], rtol=2e-6)
-    _assert_close(params, single[1], atol=1e-5)
+    # the moments agree to 1e-6 (below), but Adam divides by sqrt(v): where a gradient is near zero, the two
+    # programs' different rounding moves a weight by a visible fraction of lr (3e-3); seen: 2.2e-5, 1 of 65,536
+    _assert_close(params, single[1], atol=5e-5)
     _assert_close(opt_state, single[3], atol=1e-6)
 
 
