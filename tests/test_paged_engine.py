@@ -214,6 +214,28 @@ def test_a_step_prefills_every_waiting_prompt_within_its_budget_one_chunk_each(m
     same(generate(engine, [prompts[i] for i in picked], [params[i] for i in picked]), [contiguous[i] for i in picked])
 
 
+def test_a_prompt_whose_rest_fits_its_chunk_width_finishes_in_that_chunk(model_dir, workload, contiguous):
+    """With one row decoding, a budget of 32 leaves 31 tokens for a 32-token prompt. Its chunk runs 32
+    wide either way (chunk sizes 16, 32), so it takes all 32 rather than leave one token for a call of
+    its own in the next step (a whole pass over the weights, ~30 ms a step for SmolLM2 on 2 cores)."""
+    engine = shared_engine(model_dir, 4, CONTEXT, **PAGED)[0]
+    assert engine.max_step_tokens == 32 and engine.chunk_sizes == (16, 32)
+    prompts, params = workload
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(3, 512, 32).tolist()
+    engine.insert(engine.prefill(Request("short", prompts[0], params[0])), 0)
+    engine.generate()  # its prompt, then it decodes
+    assert engine._seqs[0].decoding
+    engine.insert(engine.prefill(Request("32", prompt, params[0])), 1)
+    events = engine.generate()
+    assert sorted(e.slot for e in events) == [0, 1] and engine._seqs[1].computed == 32
+    for slot in range(2):
+        engine.free(slot)
+    want = generate(shared_engine(model_dir, 4, CONTEXT)[0], [prompts[0], prompt], [params[0]] * 2)
+    same(generate(engine, [prompts[0], prompt], [params[0]] * 2), want)
+    assert engine.pool.used == 0
+
+
 def test_a_generation_compiles_only_the_shapes_its_prompts_reach(model_dir, workload, contiguous):
     """What `rsdjax generate` warms up: decode at its row count and its widest prompt chunk, at each
     attended-page bucket it reaches; every step of the generation then runs in one of them."""

@@ -51,7 +51,9 @@ class PageScheduling:
         """Prompt chunks for this step, oldest sequence first, within `budget` tokens and the free pages
         (a prompt waits for pages rather than preempting a running sequence). Only one prompt a step runs a
         chunk that does not finish it (vLLM's max_num_partial_prefills = 1): prompts that fit in a chunk
-        all enter together, long ones one at a time, so a step never stacks several long prompts' chunks."""
+        all enter together, long ones one at a time, so a step never stacks several long prompts' chunks.
+        A chunk runs padded to its compiled width, so a prompt whose rest fits that width takes it whole,
+        even past the budget: the padding would cost the same, and the rest alone would cost a call."""
         plan, partial = [], False
         for seq in sorted(prefilling, key=lambda s: s.order):
             if budget < 1:
@@ -60,6 +62,8 @@ class PageScheduling:
                 self._match_prefix(seq)
             left = len(seq.tokens) - seq.computed
             n = min(left, budget, self.chunk_sizes[-1])
+            if left <= bucket_for(n, self.chunk_sizes):
+                n = left
             if n < left:
                 if partial:
                     continue
