@@ -184,7 +184,11 @@ class Scheduler:
             raise EngineFaultError(f"prefill failed: {e!r}") from e
 
     def _step(self) -> None:
-        events = self.engine.generate()
+        calls = getattr(self.engine, "step_calls", None)  # the paged engine's: a step's events call by call
+        for events in calls() if calls is not None else [self.engine.generate()]:
+            self._deliver(events)
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
         by_slot: dict[int, list[TokenEvent]] = collections.defaultdict(list)
         for event in events:
             by_slot[event.slot].append(event)
