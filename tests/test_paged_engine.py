@@ -236,24 +236,6 @@ def test_a_prompt_whose_rest_fits_its_chunk_width_finishes_in_that_chunk(model_d
     assert engine.pool.used == 0
 
 
-def test_step_calls_hand_out_each_calls_tokens_as_it_returns(model_dir, workload, contiguous):
-    """`step_calls` is `generate` call by call (what the server iterates): the decode rows' tokens, then
-    each prompt chunk's first token as its own call returns; the same tokens as `generate`."""
-    engine = shared_engine(model_dir, 4, CONTEXT, **PAGED)[0]
-    prompts, params = workload
-    engine.insert(engine.prefill(Request("0", prompts[0], params[0])), 0)  # 3 tokens
-    assert [[e.slot for e in events] for events in engine.step_calls()] == [[0]]
-    engine.insert(engine.prefill(Request("1", prompts[1], params[1])), 1)  # 9 tokens
-    engine.insert(engine.prefill(Request("5", prompts[5], params[5])), 2)  # 12 tokens
-    calls = [[e.slot for e in events] for events in engine.step_calls()]
-    assert calls == [[0], [1], [2]]  # one decode row, then two chunks, each a call of its own
-    for slot in range(3):
-        engine.free(slot)
-    picked = [0, 1, 5]
-    same(generate(engine, [prompts[i] for i in picked], [params[i] for i in picked]), [contiguous[i] for i in picked])
-    assert engine.pool.used == 0
-
-
 def test_a_generation_compiles_only_the_shapes_its_prompts_reach(model_dir, workload, contiguous):
     """What `rsdjax generate` warms up: decode at its row count and its widest prompt chunk, at each
     attended-page bucket it reaches; every step of the generation then runs in one of them."""

@@ -172,13 +172,6 @@ class PagedEngine(PageScheduling):
         return [i for i, s in enumerate(self._seqs) if s is None]
 
     def generate(self) -> list[TokenEvent]:
-        return [event for events in self.step_calls() for event in events]
-
-    def step_calls(self):
-        """One step (`generate`) as its device calls: yields each call's events as soon as they are read,
-        so a server hands a prompt's first token out when its chunk is done, not at the end of the step
-        (four prompts arriving together: their mean TTFT is ~2.5 chunks instead of 4). Planned before the
-        first call; freeing a finished slot between calls is safe (its pages are not in a later call)."""
         decode = sorted((s for s in self._seqs if s is not None and not s.done and s.decoding), key=lambda s: s.order)
         for seq in decode:
             if seq.decoding:  # not preempted by an older one's reservation
@@ -186,10 +179,12 @@ class PagedEngine(PageScheduling):
         decode = [s for s in decode if s.decoding]
         prefilling = [s for s in self._seqs if s is not None and not s.done and not s.decoding]
         chunks = self._plan_chunks(prefilling, self.max_step_tokens - len(decode))
+        events = []
         if decode:
-            yield self._run(decode, [1] * len(decode))
+            events += self._run(decode, [1] * len(decode))
         for seq, n in chunks:
-            yield self._run([seq], [n], chunk=True)
+            events += self._run([seq], [n], chunk=True)
+        return events
 
     # ------------------------------------------------------------ running a step
 

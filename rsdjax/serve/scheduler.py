@@ -184,11 +184,7 @@ class Scheduler:
             raise EngineFaultError(f"prefill failed: {e!r}") from e
 
     def _step(self) -> None:
-        calls = getattr(self.engine, "step_calls", None)  # the paged engine's: a step's events call by call
-        for events in calls() if calls is not None else [self.engine.generate()]:
-            self._deliver(events)
-
-    def _deliver(self, events: list[TokenEvent]) -> None:
+        events = self.engine.generate()
         by_slot: dict[int, list[TokenEvent]] = collections.defaultdict(list)
         for event in events:
             by_slot[event.slot].append(event)
