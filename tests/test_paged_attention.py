@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rsdjax.infer import paged_attention as pa
-from rsdjax.model.llama import attention, cache_mask
+from rsdjax.model.attention import attention, cache_mask
 
 PAGE, KV, GROUP, D = 4, 2, 3, 8
 

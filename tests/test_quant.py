@@ -17,7 +17,8 @@ from rsdjax.infer import forward
 from rsdjax.infer.engine import SlotEngine
 from rsdjax.infer.warmup import lower_decode
 from rsdjax.loading import load_model
-from rsdjax.model.llama import attend_with, causal_mask, decoder_layer, embed_tokens, lm_logits, rope_tables
+from rsdjax.model.attention import attend_with, causal_mask
+from rsdjax.model.llama import decoder_layer, embed_tokens, lm_logits, rope_tables
 from rsdjax.model.quant import CONTRACTED, QArray, quantize_serving
 from rsdjax.parallel.mesh import make_mesh
 from rsdjax.tokenizer import Tokenizer

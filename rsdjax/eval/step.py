@@ -69,7 +69,8 @@ def serving_logits(cfg, w, tokens, positions, segment_ids=None):
     """The model's forward at every position over `rsdjax.infer.forward.ServingWeights` (the int8
     ones of `--quantize int8` or an int8 checkpoint): the same layers as `Llama.__call__`, unrolled."""
     from rsdjax.infer.forward import layer_view
-    from rsdjax.model.llama import attend_with, causal_mask, decoder_layer, embed_tokens, lm_logits, rope_tables
+    from rsdjax.model.attention import attend_with, causal_mask
+    from rsdjax.model.llama import decoder_layer, embed_tokens, lm_logits, rope_tables
 
     b, t = tokens.shape
     rope, mask = rope_tables(cfg, positions), causal_mask(b, t, segment_ids)

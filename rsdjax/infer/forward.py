@@ -29,8 +29,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rsdjax.config import ConfigError, ModelConfig
 from rsdjax.infer.sampling import token_logprobs
-from rsdjax.model.llama import (Llama, attend_with, cache_mask, causal_mask, decoder_layer, embed_tokens, lm_logits,
-                                resolve_dtype, rope_tables)
+from rsdjax.model.attention import attend_with, cache_mask, causal_mask
+from rsdjax.model.llama import Llama, decoder_layer, embed_tokens, lm_logits, resolve_dtype, rope_tables
 from rsdjax.model.quant import INT8, INT8_ORDER, QArray, transpose
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, constrain, resolve

@@ -25,7 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from rsdjax.model.llama import attention, cache_mask
+from rsdjax.model.attention import attention, cache_mask
 
 BLOCK_PAGES = 16  # pages a loop iteration attends (256 tokens at the default page size of 16)
 _MASKED = jnp.finfo(jnp.float32).min  # additive mask: finite, so a block a row cannot see adds exp(0) * 0

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rsdjax.config import ConfigError, ModelConfig
-from rsdjax.model.llama import (CACHE_AXES, PARAM_AXES, KVCache, cache_mask, embed_tokens, layer_scan, lm_logits,
-                                resolve_dtype, rope_tables)
+from rsdjax.model.attention import cache_mask
+from rsdjax.model.llama import (CACHE_AXES, PARAM_AXES, KVCache, embed_tokens, layer_scan, lm_logits, resolve_dtype,
+                                rope_tables)
 from rsdjax.parallel import layer_stack
 from rsdjax.parallel.mesh import mesh_shape_of
 from rsdjax.parallel.rules import INFER_RULES, resolve
