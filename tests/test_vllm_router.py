@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from rsdjax.serve.fake_engine import FakeEngine
-from rsdjax.serve.launch import free_port, spawn, stop_process
+from rsdjax.serve.launch import bind_socket, spawn, stop_process
 from serve_support import client, reference
 
 pytestmark = pytest.mark.slow  # ~30 s: two servers and six routers as subprocesses
@@ -45,15 +45,26 @@ def backends(tiny_tokenizer_dir, tmp_path_factory):
             stop_process(proc)
 
 
+def distinct_ports(n: int) -> list[int]:
+    """`n` loopback ports, bound all at once so that no two are the same (free_port() called once per port
+    can hand the same one out twice: a router then failed to bind its metrics listener)."""
+    socks = [bind_socket() for _ in range(n)]
+    try:
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def launch_router(urls, policy, log_path):
     assert os.path.exists(ROUTER), "vllm-router is not installed (pip install vllm-router==0.1.17, the test extra)"
-    port = free_port()
+    port, metrics_port = distinct_ports(2)
     log = open(log_path, "ab")
     proc = subprocess.Popen([ROUTER, "--worker-urls", *urls, "--policy", policy, "--host", "127.0.0.1",
                              "--port", str(port), "--health-check-interval-secs", "1",
                              "--worker-startup-check-interval", "1", "--log-level", "warning",
                              # its own metrics listener defaults to one fixed port: give each router its own
-                             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())],
+                             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)],
                             stdout=log, stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -81,8 +92,20 @@ def routers(backends, tmp_path_factory):
     """One vllm-router per policy in front of the same two servers, started side by side."""
     tmp = tmp_path_factory.mktemp("routers")
     launched = {p: launch_router(backends, p, tmp / f"{p}.log") for p in POLICIES}
+
+    def healthy(policy):
+        log = tmp / f"{policy}.log"
+        try:
+            return wait_router(*launched[policy], log)[1]
+        except AssertionError:
+            if "Address already in use" not in log.read_text(errors="replace"):
+                raise
+        # a port was taken (another test's server) between choosing it and the router binding it: once more
+        launched[policy] = launch_router(backends, policy, log)
+        return wait_router(*launched[policy], log)[1]
+
     try:
-        yield {p: wait_router(proc, url, tmp / f"{p}.log")[1] for p, (proc, url) in launched.items()}
+        yield {p: healthy(p) for p in POLICIES}
     finally:
         for proc, _ in launched.values():
             stop_process(proc)
