@@ -214,7 +214,7 @@ def test_a_step_prefills_every_waiting_prompt_within_its_budget_one_chunk_each(m
     same(generate(engine, [prompts[i] for i in picked], [params[i] for i in picked]), [contiguous[i] for i in picked])
 
 
-def test_a_prompt_whose_rest_fits_its_chunk_width_finishes_in_that_chunk(model_dir, workload, contiguous):
+def test_a_prompt_whose_rest_fits_its_chunk_width_finishes_in_that_chunk(model_dir, workload):
     """With one row decoding, a budget of 32 leaves 31 tokens for a 32-token prompt. Its chunk runs 32
     wide either way (chunk sizes 16, 32), so it takes all 32 rather than leave one token for a call of
     its own in the next step (a whole pass over the weights, ~30 ms a step for SmolLM2 on 2 cores)."""

@@ -5,7 +5,7 @@ import httpx
 import openai
 import pytest
 
-from rsdjax.serve.launch import free_port
+from rsdjax.serve.launch import free_ports
 from serve_support import HTTP, client, fake_server, metric, router, wait_until
 
 
@@ -108,7 +108,7 @@ def test_merged_models_and_routing_by_model(tok):
 
 
 def test_no_healthy_backend_is_503():
-    dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
+    dead = [f"http://127.0.0.1:{port}" for port in free_ports(2)]
     with router(dead, "least-loaded") as url:
         r = HTTP.post(f"{url}/v1/completions", json={"model": "fake", "prompt": "x"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import yaml
 
 from conftest import ROOT, tree_digest as digest
 from rsdjax.cli import main
+from rsdjax.serve.launch import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 9
@@ -262,12 +262,6 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, tiny_tokenizer_dir):
 # ---------------------------------------------------------------- two processes = one 8-device mesh
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, tiny_tokenizer_dir):
     from rsdjax.train.checkpoint import read_state
@@ -275,7 +269,7 @@ def test_two_processes_match_one_process(tmp_path, tiny_tokenizer_dir):
     one_cfg = write_config(tmp_path / "one", tiny_tokenizer_dir, steps=4, embedding_steps=0)
     two_cfg = write_config(tmp_path / "two", tiny_tokenizer_dir, steps=4, embedding_steps=0)
     one = launch(one_cfg, log=open(tmp_path / "one.log", "w"))
-    port = _free_port()
+    port = free_port()
     procs = [launch(two_cfg, "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
                     "--process-id", str(i), devices=4, log=open(tmp_path / f"two{i}.log", "w")) for i in range(2)]
     try:

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from rsdjax.serve.fake_engine import FakeEngine
-from rsdjax.serve.launch import bind_socket, spawn, stop_process
+from rsdjax.serve.launch import free_ports, spawn, stop_process
 from serve_support import client, reference
 
 pytestmark = pytest.mark.slow  # ~30 s: two servers and six routers as subprocesses
@@ -45,20 +45,10 @@ def backends(tiny_tokenizer_dir, tmp_path_factory):
             stop_process(proc)
 
 
-def distinct_ports(n: int) -> list[int]:
-    """`n` loopback ports, bound all at once so that no two are the same (free_port() called once per port
-    can hand the same one out twice: a router then failed to bind its metrics listener)."""
-    socks = [bind_socket() for _ in range(n)]
-    try:
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def launch_router(urls, policy, log_path):
+def launch_router(urls, policy, log_path, ports=None):
+    """`ports`: (its port, its metrics listener's); two fresh ones if not given."""
     assert os.path.exists(ROUTER), "vllm-router is not installed (pip install vllm-router==0.1.17, the test extra)"
-    port, metrics_port = distinct_ports(2)
+    port, metrics_port = ports or free_ports(2)
     log = open(log_path, "ab")
     proc = subprocess.Popen([ROUTER, "--worker-urls", *urls, "--policy", policy, "--host", "127.0.0.1",
                              "--port", str(port), "--health-check-interval-secs", "1",
@@ -91,7 +81,8 @@ def wait_router(proc, url, log_path):
 def routers(backends, tmp_path_factory):
     """One vllm-router per policy in front of the same two servers, started side by side."""
     tmp = tmp_path_factory.mktemp("routers")
-    launched = {p: launch_router(backends, p, tmp / f"{p}.log") for p in POLICIES}
+    ports = free_ports(2 * len(POLICIES))  # all different: each router binds two
+    launched = {p: launch_router(backends, p, tmp / f"{p}.log", ports[2 * i:2 * i + 2]) for i, p in enumerate(POLICIES)}
 
     def healthy(policy):
         log = tmp / f"{policy}.log"

@@ -27,8 +27,17 @@ def bind_socket(host: str = LOOPBACK, port: int = 0) -> socket.socket:
 
 
 def free_port(host: str = LOOPBACK) -> int:
-    with bind_socket(host) as sock:
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
+    """`n` different free ports: bound all at once, since free_port() called n times can return one twice."""
+    socks = [bind_socket(host) for _ in range(n)]
+    try:
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 class ServerThread:
