@@ -164,13 +164,15 @@ def test_steps_run_in_the_smallest_compiled_shape_that_holds_them(model_dir):
     prompts = [list(range(3, 3 + n)) for n in (14, 9, 5, 3)]  # one step of chunks (32 tokens), then 4 rows
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (4, 8, 12, 16)]
     first = generate(engine, prompts, params)
-    # the short prompts ran in the compiled 32-token chunk, 2 rows in the compiled 4, the last row alone
-    assert {s[:3] for s in engine._compiled} == {(1, 32, 16), (1, 1, 16), (4, 1, 16)}
-    assert engine._step_shape(2, 0, 1, False) == (4, 1, 16) and engine._step_shape(1, 9, 1, False) == (1, 32, 16)
+    # the short prompts ran together, as 4 rows of a 16-token chunk (one call), then 2 decode rows in the
+    # compiled 4, the last row alone
+    assert {s[:3] for s in engine._compiled} == {(1, 32, 16), (1, 1, 16), (4, 16, 16), (4, 1, 16)}
+    assert engine._step_shape(2, 1, 1, False) == (4, 1, 16) and engine._step_shape(1, 9, 1, False) == (1, 32, 16)
+    assert engine._step_shape(3, 9, 1, False) == (4, 16, 16)
 
     engine.warmup()  # every shape compiled: each step in the smallest that holds it
-    assert engine._step_shape(2, 0, 1, False) == (2, 1, 16) and engine._step_shape(1, 9, 1, False) == (1, 16, 16)
-    assert engine._step_shape(3, 0, 2, False) == (4, 1, 16)
+    assert engine._step_shape(2, 1, 1, False) == (2, 1, 16) and engine._step_shape(1, 9, 1, False) == (1, 16, 16)
+    assert engine._step_shape(3, 1, 2, False) == (4, 1, 16) and engine._step_shape(2, 20, 1, False) == (2, 32, 16)
     same(generate(engine, [list(range(3, 33))], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)), long)
     same(generate(engine, prompts, params), first)  # the same tokens in the smallest shapes
 
@@ -180,7 +182,8 @@ def test_warmup_compiles_every_shape(model_dir):
     assert engine.batch_sizes == (1, 2, 4) and engine.chunk_sizes == (16, 32)
     before = engine._steps.forward.cache_size(), engine._steps.sample.cache_size()
     shapes = engine.warmup()
-    assert shapes == len(engine.shapes()) == 5 * len(engine.attend_pages)
+    # decode at 1, 2, 4 rows; prompt chunks 16 and 32 wide, each at 1, 2, 4 rows
+    assert shapes == len(engine.shapes()) == 9 * len(engine.attend_pages)
     # logprobs are runtime branches, not shapes; sampling is compiled once per row count, not per shape
     assert engine._steps.forward.cache_size() - before[0] <= shapes
     assert engine._steps.sample.cache_size() - before[1] <= len(engine.batch_sizes)
@@ -241,9 +244,9 @@ def test_a_generation_compiles_only_the_shapes_its_prompts_reach(model_dir, work
     attended-page bucket it reaches; every step of the generation then runs in one of them."""
     engine = shared_engine(model_dir, 4, CONTEXT, **dict(PAGED, max_step_tokens=64))[0]
     prompts, params = workload
-    picked = [0, 1, 3]  # 3, 9 and 6 tokens, up to 24 new: one 16-token chunk, three decode rows -> 4
+    picked = [0, 1, 3]  # 3, 9 and 6 tokens, up to 24 new: three 16-token chunks in one call, three decode rows
     shapes = engine.shapes_for([len(prompts[i]) for i in picked], 24)
-    assert shapes == [(4, 1, a) for a in engine.attend_pages] + [(1, 16, a) for a in engine.attend_pages]
+    assert shapes == [(4, 1, a) for a in engine.attend_pages] + [(4, 16, a) for a in engine.attend_pages]
     assert len(shapes) < len(engine.shapes())
     before = engine._steps.forward.cache_size()
     engine.warmup(shapes)
@@ -251,3 +254,25 @@ def test_a_generation_compiles_only_the_shapes_its_prompts_reach(model_dir, work
     same(generate(engine, [prompts[i] for i in picked], [params[i] for i in picked]), [contiguous[i] for i in picked])
     assert {s[:3] for s in engine._compiled} == set(shapes)  # every step ran in a warmed shape
     assert engine._steps.forward.cache_size() == warmed <= before + len(shapes)  # nothing compiled mid-stream
+
+
+def test_prompt_chunks_of_one_width_share_a_call(model_dir, workload, contiguous, monkeypatch):
+    """Prompts that arrive together run as the rows of one call per chunk width (the weights streamed
+    once), each row at its own positions and pages, sampled as when each ran alone."""
+    engine = shared_engine(model_dir, 4, CONTEXT, **PAGED)[0]
+    prompts, params = workload
+    picked = [0, 1, 3, 5]  # 3, 9, 6 and 12 tokens: 16 wide, 30 tokens of the step's budget of 32
+    calls = []
+    run = engine._run
+    monkeypatch.setattr(engine, "_run", lambda seqs, lengths, chunk=False: calls.append(
+        (chunk, [s.slot for s in seqs], lengths)) or run(seqs, lengths, chunk))
+    for slot, i in enumerate(picked):
+        engine.insert(engine.prefill(Request(str(i), prompts[i], params[i])), slot)
+    assert sorted(e.slot for e in engine.generate()) == [0, 1, 2, 3]
+    assert calls == [(True, [0, 1, 2, 3], [3, 9, 6, 12])]
+    for slot in range(4):
+        engine.free(slot)
+    monkeypatch.undo()
+    same(generate(engine, [prompts[i] for i in picked], [params[i] for i in picked]),
+         [contiguous[i] for i in picked])
+    assert engine.pool.used == 0

@@ -42,7 +42,7 @@ from rsdjax.infer.paged_schedule import PageScheduling, Seq
 from rsdjax.infer.paged_forward import (StepBatch, compiled_steps, empty_pools, empty_seq_state, page_bytes,
                                         pages_for_budget)
 from rsdjax.infer.sampling import SamplingArrays, fill_bitmasks, no_constraint, seed_pair
-from rsdjax.infer.shapes import DEFAULT_MAX_CONTEXT, bucket_for, buckets
+from rsdjax.infer.shapes import DEFAULT_MAX_CONTEXT, buckets
 from rsdjax.parallel.mesh import make_mesh, mesh_shape_of
 
 DEFAULT_KV_CACHE_GB = 1.0  # where the backend reports no free memory (XLA:CPU)
@@ -179,21 +179,19 @@ class PagedEngine(PageScheduling):
         decode = [s for s in decode if s.decoding]
         prefilling = [s for s in self._seqs if s is not None and not s.done and not s.decoding]
         chunks = self._plan_chunks(prefilling, self.max_step_tokens - len(decode))
-        events = []
-        if decode:
-            events += self._run(decode, [1] * len(decode))
-        for seq, n in chunks:
-            events += self._run([seq], [n], chunk=True)
+        events = self._run(decode, [1] * len(decode)) if decode else []
+        for call in self._chunk_calls(chunks):
+            events += self._run([seq for seq, _ in call], [n for _, n in call], chunk=True)
         return events
 
     # ------------------------------------------------------------ running a step
 
     def _run(self, seqs: list[Seq], lengths: list[int], chunk: bool = False) -> list[TokenEvent]:
         """One device call: row i runs `lengths[i]` tokens of seqs[i] from its `computed` position;
-        `chunk`: one prompt chunk (a chunk shape, even for one token), else decode rows."""
+        `chunk`: prompt chunks (a chunk shape, unless a chunk is one token wide), else decode rows."""
         reach = max(s.computed + n for s, n in zip(seqs, lengths))
         on_adapters = self.adapters is not None and any(s.request.adapter for s in seqs)  # another program
-        rows, width, attend = self._step_shape(len(seqs), max(lengths) if chunk else 0,
+        rows, width, attend = self._step_shape(len(seqs), max(lengths) if chunk else 1,
                                                math.ceil(reach / self.page_size), on_adapters)
         batch = self._empty_batch(rows, width, attend)
         for i, (s, n) in enumerate(zip(seqs, lengths)):
@@ -208,7 +206,7 @@ class PagedEngine(PageScheduling):
         if any(guides):
             batch.bitmask = fill_bitmasks(guides + [None] * (rows - len(seqs)), self.cfg.vocab_size)
         want = any(s.request.params.logprobs is not None for s in seqs)
-        scoring = chunk and seqs[0].scoring
+        scoring = width > 1 and any(s.scoring for s in seqs)
         lora = self._lora([s.request.adapter for s in seqs] + [0] * (rows - len(seqs)))
         self._pools, self._state, (sampled, logprobs, prompt) = self._steps.step(
             self.weights, self._pools, self._state, batch, lora, np.bool_(want), np.bool_(scoring))
@@ -216,7 +214,10 @@ class PagedEngine(PageScheduling):
         sampled = np.asarray(sampled)
         logprobs = tuple(np.asarray(a) for a in logprobs) if want else None
         if scoring:
-            seqs[0].scored.append(tuple(np.asarray(a)[0, :lengths[0]] for a in prompt))
+            prompt = tuple(np.asarray(a) for a in prompt)
+            for i, (s, n) in enumerate(zip(seqs, lengths)):
+                if s.scoring:
+                    s.scored.append(tuple(a[i, :n] for a in prompt))
         events = []
         for i, (s, n) in enumerate(zip(seqs, lengths)):
             s.computed += n
@@ -273,23 +274,6 @@ class PagedEngine(PageScheduling):
                     self._lora(entry * rows), np.bool_(False), np.bool_(False))
         jax.block_until_ready(self._pools)
         return len(shapes) * len(variants)
-
-    def shapes(self) -> list[tuple[int, int, int]]:
-        """(rows, tokens per row, attended pages) of every step `generate` can run."""
-        steps = [(b, 1) for b in self.batch_sizes] + [(1, c) for c in self.chunk_sizes]
-        return [(rows, width, attend) for rows, width in steps for attend in self.attend_pages]
-
-    def shapes_for(self, prompt_lengths, max_new_tokens: int) -> list[tuple[int, int, int]]:
-        """The shapes a generation of these prompts reaches (what `rsdjax generate` compiles first): decode
-        at its widest row count and the widest prompt chunk, at each attended-page bucket up to its longest
-        context. Every other step it runs fits in one of these and runs there (`_step_shape`); only a
-        preempted sequence's recompute, a chunk longer than its prompt, may need one more."""
-        lengths = list(prompt_lengths)
-        rows = bucket_for(min(len(lengths), self.max_slots), self.batch_sizes)
-        width = bucket_for(min(max(lengths), self.chunk_sizes[-1]), self.chunk_sizes)
-        reach = min(max(lengths) + max_new_tokens, self.max_context)
-        last = bucket_for(math.ceil(reach / self.page_size), self.attend_pages)
-        return list(dict.fromkeys((r, w, a) for r, w in ((rows, 1), (1, width)) for a in self.attend_pages if a <= last))
 
     def stats(self) -> dict:
         q = self.pool.query_tokens

@@ -3,16 +3,24 @@ K/V go (pages, the prefix cache, preemption). `PagedEngine` (rsdjax/infer/paged_
 device half and the `Engine` protocol on top; this class holds no device arrays.
 
 It expects of the engine: `pool` (a `PagePool`), `_seqs` (a `Seq` or None per slot), `page_size`,
-`batch_sizes`, `chunk_sizes`, `attend_pages`, `_compiled` (the shapes run so far) and `preemptions`.
+`max_slots`, `max_context`, `batch_sizes`, `chunk_sizes`, `attend_pages`, `_compiled` (the shapes run
+so far) and `preemptions`.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 
 from rsdjax.infer.interface import Request
 from rsdjax.infer.pages import extend_hashes
-from rsdjax.infer.shapes import bucket_for
+from rsdjax.infer.shapes import bucket_for, buckets
+
+# prompt chunks of one width that a step runs share a call, up to this many rows and this many (padded)
+# tokens: a call streams the weights once, and at 64-128 tokens a row prefill is still well below the
+# matmul peak (SmolLM2-135M f32, 2 cores, context 1,040: 1 x 64 tokens 166-191 ms, 4 x 64 438-541 ms)
+MAX_CHUNK_ROWS = 4
+MAX_CALL_TOKENS = 512
 
 
 @dataclasses.dataclass(eq=False)
@@ -122,16 +130,61 @@ class PageScheduling:
                 self.pool.register(seq.pages[j], seq.hashes[j])
             seq.registered = full
 
-    def _step_shape(self, rows: int, chunk: int, pages: int, on_adapters: bool) -> tuple[int, int, int]:
-        """(rows, width, attended pages) for `rows` decode rows (`chunk` 0) or one prompt chunk of `chunk`
-        tokens, reaching `pages` pages: the smallest shape this engine has compiled that holds it, else
-        the smallest that does. A compile costs seconds and a padded step milliseconds, so a generation
-        whose rows finish one by one, or a short prompt after a long one, compiles nothing new; after
-        `warmup` every shape is compiled and each step runs in the smallest that holds it."""
-        need = (1, chunk, pages) if chunk else (rows, 1, pages)
-        compiled = [s[:3] for s in self._compiled if s[3] == on_adapters and (s[1] > 1) == bool(chunk)
+    def chunk_rows(self, width: int) -> tuple[int, ...]:
+        """The row counts a call of prompt chunks `width` tokens wide is compiled for; a token a row (prompts
+        run through the decode program) uses the decode batch sizes."""
+        if width == 1:
+            return self.batch_sizes
+        return buckets(1, min(MAX_CHUNK_ROWS, max(1, MAX_CALL_TOKENS // width), self.max_slots))
+
+    def _chunk_calls(self, chunks: list[tuple[Seq, int]]) -> list[list[tuple[Seq, int]]]:
+        """A step's prompt chunks grouped into device calls: chunks of one compiled width run as the rows of
+        one call, up to the most rows that width has (`chunk_rows`). Each call streams the weights once,
+        so four 40-token prefix-cache hits cost one pass instead of four (prefill at 64 tokens a row is
+        far from the matmul peak), and their first tokens all come out of that one call."""
+        by_width: dict[int, list[tuple[Seq, int]]] = {}
+        for seq, n in chunks:
+            by_width.setdefault(bucket_for(n, self.chunk_sizes), []).append((seq, n))
+        calls = []
+        for width, group in by_width.items():
+            most = self.chunk_rows(width)[-1]
+            calls += [group[i:i + most] for i in range(0, len(group), most)]
+        return calls
+
+    def _step_shape(self, rows: int, width: int, pages: int, on_adapters: bool) -> tuple[int, int, int]:
+        """(rows, width, attended pages) for `rows` rows of up to `width` tokens (1: decode rows, or prompts
+        run a token at a time) reaching `pages` pages: the smallest shape this engine has compiled that
+        holds it, else the smallest that does. A compile costs seconds and a padded step milliseconds, so
+        a generation whose rows finish one by one, or a short prompt after a long one, compiles nothing
+        new; after `warmup` every shape is compiled and each step runs in the smallest that holds it.
+        Decode rows never run in a prompt chunk's shape (a 16-token row for one token)."""
+        need = (rows, width, pages)
+        compiled = [s[:3] for s in self._compiled if s[3] == on_adapters and (s[1] > 1) == (width > 1)
                     and all(a >= b for a, b in zip(s, need))]
         if compiled:
             return min(compiled, key=lambda s: (s[0] * s[1], s[2]))
-        width = bucket_for(chunk, self.chunk_sizes) if chunk else 1
-        return (1 if chunk else bucket_for(rows, self.batch_sizes)), width, bucket_for(pages, self.attend_pages)
+        width = bucket_for(width, self.chunk_sizes) if width > 1 else 1
+        rows = bucket_for(rows, self.chunk_rows(width) if width > 1 else self.batch_sizes)
+        return rows, width, bucket_for(pages, self.attend_pages)
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """(rows, tokens per row, attended pages) of every step `generate` can run."""
+        steps = [(b, 1) for b in self.batch_sizes] + [(r, c) for c in self.chunk_sizes if c > 1
+                                                      for r in self.chunk_rows(c)]
+        return [(rows, width, attend) for rows, width in steps for attend in self.attend_pages]
+
+    def shapes_for(self, prompt_lengths, max_new_tokens: int) -> list[tuple[int, int, int]]:
+        """The shapes a generation of these prompts reaches (what `rsdjax generate` compiles first): decode
+        at its widest row count, and for the prompts' first chunks, grouped by width as a step groups them
+        (`_chunk_calls`), the fewest shapes that hold every group, at each attended-page bucket up to its
+        longest context. Every other step it runs fits in one of these and runs there (`_step_shape`);
+        only a preempted sequence's recompute, a chunk longer than its prompt, may need one more."""
+        lengths = list(prompt_lengths)
+        rows = bucket_for(min(len(lengths), self.max_slots), self.batch_sizes)
+        widths = collections.Counter(bucket_for(min(n, self.chunk_sizes[-1]), self.chunk_sizes) for n in lengths)
+        chunks = {(bucket_for(min(k, self.chunk_rows(w)[-1]), self.chunk_rows(w)), w) for w, k in widths.items()}
+        chunks = [c for c in chunks if not any(o != c and o[0] >= c[0] and o[1] >= c[1] for o in chunks)]
+        reach = min(max(lengths) + max_new_tokens, self.max_context)
+        last = bucket_for(math.ceil(reach / self.page_size), self.attend_pages)
+        steps = [(rows, 1)] + sorted(chunks, key=lambda c: (c[1], c[0]))
+        return list(dict.fromkeys((r, w, a) for r, w in steps for a in self.attend_pages if a <= last))
