@@ -107,6 +107,29 @@ def test_prefix_cache_hit_gives_what_a_miss_gives(model_dir):
     same(hit, miss)
 
 
+def test_prompts_arriving_with_one_prefix_wait_for_its_pages_and_hit_them(model_dir):
+    """Three 45-token prompts with a 40-token prefix arrive together; chunks are 16 tokens and only one
+    prompt a step runs a chunk that does not finish it. The two that wait look the cache up again when
+    they run (as vLLM's scheduler does), so they find the pages the first one filled meanwhile instead
+    of prefilling the prefix again."""
+    rng = np.random.default_rng(2)
+    system = rng.integers(3, 512, 40).tolist()
+    prompts = [system + rng.integers(3, 512, 5).tolist() for _ in range(3)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    options = dict(PAGED, max_step_tokens=64, max_chunk=16)
+    miss = generate(shared_engine(model_dir, 4, CONTEXT, **options, prefix_caching=False)[0], prompts, params)
+    engine = shared_engine(model_dir, 4, CONTEXT, **options)[0]
+    assert engine.chunk_sizes == (16,)
+    engine.pool.reset_prefix_cache()
+    before = engine.stats()
+    same(generate(engine, prompts, params), miss)
+    stats = engine.stats()
+    # the first prompt's first two chunks filled 4 pages of 8 before the others ran; each found them
+    assert stats["prefix_cache_hits"] - before["prefix_cache_hits"] == 2 * 32
+    assert stats["prefix_cache_queries"] - before["prefix_cache_queries"] == 3 * 45
+    assert engine.pool.used == 0
+
+
 def test_a_cache_too_small_for_the_load_evicts_and_preempts_yet_outputs_are_identical(model_dir, workload,
                                                                                       contiguous):
     """12 pages of 8 tokens for 4 slots of up to 65 tokens. The host allocator is what limits the pages

@@ -39,6 +39,7 @@ class Seq:
     done: bool = False
     preemptions: int = 0
     matched: bool = False  # its prompt was looked up in the prefix cache (once per admission or recompute)
+    cached: int = 0  # tokens that lookup found
     cache_key: int = 0  # its adapter's (`AdapterPool.cache_key`): the root of its page hashes
     scored: list = dataclasses.field(default_factory=list)  # prompt logprob arrays, one tuple per chunk
 
@@ -74,6 +75,8 @@ class PageScheduling:
                 n = left
             if n < left:
                 if partial:
+                    if seq.computed == seq.cached:  # nothing of its own yet: look again when it runs, since the
+                        self._unmatch(seq)  # prompt running now may be caching its prefix (vLLM does the same)
                     continue
                 partial = True
             if not self._reserve(seq, seq.computed + n):
@@ -91,10 +94,19 @@ class PageScheduling:
         full = (len(seq.tokens) - 1) // self.page_size  # the last token is always computed (its logits)
         extend_hashes(seq.hashes, seq.tokens, self.page_size, full, seq.cache_key)
         seq.pages = self.pool.match(seq.hashes[:full])
-        seq.computed, seq.registered = len(seq.pages) * self.page_size, len(seq.pages)
+        seq.computed = seq.cached = len(seq.pages) * self.page_size
+        seq.registered = len(seq.pages)
         if seq.preemptions == 0:  # a recompute is not a new query
             self.pool.query_tokens += len(seq.tokens)
             self.pool.hit_tokens += seq.computed
+
+    def _unmatch(self, seq: Seq) -> None:
+        """Undo `_match_prefix` for a sequence that has run nothing yet (its pages stay cached)."""
+        if seq.preemptions == 0 and not seq.scoring:
+            self.pool.query_tokens -= len(seq.tokens)
+            self.pool.hit_tokens -= seq.cached
+        self.pool.release(seq.pages)
+        seq.pages, seq.computed, seq.cached, seq.registered, seq.matched = [], 0, 0, 0, False
 
     def _reserve(self, seq: Seq, length: int) -> bool:
         """Pages for `length` tokens of `seq`. When none are left, sequences newer than `seq` are
@@ -116,7 +128,7 @@ class PageScheduling:
 
     def _preempt(self, seq: Seq) -> None:
         self.pool.release(seq.pages)
-        seq.pages, seq.computed, seq.registered, seq.matched = [], 0, 0, False
+        seq.pages, seq.computed, seq.cached, seq.registered, seq.matched = [], 0, 0, 0, False
         if seq.scoring:  # its recompute scores the prompt again
             seq.scored = []
         seq.preemptions += 1
