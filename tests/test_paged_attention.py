@@ -46,3 +46,26 @@ def test_the_loop_reads_only_the_blocks_its_rows_reach():
     v_pool[2 * pa.BLOCK_PAGES:] = np.nan
     poisoned = jax.jit(pa.paged_attention)(q, jnp.asarray(k_pool), jnp.asarray(v_pool), tables, positions)
     np.testing.assert_array_equal(np.asarray(poisoned), np.asarray(clean))
+
+
+def test_one_pass_reads_only_the_pages_its_rows_reach_and_equals_the_whole_table():
+    """Within one block, the gather stops at the furthest row rounded up to STEP_TOKENS: the pages past
+    it are never read (poisoning them changes nothing), and the result is the whole table's."""
+    rng = np.random.default_rng(2)
+    page = 16  # several widths in a block: STEP_TOKENS // page pages each
+    pages, step = pa.BLOCK_PAGES, pa.STEP_TOKENS // page
+    assert 2 * step < pages
+    k_pool = rng.standard_normal((2 * pages, page, KV, D)).astype(np.float32)
+    v_pool = rng.standard_normal((2 * pages, page, KV, D)).astype(np.float32)
+    tables = jnp.asarray(rng.permutation(2 * pages).reshape(2, pages), jnp.int32)
+    furthest = step * page + 2  # into the second width: 2 * step pages are read
+    positions = jnp.asarray([[furthest - 1, furthest], [3, 4]], jnp.int32)  # two rows of a 2-token chunk
+    q = jnp.asarray(rng.standard_normal((2, 2, KV * GROUP, D)), jnp.float32)
+    attend = jax.jit(pa.paged_attention)
+    clean = attend(q, jnp.asarray(k_pool), jnp.asarray(v_pool), tables, positions)
+    whole = one_gather(q, jnp.asarray(k_pool), jnp.asarray(v_pool), tables, positions)
+    np.testing.assert_allclose(np.asarray(clean), np.asarray(whole), atol=1e-6)
+    unread = np.asarray(tables)[:, 2 * step:].ravel()
+    k_pool[unread], v_pool[unread] = np.nan, np.nan
+    poisoned = attend(q, jnp.asarray(k_pool), jnp.asarray(v_pool), tables, positions)
+    np.testing.assert_array_equal(np.asarray(poisoned), np.asarray(clean))

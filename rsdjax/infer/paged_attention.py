@@ -8,8 +8,13 @@ j // page_size of its block table, offset j % page_size. Pure JAX, so it runs on
 ragged paged attention kernel (Pallas on TPU/GPU) replaces `paged_attention` and nothing else changes.
 
 Two forms, picked by the static width of the block tables:
-- up to `BLOCK_PAGES` pages: gather the row's pages into one `[R, n * page_size, KV, D]` array and
-  run the model's `attention` under the causal mask (one pass; fastest for short contexts).
+- up to `BLOCK_PAGES` pages: gather the row's pages into one `[R, m * page_size, KV, D]` array and
+  run the model's `attention` under the causal mask (one pass; fastest for short contexts). `m` is
+  the step's furthest row rounded up to `STEP_TOKENS`, picked at run time among the compiled
+  branches of a `lax.switch`, so the gather (most of a decode row's attention) costs the context the
+  rows have, not the attend bucket, and no shape is added. SmolLM2-135M f32 on 2 cores, attention
+  alone, 30 layers, rows at 192 tokens in a 256-token bucket: 8 decode rows 10 -> 8 ms, 32 rows
+  37 -> 20 ms; four 128-token prompt chunks at 128: 71 -> 32 ms.
 - wider: a loop over blocks of `BLOCK_PAGES` pages with an online softmax (flash attention's
   running max and sum), for as many blocks as the step's longest row reaches, a bound known only at
   run time. A step then costs the context its rows have, not the attend bucket's width (4x the
@@ -20,6 +25,7 @@ Two forms, picked by the static width of the block tables:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -28,6 +34,7 @@ import jax.numpy as jnp
 from rsdjax.model.attention import attention, cache_mask
 
 BLOCK_PAGES = 16  # pages a loop iteration attends (256 tokens at the default page size of 16)
+STEP_TOKENS = 64  # the one-pass form's gather widths step by this many tokens (whole pages)
 _MASKED = jnp.finfo(jnp.float32).min  # additive mask: finite, so a block a row cannot see adds exp(0) * 0
 
 
@@ -42,10 +49,21 @@ def write_pages(k_pool, v_pool, k, v, pages, offsets):
 def paged_attention(q, k_pool, v_pool, block_tables, positions):
     """q [R, C, H, D] at positions [R, C] (-1: padding, sees nothing); block_tables [R, n] -> [R, C, H, D].
     Each token attends its row's context positions <= its own."""
-    if block_tables.shape[1] <= BLOCK_PAGES:
-        k, v = _gather(k_pool, v_pool, block_tables)
-        return attention(q, k, v, cache_mask(positions, k.shape[1]))
-    return _blockwise(q, k_pool, v_pool, block_tables, positions)
+    n, page_size = block_tables.shape[1], k_pool.shape[1]
+    if n > BLOCK_PAGES:
+        return _blockwise(q, k_pool, v_pool, block_tables, positions)
+    step = max(1, STEP_TOKENS // page_size)
+    widths = list(range(step, n, step)) + [n]
+    need = (jnp.max(positions) + page_size) // page_size  # pages the furthest row reaches (0: all padding)
+    branch = jnp.minimum(jnp.searchsorted(jnp.asarray(widths), need), len(widths) - 1)
+    return jax.lax.switch(branch, [functools.partial(_one_pass, m) for m in widths],
+                          q, k_pool, v_pool, block_tables, positions)
+
+
+def _one_pass(pages: int, q, k_pool, v_pool, block_tables, positions):
+    """Attention over the first `pages` pages of each row's table (all that any row reaches)."""
+    k, v = _gather(k_pool, v_pool, block_tables[:, :pages])
+    return attention(q, k, v, cache_mask(positions, k.shape[1]))
 
 
 def _gather(k_pool, v_pool, block_tables):
