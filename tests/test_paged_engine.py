@@ -204,7 +204,11 @@ def test_warmup_compiles_every_shape(model_dir):
     engine = shared_engine(model_dir, 4, CONTEXT, **PAGED)[0]
     assert engine.batch_sizes == (1, 2, 4) and engine.chunk_sizes == (16, 32)
     before = engine._steps.forward.cache_size(), engine._steps.sample.cache_size()
+    pools = [np.asarray(a).copy() for a in engine._pools.k + engine._pools.v]
     shapes = engine.warmup()
+    # every shape ran once per attention branch (reaching each gather width), writing no page
+    for was, now in zip(pools, engine._pools.k + engine._pools.v, strict=True):
+        np.testing.assert_array_equal(np.asarray(now), was)
     # decode at 1, 2, 4 rows; prompt chunks 16 and 32 wide, each at 1, 2, 4 rows
     assert shapes == len(engine.shapes()) == 9 * len(engine.attend_pages)
     # logprobs are runtime branches, not shapes; sampling is compiled once per row count, not per shape

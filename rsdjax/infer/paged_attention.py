@@ -52,12 +52,26 @@ def paged_attention(q, k_pool, v_pool, block_tables, positions):
     n, page_size = block_tables.shape[1], k_pool.shape[1]
     if n > BLOCK_PAGES:
         return _blockwise(q, k_pool, v_pool, block_tables, positions)
-    step = max(1, STEP_TOKENS // page_size)
-    widths = list(range(step, n, step)) + [n]
+    widths = one_pass_widths(n, page_size)
     need = (jnp.max(positions) + page_size) // page_size  # pages the furthest row reaches (0: all padding)
     branch = jnp.minimum(jnp.searchsorted(jnp.asarray(widths), need), len(widths) - 1)
     return jax.lax.switch(branch, [functools.partial(_one_pass, m) for m in widths],
                           q, k_pool, v_pool, block_tables, positions)
+
+
+def one_pass_widths(pages: int, page_size: int) -> list[int]:
+    """The gather widths (in pages) of the one-pass form for a table of `pages` pages, one branch each."""
+    step = max(1, STEP_TOKENS // page_size)
+    return list(range(step, pages, step)) + [pages]
+
+
+def warmup_reaches(pages: int, page_size: int) -> list[int]:
+    """Furthest positions that, one step each, run every branch of `paged_attention` for a table of
+    `pages` pages: the one-pass widths, or the blockwise loop's body. XLA:CPU sets a branch up the first
+    time it runs it (~100 ms for SmolLM2's 30 layers), which warm-up should pay, not a serving step."""
+    if pages > BLOCK_PAGES:
+        return [BLOCK_PAGES * page_size - 1]
+    return [w * page_size - 1 for w in one_pass_widths(pages, page_size)]
 
 
 def _one_pass(pages: int, q, k_pool, v_pool, block_tables, positions):

@@ -38,6 +38,7 @@ from rsdjax.infer.adapters import AdapterPool
 from rsdjax.infer.events import check_request, prompt_logprob_entries, token_event
 from rsdjax.infer.interface import Prefix, Request, SamplingParams, TokenEvent
 from rsdjax.infer.pages import PagePool
+from rsdjax.infer.paged_attention import warmup_reaches
 from rsdjax.infer.paged_schedule import PageScheduling, Seq
 from rsdjax.infer.paged_forward import (StepBatch, compiled_steps, empty_pools, empty_seq_state, page_bytes,
                                         pages_for_budget)
@@ -235,6 +236,14 @@ class PagedEngine(PageScheduling):
                          np.full(rows, self.max_slots, np.int32), np.zeros(rows, bool),
                          no_constraint(rows, self.cfg.vocab_size), np.zeros((rows, width), np.int32))
 
+    def _warmup_batch(self, rows: int, width: int, attend: int, reach: int) -> StepBatch:
+        """A step that writes nothing (every page index past the pool: writes dropped, reads clamped) and
+        whose first row reaches position `reach`, so attention runs the branch that position picks."""
+        batch = self._empty_batch(rows, width, attend)
+        batch.positions[0] = np.maximum(np.arange(reach - width + 1, reach + 1), -1)
+        batch.block_tables[:] = self.num_pages
+        return batch
+
     def _lora(self, adapters: list[int]):
         """The step's `lora` argument: None without an adapter pool or when every row is on the base."""
         return None if self.adapters is None else self.adapters.step_argument(adapters)
@@ -269,9 +278,10 @@ class PagedEngine(PageScheduling):
         for rows, width, attend in shapes:
             for entry in variants:
                 self._compiled.add((rows, width, attend, entry == [1]))
-                self._pools, self._state, _ = self._steps.step(
-                    self.weights, self._pools, self._state, self._empty_batch(rows, width, attend),
-                    self._lora(entry * rows), np.bool_(False), np.bool_(False))
+                for reach in warmup_reaches(attend, self.page_size):
+                    self._pools, self._state, _ = self._steps.step(
+                        self.weights, self._pools, self._state, self._warmup_batch(rows, width, attend, reach),
+                        self._lora(entry * rows), np.bool_(False), np.bool_(False))
         jax.block_until_ready(self._pools)
         return len(shapes) * len(variants)
 
