@@ -105,6 +105,10 @@ class PageScheduling:
         if seq.preemptions == 0 and not seq.scoring:
             self.pool.query_tokens -= len(seq.tokens)
             self.pool.hit_tokens -= seq.cached
+        self._drop_pages(seq)
+
+    def _drop_pages(self, seq: Seq) -> None:
+        """Give the sequence's pages back (cached ones stay findable): it starts again from its first token."""
         self.pool.release(seq.pages)
         seq.pages, seq.computed, seq.cached, seq.registered, seq.matched = [], 0, 0, 0, False
 
@@ -127,8 +131,7 @@ class PageScheduling:
         return True
 
     def _preempt(self, seq: Seq) -> None:
-        self.pool.release(seq.pages)
-        seq.pages, seq.computed, seq.cached, seq.registered, seq.matched = [], 0, 0, 0, False
+        self._drop_pages(seq)
         if seq.scoring:  # its recompute scores the prompt again
             seq.scored = []
         seq.preemptions += 1
